@@ -1,0 +1,48 @@
+# Everyday commands. `make demo` and `make test` do all their own set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: demo test test-all lint bench data clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist (original IDX files) where the machine allows it.
+data:
+	@if [ -f $(FMNIST_DIR)/train-images-idx3-ubyte.gz ] || [ -n "$$BENCH_DATA" ]; then \
+		true; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1)) || \
+		echo "could not install dataset-fashion-mnist; pass --data-root DIR with the Fashion-MNIST IDX files"; \
+	else \
+		echo "Fashion-MNIST not found: run 'sudo apt-get install dataset-fashion-mnist', or set BENCH_DATA=DIR" \
+		     "to a folder with the IDX files (train-images-idx3-ubyte.gz, ...)"; \
+	fi
+
+demo: $(STAMP) data
+	$(VENV)/bin/bench run --methods dpdm,ddpm --eps 1,10 --dataset fmnist --profile smoke
+
+test: $(STAMP) data
+	$(VENV)/bin/pytest -q
+
+test-all: $(STAMP) data
+	$(VENV)/bin/pytest -q -m ''
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+bench: $(STAMP)
+	$(VENV)/bin/pytest benchmarks --benchmark-only -q -p no:randomly
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,120 @@
+"""The non-private reference: the same class-conditional DDPM as DPDM, trained without DP (ε = ∞).
+
+It is the upper bound every table shows under the DP rows; its card says guarantee "none".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from bench.contract import DataSpec, ImageDataset, Progress
+from bench.diffusion import (
+    EMA,
+    Schedule,
+    batch_denoising_loss,
+    check_resolution,
+    make_unet,
+    sample_images,
+    to_model_range,
+)
+from bench.errors import BenchError
+from bench.privacy import Budget, PrivacyLedger
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    base_channels: int = 32  # UNet width at full resolution
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level
+    num_res_blocks: int = 2  # residual blocks per level
+    groups: int = 8  # GroupNorm groups (same net as dpdm)
+    T: int = 1000  # diffusion steps, linear β schedule
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    batch_size: int = 128  # shuffled minibatches
+    epochs: float = 50.0
+    lr: float = 2e-4  # Adam
+    ema_decay: float = 0.999
+    sampler: Literal["ddim", "ddpm"] = "ddim"
+    sample_steps: int = 50
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.epochs <= 0 or self.lr <= 0:
+            raise ValueError(f"need batch_size ≥ 1, epochs > 0, lr > 0; got {self.batch_size}, {self.epochs}, {self.lr}")
+        Schedule(self.T, self.beta_start, self.beta_end)
+
+
+class DDPM:
+    name: ClassVar[str] = "ddpm"
+    Config: ClassVar[type] = Config
+    conditional: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "none"
+    needs_public_data: ClassVar[bool] = False
+
+    def __init__(self, config: Config, *, spec: DataSpec, device: torch.device) -> None:
+        try:
+            check_resolution(spec.height, spec.width, config.channel_mults)
+        except ValueError as e:
+            raise BenchError(f"ddpm: {e}") from None
+        self.config, self.spec, self.device = config, spec, device
+        self.schedule = Schedule(config.T, config.beta_start, config.beta_end)
+        self.alpha_bar = self.schedule.alpha_bar(device)
+        self.net = make_unet(config, channels=spec.channels, num_classes=spec.num_classes).to(device)
+        self.ema = EMA(self.net, config.ema_decay)
+
+    def fit(self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress) -> PrivacyLedger:
+        cfg, n = self.config, len(train)
+        bs = min(cfg.batch_size, n)
+        per_epoch = max(1, n // bs)
+        steps = max(1, round(cfg.epochs * per_epoch))
+        x_all = to_model_range(train.images).to(self.device)
+        y_all = train.labels.to(self.device)
+        optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        step, perm = 0, torch.arange(n, device=self.device)
+        if (state := progress.resume()) is not None:
+            self.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["generator"])
+            step, perm = state["step"], state["perm"].to(self.device)
+        progress.start(steps, "ddpm (non-private)")
+        progress.advance(step)
+        shape = x_all.shape[1:]
+        while step < steps:
+            if step % per_epoch == 0:
+                perm = torch.randperm(n, generator=generator, device=self.device)
+            idx = perm[(step % per_epoch) * bs : (step % per_epoch + 1) * bs]
+            t = torch.randint(0, cfg.T, (len(idx),), generator=generator, device=self.device)
+            noise = torch.randn((len(idx), *shape), generator=generator, device=self.device)
+            loss = batch_denoising_loss(self.net, x_all[idx], y_all[idx], t, noise, self.alpha_bar)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            self.ema.update(self.net)
+            step += 1
+            progress.advance()
+            progress.checkpoint(lambda: {
+                "model": self.state_dict(), "optimizer": optimizer.state_dict(),
+                "generator": generator.get_state(), "step": step, "perm": perm.cpu(),
+            })
+        ledger = PrivacyLedger()
+        ledger.mark_non_private("trained on the private training set without DP (non-private reference)")
+        return ledger
+
+    def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        if labels is None:
+            raise BenchError("ddpm is class-conditional: sample() needs labels")
+        cfg = self.config
+        return sample_images(
+            self.ema.model, n, shape=(self.spec.channels, self.spec.height, self.spec.width), labels=labels,
+            schedule=self.schedule, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator, device=self.device,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "ema": self.ema.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.ema.model.load_state_dict(state["ema"])

@@ -1,0 +1,169 @@
+"""The `bench` command line: each command is its options plus one call into the library.
+
+Every error a user can cause is a BenchError: printed as one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from bench.errors import BenchError
+
+app = typer.Typer(
+    help="Benchmark differentially private generative models of images at matched (ε, δ).",
+    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+)
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(2)
+
+
+@contextmanager
+def user_errors() -> Iterator[None]:
+    """Turn BenchError into one line on stderr and exit status 2; show plugin warnings as one line."""
+
+    def show(message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        typer.echo(f"warning: {message}", err=True)
+
+    old = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    except BenchError as e:
+        raise _fail(str(e)) from None
+    finally:
+        warnings.showwarning = old
+
+
+def _mount_privacy() -> None:
+    from bench import privacy_cli
+
+    app.add_typer(privacy_cli.app, name="privacy", help="Privacy calculator: ε for a σ, or σ for an ε.")
+
+
+_mount_privacy()
+
+Plugins = Annotated[list[Path] | None, typer.Option("--plugin", help="A local .py file defining a method (repeatable).")]
+ResultsDir = Annotated[Path, typer.Option("--results", help="Results folder.", envvar="BENCH_RESULTS")]
+
+
+@app.command()
+def run(
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated method names (see `bench list`).")],
+    eps: Annotated[str, typer.Option("--eps", help="Comma-separated target ε values, e.g. 1,10.")] = "1,10",
+    dataset: Annotated[str, typer.Option("--dataset", "--datasets", help="Comma-separated datasets.")] = "fmnist",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated generator seeds.")] = "0",
+    delta: Annotated[float | None, typer.Option("--delta", help="δ (default: 1e-5 below 100k records, else 1e-6).")] = None,
+    accountant: Annotated[str, typer.Option("--accountant", help="rdp | pld | prv, one for the whole grid.")] = "rdp",
+    profile: Annotated[str, typer.Option("--profile", help="smoke | paper | path to a .toml profile.")] = "smoke",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value, eval.key=value.")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")] = "auto",
+    results: ResultsDir = Path("results"),
+    data_root: Annotated[str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")] = None,
+    download: Annotated[bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")] = False,
+    plugin: Plugins = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute finished runs.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved grid and configs, run nothing.")] = False,
+) -> None:
+    """Train and score every (method, dataset, ε, seed) cell of a grid; finished cells are skipped."""
+    from bench import runner
+    from bench.store import Store
+    from bench.ui import GridUI, print_plan
+
+    with user_errors():
+        plugins = tuple(str(p) for p in plugin or ())
+        seed_list = []
+        for s in runner.parse_list(seeds, "--seeds"):
+            if not s.lstrip("-").isdigit():
+                raise BenchError(f"--seeds: {s!r} is not an integer")
+            seed_list.append(int(s))
+        if delta is not None and not 0 < delta < 1:
+            raise BenchError(f"--delta must be in (0, 1), got {delta}")
+        dev = runner.resolve_device(device)
+        specs = runner.plan(
+            methods=runner.parse_list(methods, "--methods"), epsilons=runner.parse_epsilons(eps),
+            datasets=runner.parse_list(dataset, "--dataset"), seeds=seed_list, delta=delta, accountant=accountant,
+            profile=profile, sets=set_ or [], plugins=plugins, data_root=data_root,
+        )
+        if dry_run:
+            print_plan(specs)
+            return
+        store = Store(results)
+        with GridUI(len(specs)) as ui:
+            r = runner.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins,
+                              force=force, ui=ui)
+            outcomes = []
+            for spec in specs:
+                outcomes.append((spec, r.run(spec)))
+                ui.grid_advance()
+        failed = [s for s, o in outcomes if o == "failed"]
+        done = sum(o == "done" for _, o in outcomes)
+        skipped = sum(o == "skipped" for _, o in outcomes)
+        typer.echo(f"{done} run(s) done, {skipped} already finished, {len(failed)} failed; results in {results}", err=True)
+        from bench.report import build_report
+
+        build_report(Store(results), out=None, keys={s.key for s in specs}, echo=typer.echo)
+        if failed:
+            for s in failed:
+                typer.echo(f"error: run {s.key} exceeded its privacy budget and was left out of the table", err=True)
+            raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    results: ResultsDir = Path("results"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the Markdown and CSV tables.")] = Path("reports"),
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild the index from the run folders first.")] = False,
+) -> None:
+    """Print and write tables method × (dataset, ε), mean ± std over seeds, with the checked ε column."""
+    from bench.report import build_report
+    from bench.store import Store
+
+    with user_errors():
+        if not results.is_dir():
+            raise BenchError(f"results folder {results} does not exist (run `bench run` first)")
+        store = Store(results)
+        if rebuild:
+            store.rebuild()
+        build_report(store, out=out, keys=None, echo=typer.echo)
+
+
+@app.command("list")
+def list_(plugin: Plugins = None) -> None:
+    """Show the registered methods, datasets and profiles."""
+    from bench import config, data, registry
+
+    with user_errors():
+        reg = registry.methods(tuple(str(p) for p in plugin or ()))
+        typer.echo("methods:")
+        for name, cls in sorted(reg.items()):
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+            caps = f"guarantee={cls.guarantee}, conditional={cls.conditional}, needs_public_data={cls.needs_public_data}"
+            typer.echo(f"  {name:<12} {doc[0] if doc else ''}\n  {'':<12} [{caps}]")
+        typer.echo("datasets:")
+        for name in data.DATASETS:
+            typer.echo(f"  {name}")
+        typer.echo("profiles:")
+        for name in config.PROFILES:
+            typer.echo(f"  {name}")
+
+
+def main() -> None:
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted: rerun the same command to resume from the last checkpoint", err=True)
+        sys.exit(130)
+
+

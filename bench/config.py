@@ -1,0 +1,175 @@
+"""Profiles and configuration: dataclass defaults < profile < profile per dataset < per ε < --set.
+
+A profile is a TOML file of overrides per method and dataset (bench/profiles/<name>.toml, or a path):
+
+    [eval]                    # evaluation settings (bench.metrics.EvalSettings)
+    n_gen = 1000
+    [dpdm]                    # overrides of DPDM.Config for every dataset
+    epochs = 2
+    [dpdm.fmnist]             # ... for one dataset
+    batch_size = 512
+    [dpdm.fmnist.eps."10"]    # ... tuned for one ε only
+
+Per-ε entries are the only way a hyper-parameter may depend on ε. Running at an ε that has no entry
+while other ε do uses the nearest tuned ε, with a warning that is recorded in the resolved config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+import types
+import typing
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from bench.errors import BenchError
+
+PROFILES = ("smoke", "paper")
+
+
+def load_profile(profile: str) -> dict[str, Any]:
+    """The TOML table of a named profile (bench/profiles/NAME.toml) or of a path to a .toml file."""
+    if profile.endswith(".toml"):
+        path = Path(profile)
+        if not path.is_file():
+            raise BenchError(f"profile file {profile} does not exist")
+        text = path.read_text()
+    elif profile in PROFILES:
+        text = resources.files("bench").joinpath(f"profiles/{profile}.toml").read_text()
+    else:
+        raise BenchError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)} (or a path to a .toml file)")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BenchError(f"profile {profile}: invalid TOML: {e}") from None
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def parse_value(text: str) -> Any:
+    """A --set value: TOML syntax where it parses (1, 1e-3, true, [1, 2], "s"), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check `value` against a field's type annotation; int -> float and list -> tuple are allowed."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arm in typing.get_args(annotation):
+            if arm is type(None):
+                if value is None:
+                    return None
+                continue
+            try:
+                return coerce(value, arm, where)
+            except BenchError as e:
+                errors.append(str(e))
+        raise BenchError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(annotation):
+            raise BenchError(f"{where}: {value!r} is not one of {list(typing.get_args(annotation))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise BenchError(f"{where}: expected a list like [1, 2], got {value!r}")
+        args = typing.get_args(annotation)
+        arm = args[0] if args else Any
+        return tuple(coerce(v, arm, where) if arm is not Any else v for v in value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise BenchError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise BenchError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise BenchError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise BenchError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def build_dataclass(cls: type, overrides: dict[str, Any], where: str) -> Any:
+    """Instantiate a frozen config dataclass with checked overrides; unknown keys are errors."""
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in overrides.items():
+        if key not in types_:
+            raise BenchError(f"{where}: unknown key {key!r}; valid keys: {', '.join(sorted(types_))}")
+        kwargs[key] = coerce(value, types_[key], f"{where}.{key}")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        raise BenchError(f"{where}: {e}") from None
+
+
+def _scalars(table: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in table.items() if not isinstance(v, dict)}
+
+
+def method_overrides(
+    profile: dict[str, Any], method: str, dataset: str, epsilon: float
+) -> tuple[dict[str, Any], list[str]]:
+    """The profile's overrides for (method, dataset, ε), and notes (warnings) to record."""
+    notes: list[str] = []
+    table = profile.get(method, {})
+    merged = _scalars(table)
+    ds = table.get(dataset, {})
+    if isinstance(ds, dict):
+        merged |= _scalars(ds)
+        per_eps = ds.get("eps", {})
+        if per_eps:
+            tuned = {float(k): v for k, v in per_eps.items()}
+            if epsilon in tuned:
+                merged |= tuned[epsilon]
+            elif math.isfinite(epsilon):
+                nearest = min(tuned, key=lambda e: abs(math.log(e) - math.log(epsilon)))
+                merged |= tuned[nearest]
+                notes.append(
+                    f"{method} on {dataset}: hyper-parameters tuned for ε={nearest:g} used at ε={epsilon:g}"
+                )
+    return merged, notes
+
+
+def resolve(
+    config_cls: type, *, profile: dict[str, Any], method: str, dataset: str, epsilon: float, sets: dict[str, Any]
+) -> tuple[Any, list[str]]:
+    """The resolved, validated Config instance for one run, and notes to record."""
+    overrides, notes = method_overrides(profile, method, dataset, epsilon)
+    overrides |= sets
+    return build_dataclass(config_cls, overrides, method), notes
+
+
+def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split `--set key=value` items into method-config and `eval.` overrides."""
+    method_sets: dict[str, Any] = {}
+    eval_sets: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise BenchError(f"--set expects key=value, got {item!r}")
+        if key.startswith("eval."):
+            eval_sets[key.removeprefix("eval.")] = parse_value(value.strip())
+        else:
+            method_sets[key] = parse_value(value.strip())
+    return method_sets, eval_sets
+
+
+def to_jsonable(config: Any) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}

@@ -1,0 +1,120 @@
+"""The method contract: what every generative method (built-in or plugin) provides.
+
+A method trains on the private training set under a privacy budget and returns the ledger of every
+mechanism it applied to private data; the harness recomputes ε from that ledger, samples labelled
+images and scores them. Metrics are never computed by a method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from bench.privacy import Budget, PrivacyLedger
+
+Guarantee = Literal["end-to-end", "partial", "none"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """Shape of a dataset, all a method may know before seeing the data."""
+
+    channels: int
+    height: int
+    width: int
+    num_classes: int
+    num_train: int  # number of records in the private training set
+
+
+@dataclass(frozen=True)
+class ImageDataset:
+    """Images in memory: `images` uint8 [N, C, H, W] in 0..255, `labels` int64 [N] in 0..classes-1."""
+
+    images: Tensor
+    labels: Tensor
+    num_classes: int
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {self.images.dtype} {tuple(self.images.shape)}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (self.images.shape[0],):
+            raise ValueError(f"labels must be int64 [N], got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def spec(self) -> DataSpec:
+        n, c, h, w = self.images.shape
+        return DataSpec(channels=c, height=h, width=w, num_classes=self.num_classes, num_train=n)
+
+    def subset(self, index: Tensor) -> ImageDataset:
+        return ImageDataset(self.images[index], self.labels[index], self.num_classes, self.name)
+
+
+class Progress(Protocol):
+    """What the harness gives `fit`: progress display and crash-safe checkpoints.
+
+    A method calls `start(total)` once, then `advance()` after each unit of work and
+    `checkpoint(state_fn)` at points where its whole training state (model, optimizer, RNG and
+    accountant state together) can be captured; the harness decides whether one is due and saves it
+    atomically. At the start of `fit` a method calls `resume()`: a non-None result is the state it last
+    checkpointed in an interrupted fit of the same run, from which it must continue, so that no
+    privacy budget is spent twice.
+    """
+
+    def start(self, total: int, description: str = "") -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def resume(self) -> dict[str, Any] | None: ...
+    def checkpoint(self, state_fn: Callable[[], dict[str, Any]]) -> None: ...
+
+
+class NullProgress:
+    """A Progress that shows nothing and never checkpoints (tests, library use)."""
+
+    def start(self, total: int, description: str = "") -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def resume(self) -> dict[str, Any] | None:
+        return None
+
+    def checkpoint(self, state_fn: Callable[[], dict[str, Any]]) -> None:
+        pass
+
+
+@runtime_checkable
+class Method(Protocol):
+    """A generative method. See DESIGN.md, "The method contract"."""
+
+    name: ClassVar[str]  # registry key, lowercase-kebab
+    Config: ClassVar[type]  # frozen keyword-only dataclass: the single source of defaults
+    conditional: ClassVar[bool]  # samples carry requested labels
+    guarantee: ClassVar[Guarantee]  # declared guarantee; the ledger may only weaken it
+    needs_public_data: ClassVar[bool]
+
+    def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None: ...
+
+    def fit(
+        self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
+    ) -> PrivacyLedger: ...
+
+    def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        """Return uint8 [n, C, H, W]; `labels` int64 [n] for a conditional method, else None."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+def config_fields(config_cls: type) -> dict[str, dataclasses.Field[Any]]:
+    return {f.name: f for f in dataclasses.fields(config_cls)}

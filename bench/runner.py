@@ -1,0 +1,310 @@
+"""Plan a grid of runs and execute them: fit -> verify ε -> sample -> score -> store.
+
+A RunSpec has a stable key: a hash of everything that changes its result (method, resolved config,
+dataset, ε, δ, accountant, seed, evaluation settings). A finished key is skipped unless forced; an
+interrupted one resumes from its checkpoint (model, optimizer, RNG and accountant state together).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import resource
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bench import config as cfgmod
+from bench import data, registry
+from bench.contract import ImageDataset
+from bench.errors import BenchError
+from bench.privacy import Budget, PrivacyLedger, default_delta, epsilon, privacy_card
+from bench.store import Store, load_torch, save_torch, write_json
+
+RESULT_VERSION = 1  # bump when a change of the harness changes results, so old keys are not reused
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalPlan:
+    """How a run is scored (the harness's, identical for every method)."""
+
+    n_gen: int = 1000  # labelled samples generated, balanced over classes
+    settings: dict[str, Any] = field(default_factory=dict)  # bench.metrics.EvalSettings overrides
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSpec:
+    method: str
+    dataset: str
+    epsilon: float  # math.inf for a non-private method
+    delta: float
+    accountant: str
+    seed: int
+    profile: str
+    config: dict[str, Any]  # the method's resolved Config, as JSON
+    eval: EvalPlan
+    notes: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        ident = {
+            "v": RESULT_VERSION, "method": self.method, "dataset": self.dataset,
+            "epsilon": None if math.isinf(self.epsilon) else self.epsilon, "delta": self.delta,
+            "accountant": self.accountant, "seed": self.seed, "config": self.config,
+            "eval": dataclasses.asdict(self.eval),
+        }
+        blob = json.dumps(ident, sort_keys=True, default=str)
+        return f"{self.method}-{self.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self) | {"key": self.key}
+
+
+def parse_epsilons(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise BenchError(f"--eps: {part!r} is not a number (use e.g. --eps 1,10)") from None
+        if not math.isfinite(value) or value <= 0:
+            raise BenchError(f"--eps: ε must be a finite number > 0, got {part}")
+        values.append(value)
+    return values
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    if not items:
+        raise BenchError(f"{what}: empty list")
+    return items
+
+
+def plan(
+    *, methods: list[str], epsilons: list[float], datasets: list[str], seeds: list[int], delta: float | None,
+    accountant: str, profile: str, sets: list[str], plugins: tuple[str, ...] = (), data_root: str | None = None,
+) -> list[RunSpec]:
+    """Expand and validate the whole grid before anything runs: a bad value fails here, not mid-grid."""
+    prof = cfgmod.load_profile(profile)
+    method_sets, eval_sets = cfgmod.parse_sets(sets)
+    eval_table = dict(prof.get("eval", {})) | eval_sets
+    from bench.metrics import EvalSettings
+
+    n_gen = eval_table.pop("n_gen", EvalPlan().n_gen)
+    if isinstance(n_gen, bool) or not isinstance(n_gen, int) or n_gen < 1:
+        raise BenchError(f"eval.n_gen must be a positive integer, got {n_gen!r}")
+    settings = cfgmod.build_dataclass(EvalSettings, eval_table, "eval")
+    plan_eval = EvalPlan(n_gen=n_gen, settings=cfgmod.to_jsonable(settings))
+    specs = []
+    for ds in datasets:
+        spec = data.spec(ds, root=data_root)
+        for name in methods:
+            cls = registry.get(name, plugins)
+            private = cls.guarantee != "none"
+            for eps in epsilons if private else [math.inf]:
+                if private:
+                    budget = Budget.for_records(eps, spec.num_train, delta=delta, accountant=accountant)
+                else:  # a non-private reference: one ε = ∞ cell; δ only for the record
+                    budget_delta = delta if delta is not None else default_delta(spec.num_train)
+                    budget = None
+                config, notes = cfgmod.resolve(
+                    cls.Config, profile=prof, method=name, dataset=ds, epsilon=eps, sets=method_sets
+                )
+                for seed in seeds:
+                    specs.append(RunSpec(
+                        method=name, dataset=ds, epsilon=eps,
+                        delta=budget.delta if budget else budget_delta,
+                        accountant=accountant, seed=seed, profile=profile, config=cfgmod.to_jsonable(config),
+                        eval=plan_eval, notes=tuple(notes),
+                    ))
+    return specs
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise BenchError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise BenchError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
+        return torch.device(device)
+    if device == "cpu":
+        return torch.device("cpu")
+    raise BenchError(f"--device must be auto, cpu or cuda[:N], got {device!r}")
+
+
+class RunProgress:
+    """The Progress given to Method.fit: drives a progress bar and saves crash-safe checkpoints."""
+
+    def __init__(self, path: Path, every_s: float, on_start: Callable[[int, str], None], on_advance: Callable[[int], None]):
+        self.path, self.every_s = path, every_s
+        self._on_start, self._on_advance = on_start, on_advance
+        self._last = time.monotonic()
+        self.saved = 0
+
+    def start(self, total: int, description: str = "") -> None:
+        self._on_start(total, description)
+
+    def advance(self, n: int = 1) -> None:
+        self._on_advance(n)
+
+    def resume(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        ckpt = load_torch(self.path)
+        if not isinstance(ckpt, dict) or ckpt.get("kind") != "fit" or "state" not in ckpt:
+            raise BenchError(f"checkpoint {self.path} is corrupt (not a training checkpoint); delete it or rerun with --force")
+        return ckpt["state"]
+
+    def checkpoint(self, state_fn: Callable[[], dict[str, Any]]) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.every_s:
+            save_torch(self.path, {"kind": "fit", "state": state_fn()})
+            self._last = now
+            self.saved += 1
+
+
+def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
+    return torch.arange(n, dtype=torch.long) % num_classes
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@contextmanager
+def _timed(costs: dict[str, float], stage: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    yield
+    costs[f"{stage}_s"] = round(time.perf_counter() - t0, 3)
+
+
+class Runner:
+    """Executes RunSpecs one after another in this process (the `local` executor)."""
+
+    def __init__(
+        self, store: Store, *, device: torch.device, data_root: str | None = None, download: bool = False,
+        plugins: tuple[str, ...] = (), force: bool = False, checkpoint_every_s: float | None = None,
+        ui: Any = None,
+    ) -> None:
+        self.store, self.device, self.data_root, self.download = store, device, data_root, download
+        self.plugins, self.force, self.ui = plugins, force, ui
+        env = os.environ.get("BENCH_CHECKPOINT_EVERY")
+        self.checkpoint_every_s = checkpoint_every_s if checkpoint_every_s is not None else float(env or 60.0)
+        self._data: dict[tuple[str, str], ImageDataset] = {}
+
+    def dataset(self, name: str, split: str) -> ImageDataset:
+        if (name, split) not in self._data:
+            self._data[name, split] = data.load(name, split, root=self.data_root, download=self.download)  # type: ignore[arg-type]
+        return self._data[name, split]
+
+    def log(self, run_dir: Path, message: str) -> None:
+        with open(run_dir / "log.txt", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def run(self, spec: RunSpec) -> str:
+        """Run one cell; returns "skipped", "done" or "failed" (over budget)."""
+        key = spec.key
+        if self.store.finished(key):
+            if not self.force:
+                return "skipped"
+            self.store.clear(key)
+        run_dir = self.store.run_dir(key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(run_dir / "config.json", spec.to_json() | {"device": str(self.device)})
+        self.store.record_run(
+            key, method=spec.method, dataset=spec.dataset, target_epsilon=spec.epsilon, delta=spec.delta,
+            accountant=spec.accountant, seed=spec.seed, profile=spec.profile, status="running",
+        )
+        self.log(run_dir, f"start {key} on {self.device}")
+        for note in spec.notes:
+            self.log(run_dir, f"warning: {note}")
+        cls = registry.get(spec.method, self.plugins)
+        train = self.dataset(spec.dataset, "train")
+        config = cfgmod.build_dataclass(cls.Config, spec.config, spec.method)
+        method = cls(config, spec=train.spec, device=self.device)
+        costs: dict[str, float] = {}
+        ckpt_path = run_dir / "checkpoint.pt"
+        final = load_torch(ckpt_path) if ckpt_path.is_file() else None
+        if final is not None and final.get("kind") == "final":
+            method.load_state_dict(final["method_state"])
+            ledger = PrivacyLedger.from_dict(final["ledger"])
+            costs = final["costs"]
+            self.log(run_dir, "fit already finished: loaded the final checkpoint")
+        else:
+            budget = (
+                Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
+                if math.isfinite(spec.epsilon) else Budget.unlimited(spec.delta)
+            )
+            generator = torch.Generator(device=self.device).manual_seed(spec.seed)
+            progress = RunProgress(ckpt_path, self.checkpoint_every_s, *self._bar_callbacks(spec))
+            with _timed(costs, "fit"):
+                ledger = method.fit(train, budget=budget, generator=generator, progress=progress)
+            save_torch(ckpt_path, {"kind": "final", "method_state": method.state_dict(), "ledger": ledger.to_dict(), "costs": costs})
+            self.log(run_dir, f"fit finished in {costs['fit_s']} s")
+        status = self._privacy(spec, cls, ledger, run_dir)
+        if status == "failed":
+            return "failed"
+        self._sample_and_score(spec, method, train, run_dir, costs)
+        return "done"
+
+    def _privacy(self, spec: RunSpec, cls: Any, ledger: PrivacyLedger, run_dir: Path) -> str:
+        """Recompute ε from the ledger, write the card, refuse an over-budget run."""
+        if cls.guarantee == "none":
+            eps, guarantee = math.inf, "none"
+        else:
+            eps = epsilon(ledger, spec.delta, spec.accountant)
+            guarantee = "partial" if ledger.non_private or cls.guarantee == "partial" else "end-to-end"
+        budget = None if math.isinf(spec.epsilon) else Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
+        card = privacy_card(ledger, budget if budget else Budget.unlimited(spec.delta), epsilon=eps, guarantee=guarantee)
+        over = budget is not None and eps > spec.epsilon * (1 + 1e-6)
+        card["status"] = "over budget" if over else "ok"
+        write_json(run_dir / "privacy.json", card)
+        self.store.record_run(spec.key, guarantee=guarantee, epsilon=eps, status="failed" if over else "sampling",
+                              error=f"ε = {eps:.6g} exceeds the target {spec.epsilon:g}" if over else None)
+        if over:
+            self.log(run_dir, f"FAILED: recomputed ε = {eps:.6g} exceeds the target {spec.epsilon:g}")
+            return "failed"
+        self.log(run_dir, f"privacy: ε = {eps:.6g} ({spec.accountant}, δ = {spec.delta:g}), guarantee {guarantee}")
+        return "ok"
+
+    def _sample_and_score(self, spec: RunSpec, method: Any, train: ImageDataset, run_dir: Path, costs: dict[str, float]) -> None:
+        from bench.metrics import EvalSettings, evaluate
+        from bench.metrics.grid import save_sample_grid
+
+        n = spec.eval.n_gen
+        labels = balanced_labels(n, train.num_classes) if method.conditional else None
+        generator = torch.Generator(device=self.device).manual_seed(spec.seed + 1_000_003)
+        with _timed(costs, "sample"):
+            images = method.sample(n, labels=labels, generator=generator).cpu()
+        if images.dtype != torch.uint8 or tuple(images.shape) != (n, *train.images.shape[1:]):
+            raise RuntimeError(f"{spec.method}.sample returned {images.dtype} {tuple(images.shape)}")
+        np.savez_compressed(run_dir / "samples.npz", images=images.numpy(),
+                            labels=(labels if labels is not None else torch.full((n,), -1)).numpy())
+        save_sample_grid(images, labels, run_dir / "samples.png")
+        test = self.dataset(spec.dataset, "test")
+        settings = EvalSettings(**spec.eval.settings)
+        with _timed(costs, "score"):
+            metrics = evaluate(images, labels, dataset=spec.dataset, train=train, test=test, seed=spec.seed, settings=settings)
+        cost = costs | {"peak_rss_mib": round(_peak_rss_mib(), 1), "device": str(self.device)}
+        write_json(run_dir / "metrics.json", {"key": spec.key, "metrics": metrics, "cost": cost})
+        self.store.record_metrics(spec.key, metrics)
+        self.store.record_run(spec.key, status="done")
+        self.log(run_dir, "done: " + ", ".join(f"{k}={v.get('value')}" for k, v in metrics.items()))
+
+    def _bar_callbacks(self, spec: RunSpec) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
+        if self.ui is None:
+            return (lambda total, desc: None), (lambda n: None)
+        return self.ui.run_callbacks(spec)

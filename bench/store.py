@@ -1,0 +1,209 @@
+"""Results on disk: one directory per run and a SQLite index that can be rebuilt from them.
+
+    results/runs/<key>/config.json    resolved RunSpec, written before training starts
+                       checkpoint.pt  {"kind": "fit", ...} while training; {"kind": "final", ...} after
+                       privacy.json   the privacy card
+                       samples.npz    uint8 images [N,C,H,W] + int64 labels
+                       samples.png    labelled grid
+                       metrics.json   written last: its presence means the run is finished
+                       log.txt
+    results/bench.sqlite              runs(key, ...) and metrics(key, metric, value, info)
+
+Every file is written to a temporary name and renamed, so a killed process never leaves a truncated
+file that a later run would trust. SQLite runs in WAL mode with a busy timeout, so concurrent runs of
+one grid do not corrupt it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.errors import BenchError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    key TEXT PRIMARY KEY, method TEXT, dataset TEXT, target_epsilon REAL, delta REAL, accountant TEXT,
+    seed INTEGER, profile TEXT, status TEXT, guarantee TEXT, epsilon REAL, error TEXT,
+    run_dir TEXT, updated TEXT
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    key TEXT, metric TEXT, value REAL, info TEXT, PRIMARY KEY (key, metric)
+);
+"""
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, tuple):
+        return list(o)
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o: Any) -> Any:
+    """JSON has no inf/nan: write them as null (ε = ∞ of a non-private run)."""
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_clean(v) for v in o]
+    return o
+
+
+@contextlib.contextmanager
+def _atomic(path: Path, mode: str = "w") -> Iterator[Any]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    with _atomic(path) as f:
+        json.dump(_clean(obj), f, indent=2, default=_json_default, allow_nan=False)
+        f.write("\n")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BenchError(f"cannot read {path}: {e}") from None
+
+
+def save_torch(path: Path, obj: Any) -> None:
+    with _atomic(path, "wb") as f:
+        torch.save(obj, f)
+
+
+def load_torch(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
+        raise BenchError(f"checkpoint {path} is corrupt ({type(e).__name__}); delete it or rerun with --force") from None
+
+
+class Store:
+    """A results folder: run directories plus the SQLite index."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            (self.root / "runs").mkdir(exist_ok=True)
+            probe = self.root / ".write-test"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as e:
+            raise BenchError(f"results folder {self.root} is not usable: {e.strerror or e}") from None
+        self.db_path = self.root / "bench.sqlite"
+        with self._connect() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise BenchError(
+                    f"{self.db_path} has schema version {version}, newer than this bench ({SCHEMA_VERSION}); upgrade bench"
+                )
+            db.executescript(_SCHEMA)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        try:
+            db = sqlite3.connect(self.db_path, timeout=60)
+            db.execute("PRAGMA journal_mode=WAL")
+        except sqlite3.DatabaseError as e:
+            raise BenchError(f"results database {self.db_path} is unreadable ({e}); move it away and run `bench report --rebuild`") from None
+        try:
+            with db:  # one transaction: committed on success, rolled back on error
+                yield db
+        except sqlite3.DatabaseError as e:
+            raise BenchError(f"results database {self.db_path} is unreadable ({e})") from None
+        finally:
+            db.close()
+
+    def run_dir(self, key: str) -> Path:
+        return self.root / "runs" / key
+
+    def finished(self, key: str) -> bool:
+        return (self.run_dir(key) / "metrics.json").is_file()
+
+    def clear(self, key: str) -> None:
+        shutil.rmtree(self.run_dir(key), ignore_errors=True)
+        with self._connect() as db:
+            db.execute("DELETE FROM runs WHERE key = ?", (key,))
+            db.execute("DELETE FROM metrics WHERE key = ?", (key,))
+
+    def record_run(self, key: str, **fields: Any) -> None:
+        """Insert or update the index row of a run."""
+        fields = _clean(fields) | {"key": key, "run_dir": str(self.run_dir(key))}
+        cols = ", ".join(fields)
+        marks = ", ".join("?" for _ in fields)
+        updates = ", ".join(f"{c} = excluded.{c}" for c in fields if c != "key")
+        with self._connect() as db:
+            db.execute(
+                f"INSERT INTO runs ({cols}, updated) VALUES ({marks}, datetime('now')) "
+                f"ON CONFLICT(key) DO UPDATE SET {updates}, updated = datetime('now')",
+                tuple(fields.values()),
+            )
+
+    def record_metrics(self, key: str, metrics: dict[str, dict[str, Any]]) -> None:
+        rows = [
+            (key, name, _clean(m.get("value")), json.dumps(_clean(m), default=_json_default))
+            for name, m in metrics.items()
+        ]
+        with self._connect() as db:
+            db.execute("DELETE FROM metrics WHERE key = ?", (key,))
+            db.executemany("INSERT INTO metrics (key, metric, value, info) VALUES (?, ?, ?, ?)", rows)
+
+    def rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """All run rows and metric rows of the index."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            runs = [dict(r) for r in db.execute("SELECT * FROM runs")]
+            metrics = [dict(r) for r in db.execute("SELECT * FROM metrics")]
+        return runs, metrics
+
+    def rebuild(self) -> int:
+        """Re-create the index from the run directories; returns the number of finished runs."""
+        with self._connect() as db:
+            db.execute("DELETE FROM runs")
+            db.execute("DELETE FROM metrics")
+        n = 0
+        for run in sorted((self.root / "runs").iterdir()):
+            cfg_path, card_path, met_path = run / "config.json", run / "privacy.json", run / "metrics.json"
+            if not cfg_path.is_file():
+                continue
+            cfg = read_json(cfg_path)
+            card = read_json(card_path) if card_path.is_file() else {}
+            done = met_path.is_file()
+            self.record_run(
+                run.name, method=cfg["method"], dataset=cfg["dataset"], target_epsilon=cfg["epsilon"],
+                delta=cfg["delta"], accountant=cfg["accountant"], seed=cfg["seed"], profile=cfg["profile"],
+                status="done" if done else card.get("status", "incomplete"), guarantee=card.get("guarantee"),
+                epsilon=card.get("epsilon"),
+            )
+            if done:
+                self.record_metrics(run.name, read_json(met_path)["metrics"])
+                n += 1
+        return n

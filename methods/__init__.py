@@ -1,0 +1,1 @@
+"""The method under study: DP-SAD and its variants (installed as bench.methods)."""
