@@ -1,0 +1,266 @@
+"""Datasets as uint8 tensors in memory: where to find them, how to read them, what shape they have.
+
+`DATASETS` maps a name to a loader; adding a dataset is one entry. Every loader has `spec(root)`, which
+is cheap (known constants, no data read), and `load(split, root, download)`. The real training split
+is the private data; the test split is only used for evaluation.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from bench.contract import DataSpec, ImageDataset
+from bench.errors import BenchError
+
+Split = Literal["train", "test"]
+
+
+def cache_root() -> Path:
+    """The harness's cache folder: `$BENCH_CACHE`, else ~/.cache/bench."""
+    env = os.environ.get("BENCH_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bench"
+
+
+class DatasetLoader(Protocol):
+    @property
+    def class_names(self) -> tuple[str, ...] | None: ...
+
+    def spec(self, root: Path | None) -> DataSpec: ...
+    def load(self, split: Split, root: Path | None, download: bool) -> ImageDataset: ...
+
+
+# ---------------------------------------------------------------------------------------------------
+# IDX files (MNIST and Fashion-MNIST), http://yann.lecun.com/exdb/mnist/
+# ---------------------------------------------------------------------------------------------------
+
+_IDX_MAGIC = {3: 2051, 1: 2049}  # ndim -> magic number of unsigned-byte images (3) and labels (1)
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Read an unsigned-byte IDX file (plain or .gz) with `ndim` dimensions; BenchError if it is corrupt."""
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:  # gzip.BadGzipFile is an OSError
+        raise BenchError(f"cannot read {path}: {e}; delete or replace the file") from e
+    header = 4 + 4 * ndim
+    magic = int.from_bytes(raw[:4], "big") if len(raw) >= 4 else -1
+    if magic != _IDX_MAGIC[ndim] or len(raw) < header:
+        raise BenchError(
+            f"{path} is not an IDX file with {ndim} dimension(s) (magic {magic}, "
+            f"expected {_IDX_MAGIC[ndim]}); delete or replace the file"
+        )
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    if len(raw) - header != int(np.prod(dims)):
+        raise BenchError(
+            f"{path} is truncated or corrupt: header says {dims} ({int(np.prod(dims))} bytes), "
+            f"found {len(raw) - header} bytes; delete or replace the file"
+        )
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find_file(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):  # plain first: faster to read
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+@dataclass(frozen=True)
+class IdxDataset:
+    """MNIST-style IDX files: 1×28×28 uint8 images, 10 classes."""
+
+    name: str
+    torchvision_class: str  # class in torchvision.datasets; also its folder name: <root>/<class>/raw/
+    system_dir: Path  # where the system's dataset package puts the files
+    how_to_get: str = ""  # a remedy for the error message, before --data-root and --download
+    class_names: tuple[str, ...] | None = None
+    num_train: int = 60_000
+
+    def spec(self, root: Path | None = None) -> DataSpec:
+        return DataSpec(channels=1, height=28, width=28, num_classes=10, num_train=self.num_train)
+
+    def _roots(self, root: Path | None) -> list[Path]:
+        roots = [root] if root is not None else []
+        if os.environ.get("BENCH_DATA"):
+            roots.append(Path(os.environ["BENCH_DATA"]).expanduser())
+        return [*roots, self.system_dir, cache_root() / "data"]
+
+    def _folders(self, root: Path) -> list[Path]:
+        return [root, root / self.name, root / self.torchvision_class / "raw"]
+
+    def _find(self, split: Split, roots: list[Path]) -> tuple[Path, Path] | None:
+        images_stem, labels_stem = _IDX_FILES[split]
+        for root in roots:
+            for folder in self._folders(root):
+                images, labels = _find_file(folder, images_stem), _find_file(folder, labels_stem)
+                if images is not None and labels is not None:
+                    return images, labels
+        return None
+
+    def _download(self, split: Split) -> None:
+        import torchvision.datasets
+
+        cls = getattr(torchvision.datasets, self.torchvision_class)
+        try:
+            cls(root=str(cache_root() / "data"), train=split == "train", download=True)
+        except Exception as e:  # offline, mirror down, disk full: the user can only retry or fetch by hand
+            msg = " ".join(str(e).split())
+            raise BenchError(f"downloading {self.name} failed ({type(e).__name__}: {msg})") from e
+
+    def load(self, split: Split, root: Path | None = None, download: bool = False) -> ImageDataset:
+        roots = self._roots(root)
+        found = self._find(split, roots)
+        if found is None and download:
+            self._download(split)
+            found = self._find(split, roots)
+        if found is None:
+            images_stem, labels_stem = _IDX_FILES[split]
+            sub = f"{{,{self.name}/,{self.torchvision_class}/raw/}}"
+            remedy = f"{self.how_to_get}, or pass" if self.how_to_get else "pass"
+            raise BenchError(
+                f"{self.name} {split} split not found: looked for {images_stem}[.gz] and {labels_stem}[.gz] "
+                f"in {', '.join(str(r) + '/' + sub for r in roots)}; to get it: {remedy} --data-root DIR "
+                "with the IDX files, or --download when online"
+            )
+        images_path, labels_path = found
+        images, labels = read_idx(images_path, 3), read_idx(labels_path, 1)
+        if len(images) != len(labels):
+            raise BenchError(
+                f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels; "
+                "replace the mismatched file"
+            )
+        if len(labels) and labels.max() >= 10:
+            raise BenchError(f"{labels_path} has label {labels.max()}, expected 0..9; replace the file")
+        return ImageDataset(
+            images=torch.from_numpy(images.copy()).unsqueeze(1),  # [N, 1, 28, 28]
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            num_classes=10,
+            name=self.name,
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Synthetic: procedural bars, for tests and dry runs
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    """1×16×16 images in 10 classes: a bright bar, horizontal (classes 0-4) or vertical (5-9), at a
+    class-dependent row or column, with random length, offset, brightness and a little pixel noise."""
+
+    size: int = 16
+    num_classes: int = 10
+    num_train: int = 2_000
+    num_test: int = 500
+    seed: int = 20240601
+    class_names: tuple[str, ...] | None = tuple(
+        f"{d} bar {k}" for d in ("horizontal", "vertical") for k in range(5)
+    )
+
+    def spec(self, root: Path | None = None) -> DataSpec:
+        return DataSpec(
+            channels=1,
+            height=self.size,
+            width=self.size,
+            num_classes=self.num_classes,
+            num_train=self.num_train,
+        )
+
+    def load(self, split: Split, root: Path | None = None, download: bool = False) -> ImageDataset:
+        n = self.num_train if split == "train" else self.num_test
+        rng = np.random.default_rng([self.seed, 0 if split == "train" else 1])
+        labels = rng.permutation(np.arange(n) % self.num_classes)  # balanced
+        s = self.size
+        images = np.zeros((n, s, s), dtype=np.float32)
+        k = labels % 5
+        pos = 3 * k + 1 + rng.integers(0, 2, n)  # bar row/column 1..14, jittered by one pixel
+        start = rng.integers(1, 5, n)
+        length = rng.integers(8, 12, n)
+        brightness = rng.uniform(160, 255, n)
+        for i in range(n):
+            bar = images[i] if labels[i] < 5 else images[i].T  # the transposed view draws a vertical bar
+            bar[pos[i] : pos[i] + 2, start[i] : start[i] + length[i]] = brightness[i]
+        images += rng.normal(0.0, 12.0, images.shape)
+        images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+        return ImageDataset(
+            images=torch.from_numpy(images).unsqueeze(1),  # [N, 1, 16, 16]
+            labels=torch.from_numpy(labels.astype(np.int64)),
+            num_classes=self.num_classes,
+            name="synthetic",
+        )
+
+
+# ---------------------------------------------------------------------------------------------------
+
+DATASETS: dict[str, DatasetLoader] = {
+    "mnist": IdxDataset(
+        name="mnist",
+        torchvision_class="MNIST",
+        system_dir=Path("/usr/share/datasets/mnist"),
+        class_names=tuple(str(d) for d in range(10)),
+    ),
+    "fmnist": IdxDataset(
+        name="fmnist",
+        torchvision_class="FashionMNIST",
+        system_dir=Path("/usr/share/datasets/fashion-mnist"),
+        how_to_get="apt-get install dataset-fashion-mnist",
+        class_names=(
+            "T-shirt/top",
+            "Trouser",
+            "Pullover",
+            "Dress",
+            "Coat",
+            "Sandal",
+            "Shirt",
+            "Sneaker",
+            "Bag",
+            "Ankle boot",
+        ),  # fmt: skip
+    ),
+    "synthetic": SyntheticDataset(),
+}
+
+
+def _loader(name: str) -> DatasetLoader:
+    if name not in DATASETS:
+        raise BenchError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _path(root: str | Path | None) -> Path | None:
+    return None if root is None else Path(root).expanduser()
+
+
+def spec(name: str, root: str | Path | None = None) -> DataSpec:
+    """The dataset's shape, without reading the data (a dry run needs no data)."""
+    return _loader(name).spec(_path(root))
+
+
+def class_names(name: str) -> tuple[str, ...] | None:
+    """Human-readable class names, or None where the dataset has none."""
+    return _loader(name).class_names
+
+
+def load(name: str, split: Split, *, root: str | Path | None = None, download: bool = False) -> ImageDataset:
+    """Load a split as uint8 [N, C, H, W] images and int64 [N] labels.
+
+    Looks in `root`, then `$BENCH_DATA`, then the system's dataset package folder, then the download
+    cache ($BENCH_CACHE/data); downloads there only when `download` is true. BenchError if not found.
+    """
+    if split not in ("train", "test"):
+        raise BenchError(f"unknown split {split!r}; choose 'train' or 'test'")
+    return _loader(name).load(split, _path(root), download)

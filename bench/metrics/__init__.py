@@ -1,0 +1,108 @@
+"""Metrics, computed by the harness for every method's samples (see EVALUATION.md).
+
+`evaluate` returns one record per metric: its value and how it was computed (extractor or protocol,
+sample counts, reference split), because numbers computed differently are not comparable.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from bench.contract import ImageDataset
+from bench.metrics.accuracy import cnn_accuracy
+from bench.metrics.features import domain_extractor
+from bench.metrics.fidelity import frechet_distance
+
+__all__ = ["EvalSettings", "evaluate"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalSettings:
+    epochs: int = 50  # downstream CNN epochs (DPDM protocol, paper: 50)
+    batch_size: int = 128  # downstream CNN minibatch
+    val_fraction: float = 0.1  # share of the synthetic samples held out for epoch selection
+    extractor_epochs: int = 5  # domain extractor training epochs; part of its cache key
+    feature_batch_size: int = 256  # feature extraction batch (does not change the result)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "extractor_epochs", "feature_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+
+
+def evaluate(
+    images: Tensor,
+    labels: Tensor | None,
+    *,
+    dataset: str,
+    train: ImageDataset,
+    test: ImageDataset,
+    seed: int,
+    settings: EvalSettings = EvalSettings(),
+    device: torch.device | str = "cpu",
+) -> dict[str, dict[str, Any]]:
+    """Score generated uint8 `images` [N, C, H, W] with int64 `labels` [N] (None: unconditional).
+
+    - "fd_domain": Fréchet distance to the real `train` split in the domain CNN's feature space.
+    - "acc_cnn": real `test` accuracy (%) of a CNN trained on the samples, DPDM protocol.
+    `seed` seeds the downstream classifier; the domain extractor has its own fixed seed.
+    """
+    n_gen = len(images)
+    t0 = time.perf_counter()
+    extractor = domain_extractor(train, dataset=dataset, epochs=settings.extractor_epochs, device=device)
+    fd = frechet_distance(
+        images,
+        train,
+        extractor=extractor,
+        batch_size=settings.feature_batch_size,
+        cuda=torch.device(device).type == "cuda",
+    )
+    results: dict[str, dict[str, Any]] = {
+        "fd_domain": {
+            "value": fd,
+            "extractor": extractor.name,
+            "extractor_key": extractor.key,
+            "feature_layer": extractor.feature_layer,
+            "reference": "train",
+            "n_gen": n_gen,
+            "n_ref": len(train),
+            "seconds": time.perf_counter() - t0,
+            "note": "",
+        }
+    }
+
+    t0 = time.perf_counter()
+    if labels is None:
+        results["acc_cnn"] = {
+            "value": None,
+            "protocol": "dpdm",
+            "n_gen": n_gen,
+            "note": "n/a: unconditional method",
+        }
+    else:
+        acc = cnn_accuracy(
+            images,
+            labels,
+            test,
+            seed=seed,
+            epochs=settings.epochs,
+            batch_size=settings.batch_size,
+            val_fraction=settings.val_fraction,
+            device=device,
+        )
+        results["acc_cnn"] = {
+            "value": acc.pop("accuracy"),
+            **acc,
+            "selection": "held-out synthetic validation",
+            "n_gen": n_gen,
+            "seconds": time.perf_counter() - t0,
+            "note": "",
+        }
+    return results
