@@ -293,11 +293,12 @@ class Runner:
             raise RuntimeError(f"{spec.method}.sample returned {images.dtype} {tuple(images.shape)}")
         np.savez_compressed(run_dir / "samples.npz", images=images.numpy(),
                             labels=(labels if labels is not None else torch.full((n,), -1)).numpy())
-        save_sample_grid(images, labels, run_dir / "samples.png")
+        save_sample_grid(images, labels, run_dir / "samples.png", class_names=data.class_names(spec.dataset))
         test = self.dataset(spec.dataset, "test")
         settings = EvalSettings(**spec.eval.settings)
         with _timed(costs, "score"):
-            metrics = evaluate(images, labels, dataset=spec.dataset, train=train, test=test, seed=spec.seed, settings=settings)
+            metrics = evaluate(images, labels, dataset=spec.dataset, train=train, test=test, seed=spec.seed,
+                               settings=settings, device=self.device)
         cost = costs | {"peak_rss_mib": round(_peak_rss_mib(), 1), "device": str(self.device)}
         write_json(run_dir / "metrics.json", {"key": spec.key, "metrics": metrics, "cost": cost})
         self.store.record_metrics(spec.key, metrics)
