@@ -22,6 +22,7 @@ from bench.diffusion import (
     to_model_range,
 )
 from bench.errors import BenchError
+from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger
 
 
@@ -62,32 +63,38 @@ class DDPM:
         self.config, self.spec, self.device = config, spec, device
         self.schedule = Schedule(config.T, config.beta_start, config.beta_end)
         self.alpha_bar = self.schedule.alpha_bar(device)
-        self.net = make_unet(config, channels=spec.channels, num_classes=spec.num_classes).to(device)
-        self.ema = EMA(self.net, config.ema_decay)
+        self._build()
+
+    def _build(self) -> None:
+        spec = self.spec
+        self.net = make_unet(self.config, channels=spec.channels, num_classes=spec.num_classes).to(self.device)
+        self.ema = EMA(self.net, self.config.ema_decay)
 
     def fit(self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress) -> PrivacyLedger:
         cfg, n = self.config, len(train)
+        with seeded_init(generator):  # initial weights from the run's seed
+            self._build()
         bs = min(cfg.batch_size, n)
         per_epoch = max(1, n // bs)
         steps = max(1, round(cfg.epochs * per_epoch))
         x_all = to_model_range(train.images).to(self.device)
         y_all = train.labels.to(self.device)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        step, perm = 0, torch.arange(n, device=self.device)
+        step, perm = 0, torch.arange(n)  # all draws from the run's CPU generator, then moved
         if (state := progress.resume()) is not None:
             self.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
-            step, perm = state["step"], state["perm"].to(self.device)
+            step, perm = state["step"], state["perm"]
         progress.start(steps, "ddpm (non-private)")
         progress.advance(step)
         shape = x_all.shape[1:]
         while step < steps:
             if step % per_epoch == 0:
-                perm = torch.randperm(n, generator=generator, device=self.device)
-            idx = perm[(step % per_epoch) * bs : (step % per_epoch + 1) * bs]
-            t = torch.randint(0, cfg.T, (len(idx),), generator=generator, device=self.device)
-            noise = torch.randn((len(idx), *shape), generator=generator, device=self.device)
+                perm = torch.randperm(n, generator=generator)
+            idx = perm[(step % per_epoch) * bs : (step % per_epoch + 1) * bs].to(self.device)
+            t = torch.randint(0, cfg.T, (len(idx),), generator=generator).to(self.device)
+            noise = torch.randn((len(idx), *shape), generator=generator).to(self.device)
             loss = batch_denoising_loss(self.net, x_all[idx], y_all[idx], t, noise, self.alpha_bar)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -97,7 +104,7 @@ class DDPM:
             progress.advance()
             progress.checkpoint(lambda: {
                 "model": self.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "step": step, "perm": perm.cpu(),
+                "generator": generator.get_state(), "step": step, "perm": perm,
             })
         ledger = PrivacyLedger()
         ledger.mark_non_private("trained on the private training set without DP (non-private reference)")

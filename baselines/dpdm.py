@@ -12,6 +12,7 @@ sampler.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -31,6 +32,7 @@ from bench.diffusion import (
 )
 from bench.dpsgd import DPSGD, PoissonSampler
 from bench.errors import BenchError
+from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, calibrate_sigma
 
 
@@ -52,12 +54,15 @@ class Config:
     sampler: Literal["ddim", "ddpm"] = "ddim"  # paper: DDIM 50 steps for accuracy
     sample_steps: int = 50  # DDIM steps (ignored by ddpm, which runs all T)
     dp_mode: str = "auto"  # per-example gradient implementation (bench.dpsgd)
+    physical_batch_size: int = 512  # examples per chunk of a logical batch (memory only; same step)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.epochs <= 0:
             raise ValueError(f"epochs must be > 0, got {self.epochs}")
+        if self.physical_batch_size < 1:
+            raise ValueError(f"physical_batch_size must be ≥ 1, got {self.physical_batch_size}")
         if self.noise_multiplicity < 1:
             raise ValueError(f"noise_multiplicity must be ≥ 1, got {self.noise_multiplicity}")
         if self.max_grad_norm <= 0:
@@ -82,14 +87,20 @@ class DPDM:
         self.config, self.spec, self.device = config, spec, device
         self.schedule = Schedule(config.T, config.beta_start, config.beta_end)
         self.alpha_bar = self.schedule.alpha_bar(device)
-        self.net = make_unet(config, channels=spec.channels, num_classes=spec.num_classes).to(device)
-        self.ema = EMA(self.net, config.ema_decay)
+        self._build()
+
+    def _build(self) -> None:
+        spec = self.spec
+        self.net = make_unet(self.config, channels=spec.channels, num_classes=spec.num_classes).to(self.device)
+        self.ema = EMA(self.net, self.config.ema_decay)
 
     def _loss(self, model: Any, x0: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return multiplicity_loss(model, x0, y, t, noise, self.alpha_bar)
 
     def fit(self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress) -> PrivacyLedger:
         cfg, n = self.config, len(train)
+        with seeded_init(generator):  # initial weights from the run's seed
+            self._build()
         q = cfg.batch_size / n
         if q > 1:
             raise BenchError(f"dpdm: batch_size {cfg.batch_size} exceeds the {n} training records")
@@ -99,29 +110,36 @@ class DPDM:
         )
         x_all = to_model_range(train.images).to(self.device)
         y_all = train.labels.to(self.device)
+        # Poisson sampling draws from the run's CPU generator; noise is drawn where the parameters live.
+        noise_gen = generator if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(
+            int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        )
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         dp = DPSGD(
             self.net, optimizer, per_example_loss=self._loss, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, sample_rate=q, num_records=n, generator=generator, mode=cfg.dp_mode,
+            max_grad_norm=cfg.max_grad_norm, sample_rate=q, num_records=n, generator=noise_gen, mode=cfg.dp_mode,
+            max_physical_batch_size=cfg.physical_batch_size,
         )
         if (state := progress.resume()) is not None:
             self.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             dp.load_state_dict(state["dpsgd"])
             generator.set_state(state["generator"])
-        batches = iter(PoissonSampler(n, q, generator))
+            noise_gen.set_state(state["noise_generator"])
+        # an endless stream of Poisson batches; each draw depends only on the generator's state
+        batches = (idx for _ in itertools.count() for idx in PoissonSampler(n, q, generator))
         progress.start(steps, f"dpdm σ={sigma:.3f}")
         progress.advance(dp.steps)
         shape = (spec := self.spec).channels, spec.height, spec.width
         while dp.steps < steps:
             idx = next(batches).to(self.device)
-            t, noise = draw_noise_multiplicity(len(idx), cfg.noise_multiplicity, shape, cfg.T, generator, self.device)
+            t, noise = draw_noise_multiplicity(len(idx), cfg.noise_multiplicity, shape, cfg.T, noise_gen, self.device)
             dp.step(x_all[idx], y_all[idx], t, noise)
             self.ema.update(self.net)
             progress.advance()
             progress.checkpoint(lambda: {
-                "model": self.state_dict(), "optimizer": optimizer.state_dict(),
-                "dpsgd": dp.state_dict(), "generator": generator.get_state(),
+                "model": self.state_dict(), "optimizer": optimizer.state_dict(), "dpsgd": dp.state_dict(),
+                "generator": generator.get_state(), "noise_generator": noise_gen.get_state(),
             })
         ledger = PrivacyLedger()
         ledger.add(dp.stage("denoiser"))

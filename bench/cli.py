@@ -99,20 +99,23 @@ def run(
             print_plan(specs)
             return
         store = Store(results)
+        r = runner.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins, force=force)
+        for ds in dict.fromkeys(s.dataset for s in specs):  # missing data fails here, before any training
+            r.dataset(ds, "train"), r.dataset(ds, "test")
         with GridUI(len(specs)) as ui:
-            r = runner.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins,
-                              force=force, ui=ui)
+            r.ui = ui
             outcomes = []
             for spec in specs:
                 outcomes.append((spec, r.run(spec)))
-                ui.grid_advance()
+                ui.grid_advance(spec, outcomes[-1][1])
         failed = [s for s, o in outcomes if o == "failed"]
         done = sum(o == "done" for _, o in outcomes)
         skipped = sum(o == "skipped" for _, o in outcomes)
         typer.echo(f"{done} run(s) done, {skipped} already finished, {len(failed)} failed; results in {results}", err=True)
-        from bench.report import build_report
+        if done + skipped:
+            from bench.report import build_report
 
-        build_report(Store(results), out=None, keys={s.key for s in specs}, echo=typer.echo)
+            build_report(store, out=None, keys={s.key for s in specs}, echo=typer.echo)
         if failed:
             for s in failed:
                 typer.echo(f"error: run {s.key} exceeded its privacy budget and was left out of the table", err=True)
@@ -167,3 +170,7 @@ def main() -> None:
         sys.exit(130)
 
 
+
+
+if __name__ == "__main__":
+    main()

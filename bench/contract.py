@@ -94,7 +94,10 @@ class NullProgress:
 
 @runtime_checkable
 class Method(Protocol):
-    """A generative method. See DESIGN.md, "The method contract"."""
+    """A generative method. See DESIGN.md, "The method contract".
+
+    `generator` is always a CPU torch.Generator seeded by the harness; a method that needs random
+    numbers on an accelerator seeds a device generator from it (and checkpoints both states)."""
 
     name: ClassVar[str]  # registry key, lowercase-kebab
     Config: ClassVar[type]  # frozen keyword-only dataclass: the single source of defaults

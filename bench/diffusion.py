@@ -130,6 +130,8 @@ def sample_images(
     sampler: str, steps: int, generator: torch.Generator, device: torch.device, batch_size: int = 500,
 ) -> Tensor:
     """Generate n images in batches; returns uint8 [n, C, H, W] on the CPU."""
+    if generator.device.type != torch.device(device).type:  # a CPU generator seeds one on the device
+        generator = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
     out = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)

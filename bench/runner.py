@@ -248,7 +248,7 @@ class Runner:
                 Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
                 if math.isfinite(spec.epsilon) else Budget.unlimited(spec.delta)
             )
-            generator = torch.Generator(device=self.device).manual_seed(spec.seed)
+            generator = torch.Generator().manual_seed(spec.seed)  # CPU: the contract's generator
             progress = RunProgress(ckpt_path, self.checkpoint_every_s, *self._bar_callbacks(spec))
             with _timed(costs, "fit"):
                 ledger = method.fit(train, budget=budget, generator=generator, progress=progress)
@@ -286,7 +286,7 @@ class Runner:
 
         n = spec.eval.n_gen
         labels = balanced_labels(n, train.num_classes) if method.conditional else None
-        generator = torch.Generator(device=self.device).manual_seed(spec.seed + 1_000_003)
+        generator = torch.Generator().manual_seed(spec.seed + 1_000_003)
         with _timed(costs, "sample"):
             images = method.sample(n, labels=labels, generator=generator).cpu()
         if images.dtype != torch.uint8 or tuple(images.shape) != (n, *train.images.shape[1:]):

@@ -18,8 +18,9 @@ class GridUI:
     def __init__(self, total_runs: int) -> None:
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=console, transient=False,
+            TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal,
         )
+        self.total, self.finished = total_runs, 0
         self.grid: TaskID = self.progress.add_task("grid", total=total_runs)
         self.current: TaskID | None = None
 
@@ -30,8 +31,13 @@ class GridUI:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def grid_advance(self) -> None:
+    def grid_advance(self, spec: Any, outcome: str) -> None:
+        """One run of the grid is over; without a terminal (logs, CI) say so in one line."""
+        self.finished += 1
         self.progress.advance(self.grid)
+        if self.progress.disable:
+            console.print(f"[{self.finished}/{self.total}] {spec.method} {spec.dataset} ε={spec.epsilon:g} "
+                          f"seed={spec.seed}: {outcome}", highlight=False)
         if self.current is not None:
             self.progress.remove_task(self.current)
             self.current = None

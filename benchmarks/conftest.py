@@ -1,0 +1,54 @@
+"""Benchmark session helpers: a `ratios` log that the benchmarks fill and a summary printed at the end."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+_RATIOS = pytest.StashKey[dict[str, dict[str, Any]]]()
+_THREADS = pytest.StashKey[int]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--threads", type=int, default=0, help="torch threads for the benchmarks (0: torch's default)"
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads(request: pytest.FixtureRequest) -> Any:
+    threads, wanted = torch.get_num_threads(), request.config.getoption("--threads")
+    if wanted:
+        torch.set_num_threads(wanted)
+    request.config.stash[_THREADS] = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ratios(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+    """{case: {"reference": (min_s, median_s), mode: (min_s, median_s), ...}}, shared by one session."""
+    return request.config.stash.setdefault(_RATIOS, {})
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    table = config.stash.get(_RATIOS, {})
+    if not table:
+        return
+    write = terminalreporter.write_line
+    write("")
+    write(
+        f"DP step throughput ÷ non-private step, same network and batch, side by side in this run "
+        f"({config.stash.get(_THREADS, '?')} torch threads)"
+    )
+    write(
+        f"{'case':<22} {'mode':<12} {'min ms':>8} {'median ms':>10} {'ratio(min)':>11} {'ratio(median)':>14}"
+    )
+    for case, rows in table.items():
+        ref = rows.get("non-private")
+        for mode, (t_min, t_med) in rows.items():
+            r_min = f"{ref[0] / t_min:.2f}x" if ref else "-"
+            r_med = f"{ref[1] / t_med:.2f}x" if ref else "-"
+            write(f"{case:<22} {mode:<12} {t_min * 1e3:>8.1f} {t_med * 1e3:>10.1f} {r_min:>11} {r_med:>14}")

@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import pytest
+
+from bench import config, registry
+from bench.errors import BenchError
+from tests.conftest import TINY_PROFILE
+
+DPDMConfig = registry.get("dpdm").Config
+
+
+def test_layers_defaults_profile_dataset_eps_set() -> None:
+    prof = {
+        "dpdm": {"lr": 1e-3, "fmnist": {"batch_size": 256, "eps": {"10": {"epochs": 7.0}, "1": {"epochs": 3.0}}}},
+    }
+    cfg, notes = config.resolve(DPDMConfig, profile=prof, method="dpdm", dataset="fmnist", epsilon=10, sets={})
+    assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.T) == (1e-3, 256, 7.0, DPDMConfig().T)
+    assert notes == []
+    cfg, _ = config.resolve(DPDMConfig, profile=prof, method="dpdm", dataset="mnist", epsilon=10, sets={"lr": 5e-4})
+    assert (cfg.lr, cfg.batch_size) == (5e-4, DPDMConfig().batch_size)
+
+
+def test_eps_without_a_tuned_entry_warns_and_records() -> None:
+    prof = {"dpdm": {"fmnist": {"eps": {"10": {"epochs": 7.0}, "1": {"epochs": 3.0}}}}}
+    cfg, notes = config.resolve(DPDMConfig, profile=prof, method="dpdm", dataset="fmnist", epsilon=2, sets={})
+    assert cfg.epochs == 3.0
+    assert notes and "tuned for ε=1 used at ε=2" in notes[0]
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        ({"lrr": 1.0}, "unknown key 'lrr'"),
+        ({"epochs": "abc"}, "expected a number"),
+        ({"batch_size": 1.5}, "expected an integer"),
+        ({"sampler": "euler"}, "not one of"),
+        ({"channel_mults": 3}, "expected a list"),
+        ({"lr": -1.0}, "lr must be > 0"),
+    ],
+)
+def test_bad_overrides_are_one_line_errors(sets, message) -> None:
+    with pytest.raises(BenchError, match=message) as e:
+        config.resolve(DPDMConfig, profile={}, method="dpdm", dataset="fmnist", epsilon=1, sets=sets)
+    assert "\n" not in str(e.value)
+
+
+def test_parse_sets_types_and_eval_prefix() -> None:
+    method, ev = config.parse_sets(["lr=1e-3", "channel_mults=[1, 2]", "sampler=ddpm", "eval.n_gen=10"])
+    assert method == {"lr": 1e-3, "channel_mults": [1, 2], "sampler": "ddpm"}
+    assert ev == {"n_gen": 10}
+    with pytest.raises(BenchError, match="key=value"):
+        config.parse_sets(["lr"])
+
+
+def test_builtin_profiles_resolve_for_every_builtin_method() -> None:
+    for profile in (*config.PROFILES, TINY_PROFILE):
+        prof = config.load_profile(profile)
+        for name, cls in registry.methods().items():
+            for ds in ("fmnist", "mnist", "synthetic"):
+                cfg, _ = config.resolve(cls.Config, profile=prof, method=name, dataset=ds, epsilon=1.0, sets={})
+                assert isinstance(cfg, cls.Config)
+
+
+def test_unknown_profile() -> None:
+    with pytest.raises(BenchError, match="unknown profile 'fast'; available: smoke, paper"):
+        config.load_profile("fast")

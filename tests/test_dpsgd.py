@@ -1,0 +1,415 @@
+"""The DP-SGD step, checked on the running code (PRIVACY.md, "Checks that must exist as tests")."""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from scipy import stats
+from torch import Tensor, nn
+
+import bench.dpsgd as dpsgd
+from bench.dpsgd import DPSGD, PoissonSampler, clip_factors, per_example_norms
+from bench.nets.unet import UNet, UNetConfig
+
+NET = UNetConfig(base_channels=8, channel_mults=(1, 2), groups=4, num_classes=3)
+ALPHA_BAR = torch.linspace(0.999, 0.05, 10)
+ROW_MODES = [("folded", 2), ("functorch", 2), ("hooks", 2), ("ghost", 1)]  # ghost: one row per example
+
+
+def dpdm_loss(model_call: Callable[..., Tensor], x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    """DPDM-like: x [C,H,W], y [], t [K], noise [K,C,H,W] -> the denoising loss averaged over K draws."""
+    a = ALPHA_BAR[t].view(-1, 1, 1, 1)
+    x_t = a.sqrt() * x + (1 - a).sqrt() * noise
+    return (model_call(x_t, t, y.expand(t.shape[0])) - noise).pow(2).mean()
+
+
+def zero_loss(model_call: Callable[..., Tensor], x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+    return 0.0 * dpdm_loss(model_call, x, y, t, noise)  # every gradient is exactly zero
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Any:
+    """Tiny tensors: one thread is faster and immune to the stalls of a busy shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_batch(B: int, K: int, seed: int = 0) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(B, 1, 8, 8, generator=g) * 2 - 1
+    y = torch.randint(0, NET.num_classes, (B,), generator=g)
+    t = torch.randint(0, len(ALPHA_BAR), (B, K), generator=g)
+    return x, y, t, torch.randn(B, K, 1, 8, 8, generator=g)
+
+
+def make_unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(NET)
+
+
+def make_dp(model: nn.Module, **kwargs: Any) -> DPSGD:
+    opts: dict[str, Any] = dict(
+        per_example_loss=dpdm_loss, noise_multiplier=1.0, max_grad_norm=1.0, sample_rate=0.5, num_records=8
+    )
+    opts.update(kwargs)
+    lr = opts.pop("lr", 0.1)
+    seed = opts.pop("seed", 0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return DPSGD(model, optimizer, generator=torch.Generator().manual_seed(seed), **opts)
+
+
+def reference_grads(model: nn.Module, loss: Callable[..., Tensor], batch: tuple[Tensor, ...]) -> list[Tensor]:
+    """Slow reference: batch size 1, plain autograd, one example at a time -> [B, *p.shape] per parameter."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    rows = [torch.autograd.grad(loss(model, *(b[i] for b in batch)), params) for i in range(len(batch[0]))]
+    return [torch.stack(g) for g in zip(*rows, strict=True)]
+
+
+def params_of(model: nn.Module) -> Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+# ------------------------------------------------------------------------------- per-example gradients
+
+
+@pytest.mark.parametrize(("mode", "K"), [("folded", 1), *ROW_MODES])
+def test_per_example_gradients_equal_batch_size_one_reference(mode: str, K: int) -> None:
+    model, batch = make_unet(), make_batch(3, K)
+    ref = reference_grads(model, dpdm_loss, batch)
+    dp = make_dp(model, mode=mode, max_grad_norm=0.05)
+    if mode == "ghost":  # norms without per-example gradients
+        _, norms, _, _ = dp._clipped_sum(*batch)
+        torch.testing.assert_close(norms, per_example_norms(ref), atol=1e-5, rtol=1e-5)
+        return
+    grads, losses = dp._per_example_grads(*batch)
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    ref_losses = torch.stack([dpdm_loss(model, *(b[i] for b in batch)) for i in range(3)]).detach()
+    torch.testing.assert_close(losses, ref_losses)
+
+
+class Mixed(nn.Module):
+    """Every layer type the folded mode knows, a grouped strided conv, a Linear used twice, in-place ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, stride=2, padding=1, groups=2, bias=False)
+        self.emb = nn.Embedding(5, 4, padding_idx=0)
+        self.norm = nn.LayerNorm(4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:  # x [N, 2, 6, 6], y int64 [N] -> [N, 4]
+        h = torch.relu_(self.conv(x)).mean((2, 3)) + self.emb(y)  # in-place on a layer's output
+        return self.lin(torch.tanh(self.lin(self.norm(h))))
+
+
+def two_calls_loss(model_call: Callable[..., Tensor], x: Tensor, y: Tensor) -> Tensor:
+    """Calls the model twice per example, with 1 and 3 rows (a GAN discriminator on real and fake)."""
+    one = model_call(x[None], y[None])
+    three = model_call(torch.stack([x, x.flip(-1), -x]), torch.stack([y, y, torch.zeros_like(y)]))
+    return one.pow(2).sum() + three.tanh().mean()
+
+
+@pytest.mark.parametrize("mode", ["folded", "functorch"])
+def test_per_example_gradients_with_two_model_calls_and_tied_layers(mode: str) -> None:
+    torch.manual_seed(0)
+    model = Mixed()
+    batch = (torch.randn(5, 2, 6, 6), torch.tensor([0, 1, 4, 1, 2]))
+    ref = reference_grads(model, two_calls_loss, batch)
+    grads, _ = make_dp(model, mode=mode, per_example_loss=two_calls_loss)._per_example_grads(*batch)
+    for g, r in zip(grads, ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="once"):
+        make_dp(Mixed(), mode="hooks", per_example_loss=two_calls_loss).step(*batch)
+
+
+class MixesRows(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x - x.mean(0, keepdim=True))  # every row sees the others: not row-wise
+
+
+def test_a_model_that_mixes_rows_is_refused_by_row_modes_and_auto_falls_back() -> None:
+    def loss(call: Callable[..., Tensor], x: Tensor) -> Tensor:
+        return call(torch.stack([x, 2 * x])).pow(2).sum()
+
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="mixes"):
+        make_dp(MixesRows(), mode="folded", per_example_loss=loss).step(x)
+    model = MixesRows()
+    dp = make_dp(model, per_example_loss=loss)
+    with pytest.warns(UserWarning, match="functorch"):
+        grads, _ = dp._per_example_grads(x)
+    assert dp.mode == "functorch"
+    for g, r in zip(grads, reference_grads(model, loss, (x,)), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "K"), ROW_MODES)
+def test_every_clipped_per_example_norm_is_at_most_C(mode: str, K: int) -> None:
+    C = 0.05  # below every per-example norm here, so every example is clipped
+    model, batch = make_unet(), make_batch(4, K)
+    ref = reference_grads(model, dpdm_loss, batch)
+    dp = make_dp(model, mode=mode, max_grad_norm=C)
+    sums, norms, factors, _ = dp._clipped_sum(*batch)
+    assert (norms > C).all()
+    assert (norms * factors <= C).all()
+    if mode != "ghost":
+        grads, _ = dp._per_example_grads(*batch)
+        clipped = [
+            g * clip_factors(per_example_norms(grads), C).view(-1, *[1] * (g.dim() - 1)) for g in grads
+        ]
+        assert (per_example_norms(clipped) <= C * (1 + 1e-6)).all()
+    # the released sum is the sum of the clipped reference gradients
+    ref_factors = torch.clamp(C / (per_example_norms(ref) + 1e-6), max=1.0)
+    for s, r in zip(sums, ref, strict=True):
+        torch.testing.assert_close(s, torch.tensordot(ref_factors, r, dims=1), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "K"), ROW_MODES)
+def test_no_clipping_and_no_noise_is_a_plain_step(mode: str, K: int) -> None:
+    model, batch = make_unet(), make_batch(4, K)  # B = q·N = 0.5 · 8
+    plain = copy.deepcopy(model)
+    dp = make_dp(model, mode=mode, noise_multiplier=0.0, max_grad_norm=math.inf)
+    dp.step(*batch)
+
+    optimizer = torch.optim.SGD(plain.parameters(), lr=0.1)
+    torch.stack([dpdm_loss(plain, *(b[i] for b in batch)) for i in range(4)]).mean().backward()
+    optimizer.step()
+    torch.testing.assert_close(params_of(model), params_of(plain), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("mode", "K"), ROW_MODES)
+def test_physical_batches_give_the_same_clipped_sum(mode: str, K: int) -> None:
+    batch = make_batch(5, K)
+    whole = make_dp(make_unet(), mode=mode, max_grad_norm=0.05)._clipped_sum(*batch)
+    chunked = make_dp(make_unet(), mode=mode, max_grad_norm=0.05, max_physical_batch_size=2)._clipped_sum(
+        *batch
+    )
+    for a, b in zip([*whole[0], *whole[1:]], [*chunked[0], *chunked[1:]], strict=True):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_ghost_refuses_several_rows_per_example() -> None:
+    dp = make_dp(make_unet(), mode="ghost")
+    with pytest.raises(ValueError, match="row"):
+        dp.step(*make_batch(2, 2))
+
+
+def test_auto_picks_folded_for_the_unet_and_functorch_for_unknown_layers() -> None:
+    assert make_dp(make_unet()).mode == "folded"
+    conv1d = nn.Sequential(nn.Conv1d(1, 2, 3), nn.Flatten(), nn.Linear(4, 1))
+    assert make_dp(conv1d).mode == "functorch"
+    with pytest.raises(ValueError, match="Conv1d"):
+        make_dp(conv1d, mode="folded")
+
+
+# ------------------------------------------------------------------------------------------ the noise
+
+
+@pytest.mark.parametrize(("mode", "K"), ROW_MODES)
+def test_noise_std_is_sigma_C_lr_over_expected_batch_size(mode: str, K: int) -> None:
+    sigma, C, lr, q, N = 2.0, 0.5, 1.0, 0.25, 16  # drift std per coordinate and step: σ·C·lr/(q·N) = 0.25
+    model = make_unet()
+    dp = make_dp(
+        model,
+        mode=mode,
+        per_example_loss=zero_loss,
+        noise_multiplier=sigma,
+        max_grad_norm=C,
+        sample_rate=q,
+        num_records=N,
+        lr=lr,
+    )
+    data = make_batch(N, K)
+    drifts, sizes = [], []
+    for index in PoissonSampler(N, q, torch.Generator().manual_seed(3)):  # 4 steps, B varies
+        before = params_of(model)
+        sizes.append(dp.step(*(b[index] for b in data)).batch_size)
+        drifts.append(params_of(model) - before)
+    drift = torch.cat(drifts).double()  # 4 × 41k samples
+    expected = sigma * C * lr / (q * N)
+    assert abs(drift.std().item() / expected - 1) < 0.02, (drift.std().item(), expected, sizes)
+    assert abs(drift.mean().item()) < 5 * expected / math.sqrt(drift.numel())
+
+
+def _canary_separation(monkeypatch: pytest.MonkeyPatch | None = None, reps: int = 1000) -> float:
+    """One noisy step with a canary gradient of norm C present vs absent, `reps` times each: the
+    separation of the two output distributions along the canary, in units of their std."""
+    sigma, C, d = 2.0, 1.0, 4
+    model = nn.Linear(d, 1, bias=False)
+    dp = make_dp(
+        model,
+        per_example_loss=lambda call, x: call(x[None]).sum(),
+        noise_multiplier=sigma,
+        max_grad_norm=C,
+        sample_rate=0.5,
+        num_records=8,
+        lr=1.0,
+        seed=5,
+    )
+    canary = torch.zeros(1, d)
+    canary[0, 0] = C  # gradient of the canary's loss: a fixed vector of norm C; the others are zero
+    with_canary, without = torch.cat([canary, torch.zeros(3, d)]), torch.zeros(3, d)
+    out: dict[bool, list[float]] = {True: [], False: []}
+    for _ in range(reps):
+        for present, batch in ((True, with_canary), (False, without)):
+            with torch.no_grad():
+                model.weight.zero_()
+            dp.step(batch)
+            out[present].append(-model.weight[0, 0].item())
+    a, b = torch.tensor(out[True]), torch.tensor(out[False])
+    return ((a.mean() - b.mean()) / torch.cat([a - a.mean(), b - b.mean()]).std()).item()
+
+
+def _within_what_sigma_allows(separation: float, sigma: float = 2.0) -> bool:
+    return separation <= (1 / sigma) * 1.3  # Gaussian mechanism: mean shift C over std σC = 1/σ
+
+
+def test_canary_audit_separation_matches_sigma() -> None:
+    separation = _canary_separation()
+    assert _within_what_sigma_allows(separation), separation
+    assert separation > 0.5 * 0.7  # and the canary is there at all (it is not clipped away)
+
+
+def test_canary_audit_catches_noise_divided_by_batch_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    add_noise = dpsgd.add_noise
+
+    def broken(sums: list[Tensor], *, noise_std: float, generator: torch.Generator) -> list[Tensor]:
+        return add_noise(sums, noise_std=noise_std / 4, generator=generator)  # σ·C/B with B = 4
+
+    monkeypatch.setattr(dpsgd, "add_noise", broken)
+    separation = _canary_separation(reps=100)
+    assert not _within_what_sigma_allows(separation), separation  # ≈ 4/σ: the audit fails it
+
+
+# ------------------------------------------------------------------------------------------ sampling
+
+
+def test_poisson_batch_sizes_follow_binomial() -> None:
+    N, q = 40, 0.1
+    sampler = PoissonSampler(N, q, torch.Generator().manual_seed(0))
+    assert len(sampler) == 10
+    batches = [index for _ in range(300) for index in sampler]
+    assert len(batches) == 3000
+    sizes = torch.tensor([len(index) for index in batches], dtype=torch.float64)
+    assert abs(sizes.mean().item() - N * q) < 4 * math.sqrt(N * q * (1 - q) / len(batches))
+    assert abs(sizes.var().item() / (N * q * (1 - q)) - 1) < 0.1
+    # chi-square goodness of fit against Binomial(N, q), tail bins merged
+    observed = torch.bincount(sizes.long(), minlength=N + 1).double()
+    expected = torch.tensor(stats.binom.pmf(range(N + 1), N, q)) * len(batches)
+    obs = torch.cat([observed[:9], observed[9:].sum(0, keepdim=True)])
+    exp = torch.cat([expected[:9], expected[9:].sum(0, keepdim=True)])
+    assert stats.chisquare(obs.numpy(), exp.numpy()).pvalue > 1e-3
+    # each record is included independently with probability q
+    counts = torch.bincount(torch.cat(batches), minlength=N).double()
+    assert stats.chisquare(counts.numpy()).pvalue > 1e-3
+    for index in batches[:50]:
+        assert index.dtype == torch.int64 and torch.equal(index, index.unique())
+
+
+def test_empty_batches_are_yielded() -> None:
+    N, q = 10, 0.05  # P(empty) = 0.95^10 ≈ 0.60
+    sampler = PoissonSampler(N, q, torch.Generator().manual_seed(1))
+    batches = [index for _ in range(50) for index in sampler]
+    empty = sum(len(i) == 0 for i in batches)
+    assert len(batches) == 50 * 20
+    assert abs(empty / len(batches) - 0.95**N) < 0.05
+    assert all(i.shape == (0,) and i.dtype == torch.int64 for i in batches if len(i) == 0)
+
+
+# ------------------------------------------------------------------------------- steps, state, checks
+
+
+def test_steps_counts_noisy_steps_taken_including_empty_batches() -> None:
+    N, q = 10, 0.1
+    model = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+    dp = make_dp(model, per_example_loss=lambda call, x: call(x[None]).sum(), sample_rate=q, num_records=N)
+    data = torch.randn(N, 4)
+    sizes = []
+    for index in PoissonSampler(N, q, torch.Generator().manual_seed(0)):
+        before = params_of(model)
+        sizes.append(dp.step(data[index]).batch_size)
+        assert not torch.equal(params_of(model), before)  # noise was added, even to an empty batch
+    assert 0 in sizes and dp.steps == len(sizes) == 10
+    stage = dp.stage("discriminator")
+    assert (stage.name, stage.mechanism, stage.steps) == ("discriminator", "poisson_gaussian", 10)
+    assert (stage.noise_multiplier, stage.sampling_rate, stage.max_grad_norm) == (1.0, q, 1.0)
+    assert stage.expected_batch_size == pytest.approx(q * N)
+
+    def failing_step(*args: Any, **kwargs: Any) -> None:
+        raise RuntimeError("optimizer failed")
+
+    dp.optimizer.step = failing_step  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="optimizer failed"):
+        dp.step(data[:2])
+    assert dp.steps == 10  # counted only after optimizer.step() ran
+
+
+def test_same_seed_same_parameters() -> None:
+    def run(noise_seed: int) -> Tensor:
+        model = make_unet()
+        dp = make_dp(model, seed=noise_seed)
+        for s in range(3):
+            dp.step(*make_batch(3, 2, seed=s))
+        return params_of(model)
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_state_dict_round_trip() -> None:
+    model = nn.Linear(3, 1)
+    dp = make_dp(model, per_example_loss=lambda call, x: call(x[None]).sum())
+    dp.step(torch.randn(2, 3))
+    dp.step(torch.randn(0, 3))
+    again = make_dp(nn.Linear(3, 1), per_example_loss=lambda call, x: call(x[None]).sum())
+    again.load_state_dict(dp.state_dict())
+    assert again.steps == dp.steps == 2 and again.stage("x").steps == 2
+    with pytest.raises(ValueError):
+        again.load_state_dict({"steps": -1})
+
+
+def test_a_failed_step_leaves_no_unnoised_gradient() -> None:
+    model = nn.Linear(3, 1)
+    dp = make_dp(model, per_example_loss=lambda call, x: call(x[None]).sum() * math.nan)
+    with pytest.raises(RuntimeError, match="non-finite"):
+        dp.step(torch.randn(2, 3))
+    assert all(p.grad is None for p in model.parameters()) and dp.steps == 0
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"noise_multiplier": -0.1},
+        {"max_grad_norm": 0.0},
+        {"max_grad_norm": math.inf},  # with σ > 0
+        {"sample_rate": 0.0},
+        {"sample_rate": 1.5},
+        {"num_records": 0},
+        {"mode": "fastest"},
+        {"max_physical_batch_size": 0},
+    ],
+)
+def test_invalid_arguments_raise_value_error(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        make_dp(nn.Linear(2, 1), **bad)
+
+
+def test_batchnorm_and_ragged_batches_are_refused() -> None:
+    with pytest.raises(ValueError, match="BatchNorm"):
+        make_dp(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)))
+    dp = make_dp(make_unet())
+    x, y, t, noise = make_batch(3, 2)
+    with pytest.raises(ValueError, match="batch size"):
+        dp.step(x, y[:2], t, noise)

@@ -1,0 +1,106 @@
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from importlib.metadata import EntryPoint
+
+import pytest
+
+from bench import registry
+from bench.errors import BenchError
+from tests.conftest import TESTS
+
+PLUGINS = TESTS / "plugins"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry() -> None:
+    registry._cache.clear()
+
+
+def test_builtins_are_registered_and_valid() -> None:
+    reg = registry.methods()
+    assert {"dpdm", "ddpm"} <= set(reg)
+    for name, cls in reg.items():
+        assert cls.name == name
+        assert dataclasses.is_dataclass(cls.Config)
+
+
+def test_unknown_name_lists_the_available_ones() -> None:
+    with pytest.raises(BenchError, match=r"unknown method 'nope'; available: .*dpdm"):
+        registry.get("nope")
+
+
+def test_plugin_file_adds_a_method() -> None:
+    reg = registry.methods((str(PLUGINS / "good_plugin.py"),))
+    assert reg["noisy-means"].__name__ == "NoisyMeans"
+    assert "dpdm" in reg
+
+
+def test_duplicate_name_is_an_error() -> None:
+    with pytest.raises(BenchError, match="duplicate method name 'dpdm'"):
+        registry.methods((str(PLUGINS / "duplicate_plugin.py"),))
+
+
+def test_broken_plugin_file_is_a_warning_naming_it() -> None:
+    with pytest.warns(registry.PluginWarning, match="broken_plugin.py failed to load"):
+        reg = registry.methods((str(PLUGINS / "broken_plugin.py"),))
+    assert "dpdm" in reg
+
+
+def test_broken_entry_point_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
+    eps = [
+        EntryPoint("ghost", "no_such_package.mod:Ghost", registry.ENTRY_POINT_GROUP),
+        EntryPoint("noisy-means", "good_plugin:NoisyMeans", registry.ENTRY_POINT_GROUP),
+    ]
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    monkeypatch.setattr(registry, "entry_points", lambda group: [e for e in eps if e.group == group])
+    with pytest.warns(registry.PluginWarning, match="'ghost'"):
+        reg = registry.methods()
+    assert "noisy-means" in reg and "ghost" not in reg
+
+
+def test_entry_point_duplicating_a_builtin_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    ep = EntryPoint("dpdm", "duplicate_plugin:FakeDPDM", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [ep])
+    with pytest.raises(BenchError, match="duplicate method name 'dpdm'"):
+        registry.methods()
+
+
+@pytest.mark.parametrize(
+    "mutate, message",
+    [
+        (lambda c: setattr(c, "name", "Bad Name"), "lowercase-kebab"),
+        (lambda c: setattr(c, "Config", dict), "Config must be a dataclass"),
+        (lambda c: delattr(c, "sample"), "missing method sample"),
+        (lambda c: setattr(c, "guarantee", "strong"), "guarantee must be one of"),
+        (lambda c: setattr(c, "conditional", "yes"), "conditional must be declared"),
+    ],
+)
+def test_validation_names_what_is_wrong(mutate, message) -> None:
+    base = registry.methods()["ddpm"]
+    cls = type("Candidate", (), {k: getattr(base, k) for k in
+                                 ("name", "Config", "conditional", "guarantee", "needs_public_data",
+                                  "fit", "sample", "state_dict", "load_state_dict")})
+    registry.validate(cls)
+    mutate(cls)
+    with pytest.raises(ValueError, match=message):
+        registry.validate(cls)
+
+
+def test_unfrozen_config_is_rejected() -> None:
+    @dataclasses.dataclass
+    class Loose:
+        x: int = 1
+
+    base = registry.methods()["ddpm"]
+    cls = type("Candidate", (base,), {"Config": Loose})
+    with pytest.raises(ValueError, match="frozen"):
+        registry.validate(cls)
+
+
+def test_no_warning_for_clean_registry() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", registry.PluginWarning)
+        registry.methods()

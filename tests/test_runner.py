@@ -1,0 +1,176 @@
+"""Running a grid end to end: results on disk, skipping, forcing, resuming, refusing over-budget runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from bench import registry
+from bench.cli import app
+from bench.privacy import Stage, epsilon
+from bench.store import Store
+from tests.conftest import TESTS, TINY_PROFILE
+
+cli = CliRunner()
+RUN = ["run", "--dataset", "synthetic", "--profile", TINY_PROFILE, "--device", "cpu"]
+
+
+def bench(*args: str):
+    registry._cache.clear()
+    return cli.invoke(app, list(args))
+
+
+def run_dirs(results: Path) -> list[Path]:
+    return sorted(p for p in (results / "runs").iterdir() if p.is_dir())
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """dpdm at ε = 1 and 10 plus the non-private ddpm, on the tiny profile."""
+    results = tmp_path_factory.mktemp("grid")
+    os.environ["BENCH_CACHE"] = str(tmp_path_factory.getbasetemp() / "bench-cache")
+    r = bench(*RUN, "--methods", "dpdm,ddpm", "--eps", "1,10", "--results", str(results))
+    assert r.exit_code == 0, r.output
+    return results
+
+
+def test_every_run_writes_its_files(grid: Path) -> None:
+    dirs = run_dirs(grid)
+    assert len(dirs) == 3  # dpdm × 2 ε, ddpm once (ε = ∞)
+    for d in dirs:
+        for name in ("config.json", "privacy.json", "metrics.json", "samples.npz", "samples.png", "checkpoint.pt", "log.txt"):
+            assert (d / name).is_file(), f"{d.name}: {name} missing"
+        samples = np.load(d / "samples.npz")
+        assert samples["images"].dtype == np.uint8 and samples["images"].shape == (40, 1, 16, 16)
+        assert np.bincount(samples["labels"]).tolist() == [4] * 10
+        metrics = json.loads((d / "metrics.json").read_text())
+        assert {"fd_domain", "acc_cnn"} <= set(metrics["metrics"])
+        assert metrics["cost"]["fit_s"] > 0
+
+
+def test_privacy_cards_are_recomputable(grid: Path) -> None:
+    cards = {}
+    for d in run_dirs(grid):
+        cfg = json.loads((d / "config.json").read_text())
+        card = json.loads((d / "privacy.json").read_text())
+        cards[(cfg["method"], cfg["epsilon"])] = card
+        for key in ("target_epsilon", "delta", "accountant", "epsilon", "guarantee", "non_private", "claimed_epsilon", "stages"):
+            assert key in card
+    for target in (1.0, 10.0):
+        card = cards[("dpdm", target)]
+        assert card["guarantee"] == "end-to-end" and card["non_private"] == []
+        stages = [Stage.from_dict(s) for s in card["stages"]]
+        recomputed = epsilon(stages, card["delta"], card["accountant"])
+        assert recomputed == pytest.approx(card["epsilon"], rel=1e-9)
+        assert 0.9 * target < recomputed <= target * (1 + 1e-6)  # calibrated close to, never above, the target
+    ddpm = cards[("ddpm", None)]
+    assert ddpm["guarantee"] == "none" and ddpm["epsilon"] is None and ddpm["non_private"]
+
+
+def test_config_json_is_written_with_the_resolved_config(grid: Path) -> None:
+    cfg = json.loads((run_dirs(grid)[0] / "config.json").read_text())
+    assert cfg["config"]["base_channels"] == 8 and cfg["profile"] == TINY_PROFILE
+
+
+def test_finished_runs_are_skipped_and_forced_runs_redone(grid: Path) -> None:
+    before = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in run_dirs(grid)}
+    r = bench(*RUN, "--methods", "dpdm,ddpm", "--eps", "1,10", "--results", str(grid))
+    assert r.exit_code == 0 and "0 run(s) done, 3 already finished" in r.stderr
+    assert before == {d.name: (d / "metrics.json").stat().st_mtime_ns for d in run_dirs(grid)}
+    r = bench(*RUN, "--methods", "ddpm", "--eps", "1", "--results", str(grid), "--force")
+    assert r.exit_code == 0 and "1 run(s) done" in r.stderr
+    after = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in run_dirs(grid)}
+    assert sum(before[k] != after[k] for k in before) == 1
+
+
+def test_report_has_checked_eps_column_and_writes_tables(grid: Path, tmp_path: Path) -> None:
+    r = bench("report", "--results", str(grid), "--out", str(tmp_path / "rep"))
+    assert r.exit_code == 0, r.output
+    assert "ε recomputed" in r.stdout and "ε target" in r.stdout
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith("| dpdm")]
+    assert len(lines) == 2 and all("end-to-end" in ln for ln in lines)
+    assert any(ln.startswith("| ddpm") and "∞" in ln for ln in r.stdout.splitlines())
+    assert (tmp_path / "rep" / "summary.md").is_file() and (tmp_path / "rep" / "summary.csv").is_file()
+    assert (tmp_path / "rep" / "acc_cnn.csv").is_file()
+
+
+def test_index_can_be_rebuilt_from_run_dirs(grid: Path) -> None:
+    store = Store(grid)
+    runs_before, metrics_before = store.rows()
+    assert store.rebuild() == 3
+    runs_after, metrics_after = store.rows()
+    strip = lambda rows: sorted((r["key"], r["status"], r["epsilon"]) for r in rows)  # noqa: E731
+    assert strip(runs_before) == strip(runs_after)
+    assert len(metrics_before) == len(metrics_after)
+
+
+def test_over_budget_run_fails_and_stays_out_of_the_table(tmp_path: Path) -> None:
+    plugin = str(TESTS / "plugins" / "overspend.py")
+    r = bench(*RUN, "--methods", "overspend", "--eps", "1", "--results", str(tmp_path), "--plugin", plugin)
+    assert r.exit_code == 1
+    assert "exceeded its privacy budget" in r.stderr
+    (d,) = run_dirs(tmp_path)
+    card = json.loads((d / "privacy.json").read_text())
+    assert card["status"] == "over budget" and card["epsilon"] > 1
+    assert not (d / "metrics.json").exists()
+    r = bench("report", "--results", str(tmp_path))
+    assert r.exit_code == 2 and "no finished runs" in r.stderr
+
+
+def test_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+    args = [*RUN, "--methods", "dpdm", "--eps", "10", "--results", str(tmp_path)]
+    plan = bench(*args, "--dry-run")
+    key = json.loads(plan.stdout.splitlines()[0])["key"]
+    run_dir = tmp_path / "runs" / key
+    run_dir.mkdir(parents=True)
+    (run_dir / "checkpoint.pt").write_bytes(b"\x00garbage" * 50)
+    r = bench(*args)
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert r.stderr.strip().startswith("error: checkpoint") and "corrupt" in r.stderr
+    assert not (run_dir / "metrics.json").exists()
+
+
+def _dp_steps(results: Path) -> int:
+    (d,) = run_dirs(results)
+    return json.loads((d / "privacy.json").read_text())["stages"][0]["steps"]
+
+
+def test_sigkill_mid_training_resumes_with_the_same_dp_steps(tmp_path: Path) -> None:
+    """Kill -9 during fit, run again: the run finishes with exactly the steps of an uninterrupted run."""
+    args = [sys.executable, "-m", "bench.cli", *RUN, "--methods", "dpdm", "--eps", "10",
+            "--set", "epochs=2.0", "--set", "noise_multiplicity=1"]
+    env = os.environ | {"BENCH_CHECKPOINT_EVERY": "0"}
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    subprocess.run([*args, "--results", str(whole)], env=env, check=True, capture_output=True, timeout=300)
+
+    proc = subprocess.Popen([*args, "--results", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    ckpt = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = list((killed / "runs").glob("*/checkpoint.pt")) if (killed / "runs").exists() else []
+        if found and torch.load(found[0], weights_only=False)["kind"] == "fit":
+            ckpt = found[0]
+            break
+        time.sleep(0.02)
+    assert ckpt is not None and proc.poll() is None, "training finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (ckpt.parent / "metrics.json").exists()
+    steps_at_kill = torch.load(ckpt, weights_only=False)["state"]["dpsgd"]["steps"]
+
+    subprocess.run([*args, "--results", str(killed)], env=env, check=True, capture_output=True, timeout=300)
+    assert 0 < steps_at_kill < _dp_steps(whole)
+    assert _dp_steps(killed) == _dp_steps(whole)
+    a = np.load(next((whole / "runs").glob("*/samples.npz")))["images"]
+    b = np.load(next((killed / "runs").glob("*/samples.npz")))["images"]
+    assert np.array_equal(a, b), "a resumed run must continue the same random stream"
