@@ -44,7 +44,9 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.epochs <= 0 or self.lr <= 0:
-            raise ValueError(f"need batch_size ≥ 1, epochs > 0, lr > 0; got {self.batch_size}, {self.epochs}, {self.lr}")
+            raise ValueError(
+                f"need batch_size ≥ 1, epochs > 0, lr > 0; got {self.batch_size}, {self.epochs}, {self.lr}"
+            )
         Schedule(self.T, self.beta_start, self.beta_end)
 
 
@@ -70,7 +72,9 @@ class DDPM:
         self.net = make_unet(self.config, channels=spec.channels, num_classes=spec.num_classes).to(self.device)
         self.ema = EMA(self.net, self.config.ema_decay)
 
-    def fit(self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress) -> PrivacyLedger:
+    def fit(
+        self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
+    ) -> PrivacyLedger:
         cfg, n = self.config, len(train)
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
@@ -102,10 +106,15 @@ class DDPM:
             self.ema.update(self.net)
             step += 1
             progress.advance()
-            progress.checkpoint(lambda: {
-                "model": self.state_dict(), "optimizer": optimizer.state_dict(),
-                "generator": generator.get_state(), "step": step, "perm": perm,
-            })
+            progress.checkpoint(
+                lambda step=step, perm=perm: {
+                    "model": self.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "generator": generator.get_state(),
+                    "step": step,
+                    "perm": perm,
+                }
+            )
         ledger = PrivacyLedger()
         ledger.mark_non_private("trained on the private training set without DP (non-private reference)")
         return ledger
@@ -115,8 +124,15 @@ class DDPM:
             raise BenchError("ddpm is class-conditional: sample() needs labels")
         cfg = self.config
         return sample_images(
-            self.ema.model, n, shape=(self.spec.channels, self.spec.height, self.spec.width), labels=labels,
-            schedule=self.schedule, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator, device=self.device,
+            self.ema.model,
+            n,
+            shape=(self.spec.channels, self.spec.height, self.spec.width),
+            labels=labels,
+            schedule=self.schedule,
+            sampler=cfg.sampler,
+            steps=cfg.sample_steps,
+            generator=generator,
+            device=self.device,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -97,7 +97,9 @@ class DPDM:
     def _loss(self, model: Any, x0: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return multiplicity_loss(model, x0, y, t, noise, self.alpha_bar)
 
-    def fit(self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress) -> PrivacyLedger:
+    def fit(
+        self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
+    ) -> PrivacyLedger:
         cfg, n = self.config, len(train)
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
@@ -111,13 +113,24 @@ class DPDM:
         x_all = to_model_range(train.images).to(self.device)
         y_all = train.labels.to(self.device)
         # Poisson sampling draws from the run's CPU generator; noise is drawn where the parameters live.
-        noise_gen = generator if self.device.type == "cpu" else torch.Generator(self.device).manual_seed(
-            int(torch.randint(0, 2**62, (1,), generator=generator).item())
+        noise_gen = (
+            generator
+            if self.device.type == "cpu"
+            else torch.Generator(self.device).manual_seed(
+                int(torch.randint(0, 2**62, (1,), generator=generator).item())
+            )
         )
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         dp = DPSGD(
-            self.net, optimizer, per_example_loss=self._loss, noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm, sample_rate=q, num_records=n, generator=noise_gen, mode=cfg.dp_mode,
+            self.net,
+            optimizer,
+            per_example_loss=self._loss,
+            noise_multiplier=sigma,
+            max_grad_norm=cfg.max_grad_norm,
+            sample_rate=q,
+            num_records=n,
+            generator=noise_gen,
+            mode=cfg.dp_mode,
             max_physical_batch_size=cfg.physical_batch_size,
         )
         if (state := progress.resume()) is not None:
@@ -137,10 +150,15 @@ class DPDM:
             dp.step(x_all[idx], y_all[idx], t, noise)
             self.ema.update(self.net)
             progress.advance()
-            progress.checkpoint(lambda: {
-                "model": self.state_dict(), "optimizer": optimizer.state_dict(), "dpsgd": dp.state_dict(),
-                "generator": generator.get_state(), "noise_generator": noise_gen.get_state(),
-            })
+            progress.checkpoint(
+                lambda: {
+                    "model": self.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "dpsgd": dp.state_dict(),
+                    "generator": generator.get_state(),
+                    "noise_generator": noise_gen.get_state(),
+                }
+            )
         ledger = PrivacyLedger()
         ledger.add(dp.stage("denoiser"))
         return ledger
@@ -150,8 +168,15 @@ class DPDM:
             raise BenchError("dpdm is class-conditional: sample() needs labels")
         cfg = self.config
         return sample_images(
-            self.ema.model, n, shape=(self.spec.channels, self.spec.height, self.spec.width), labels=labels,
-            schedule=self.schedule, sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator, device=self.device,
+            self.ema.model,
+            n,
+            shape=(self.spec.channels, self.spec.height, self.spec.width),
+            labels=labels,
+            schedule=self.schedule,
+            sampler=cfg.sampler,
+            steps=cfg.sample_steps,
+            generator=generator,
+            device=self.device,
         )
 
     def state_dict(self) -> dict[str, Any]:

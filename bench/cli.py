@@ -19,7 +19,9 @@ from bench.errors import BenchError
 
 app = typer.Typer(
     help="Benchmark differentially private generative models of images at matched (ε, δ).",
-    no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
 )
 
 
@@ -53,7 +55,9 @@ def _mount_privacy() -> None:
 
 _mount_privacy()
 
-Plugins = Annotated[list[Path] | None, typer.Option("--plugin", help="A local .py file defining a method (repeatable).")]
+Plugins = Annotated[
+    list[Path] | None, typer.Option("--plugin", help="A local .py file defining a method (repeatable).")
+]
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results folder.", envvar="BENCH_RESULTS")]
 
 
@@ -63,17 +67,27 @@ def run(
     eps: Annotated[str, typer.Option("--eps", help="Comma-separated target ε values, e.g. 1,10.")] = "1,10",
     dataset: Annotated[str, typer.Option("--dataset", "--datasets", help="Comma-separated datasets.")] = "fmnist",
     seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated generator seeds.")] = "0",
-    delta: Annotated[float | None, typer.Option("--delta", help="δ (default: 1e-5 below 100k records, else 1e-6).")] = None,
+    delta: Annotated[
+        float | None, typer.Option("--delta", help="δ (default: 1e-5 below 100k records, else 1e-6).")
+    ] = None,
     accountant: Annotated[str, typer.Option("--accountant", help="rdp | pld | prv, one for the whole grid.")] = "rdp",
     profile: Annotated[str, typer.Option("--profile", help="smoke | paper | path to a .toml profile.")] = "smoke",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value, eval.key=value.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config field: key=value, eval.key=value.")
+    ] = None,
     device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")] = "auto",
     results: ResultsDir = Path("results"),
-    data_root: Annotated[str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")] = None,
-    download: Annotated[bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")] = False,
+    data_root: Annotated[
+        str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
+    ] = None,
+    download: Annotated[
+        bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")
+    ] = False,
     plugin: Plugins = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished runs.")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved grid and configs, run nothing.")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the resolved grid and configs, run nothing.")
+    ] = False,
 ) -> None:
     """Train and score every (method, dataset, ε, seed) cell of a grid; finished cells are skipped."""
     from bench import runner
@@ -91,9 +105,16 @@ def run(
             raise BenchError(f"--delta must be in (0, 1), got {delta}")
         dev = runner.resolve_device(device)
         specs = runner.plan(
-            methods=runner.parse_list(methods, "--methods"), epsilons=runner.parse_epsilons(eps),
-            datasets=runner.parse_list(dataset, "--dataset"), seeds=seed_list, delta=delta, accountant=accountant,
-            profile=profile, sets=set_ or [], plugins=plugins, data_root=data_root,
+            methods=runner.parse_list(methods, "--methods"),
+            epsilons=runner.parse_epsilons(eps),
+            datasets=runner.parse_list(dataset, "--dataset"),
+            seeds=seed_list,
+            delta=delta,
+            accountant=accountant,
+            profile=profile,
+            sets=set_ or [],
+            plugins=plugins,
+            data_root=data_root,
         )
         if dry_run:
             print_plan(specs)
@@ -111,14 +132,17 @@ def run(
         failed = [s for s, o in outcomes if o == "failed"]
         done = sum(o == "done" for _, o in outcomes)
         skipped = sum(o == "skipped" for _, o in outcomes)
-        typer.echo(f"{done} run(s) done, {skipped} already finished, {len(failed)} failed; results in {results}", err=True)
+        typer.echo(
+            f"{done} run(s) done, {skipped} already finished, {len(failed)} failed; results in {results}",
+            err=True,
+        )
         if done + skipped:
             from bench.report import build_report
 
-            build_report(store, out=None, keys={s.key for s in specs}, echo=typer.echo)
+            build_report(store, out=None, keys={spec.key for spec in specs}, echo=typer.echo)
         if failed:
-            for s in failed:
-                typer.echo(f"error: run {s.key} exceeded its privacy budget and was left out of the table", err=True)
+            for spec in failed:
+                typer.echo(f"error: run {spec.key} exceeded its privacy budget and was left out of the table", err=True)
             raise typer.Exit(1)
 
 
@@ -151,7 +175,9 @@ def list_(plugin: Plugins = None) -> None:
         typer.echo("methods:")
         for name, cls in sorted(reg.items()):
             doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-            caps = f"guarantee={cls.guarantee}, conditional={cls.conditional}, needs_public_data={cls.needs_public_data}"
+            caps = (
+                f"guarantee={cls.guarantee}, conditional={cls.conditional}, needs_public_data={cls.needs_public_data}"
+            )
             typer.echo(f"  {name:<12} {doc[0] if doc else ''}\n  {'':<12} [{caps}]")
         typer.echo("datasets:")
         for name in data.DATASETS:
@@ -168,8 +194,6 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume from the last checkpoint", err=True)
         sys.exit(130)
-
-
 
 
 if __name__ == "__main__":

@@ -140,14 +140,18 @@ def method_overrides(
             elif math.isfinite(epsilon):
                 nearest = min(tuned, key=lambda e: abs(math.log(e) - math.log(epsilon)))
                 merged |= tuned[nearest]
-                notes.append(
-                    f"{method} on {dataset}: hyper-parameters tuned for ε={nearest:g} used at ε={epsilon:g}"
-                )
+                notes.append(f"{method} on {dataset}: hyper-parameters tuned for ε={nearest:g} used at ε={epsilon:g}")
     return merged, notes
 
 
 def resolve(
-    config_cls: type, *, profile: dict[str, Any], method: str, dataset: str, epsilon: float, sets: dict[str, Any]
+    config_cls: type,
+    *,
+    profile: dict[str, Any],
+    method: str,
+    dataset: str,
+    epsilon: float,
+    sets: dict[str, Any],
 ) -> tuple[Any, list[str]]:
     """The resolved, validated Config instance for one run, and notes to record."""
     overrides, notes = method_overrides(profile, method, dataset, epsilon)

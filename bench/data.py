@@ -167,9 +167,7 @@ class SyntheticDataset:
     num_train: int = 2_000
     num_test: int = 500
     seed: int = 20240601
-    class_names: tuple[str, ...] | None = tuple(
-        f"{d} bar {k}" for d in ("horizontal", "vertical") for k in range(5)
-    )
+    class_names: tuple[str, ...] | None = tuple(f"{d} bar {k}" for d in ("horizontal", "vertical") for k in range(5))
 
     def spec(self, root: Path | None = None) -> DataSpec:
         return DataSpec(

@@ -76,14 +76,20 @@ def multiplicity_loss(model: EpsModel, x0: Tensor, y: Tensor, t: Tensor, noise: 
     return (eps - noise).pow(2).mean()
 
 
-def batch_denoising_loss(model: EpsModel, x0: Tensor, y: Tensor | None, t: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
+def batch_denoising_loss(
+    model: EpsModel, x0: Tensor, y: Tensor | None, t: Tensor, noise: Tensor, alpha_bar: Tensor
+) -> Tensor:
     """Mean denoising loss over a batch: x0 [B,C,H,W], t [B], noise [B,C,H,W]."""
     return (model(q_sample(x0, t, noise, alpha_bar), t, y) - noise).pow(2).mean()
 
 
 @torch.no_grad()
 def ddpm_sample(
-    model: EpsModel, shape: tuple[int, ...], labels: Tensor | None, schedule: Schedule, generator: torch.Generator,
+    model: EpsModel,
+    shape: tuple[int, ...],
+    labels: Tensor | None,
+    schedule: Schedule,
+    generator: torch.Generator,
     device: torch.device,
 ) -> Tensor:
     """Ancestral sampling (DDPM Alg. 2) with σ_t² = β_t. Returns float [N,C,H,W] in [−1,1] (clamped)."""
@@ -103,8 +109,14 @@ def ddpm_sample(
 
 @torch.no_grad()
 def ddim_sample(
-    model: EpsModel, shape: tuple[int, ...], labels: Tensor | None, schedule: Schedule, generator: torch.Generator,
-    device: torch.device, steps: int = 50, eta: float = 0.0,
+    model: EpsModel,
+    shape: tuple[int, ...],
+    labels: Tensor | None,
+    schedule: Schedule,
+    generator: torch.Generator,
+    device: torch.device,
+    steps: int = 50,
+    eta: float = 0.0,
 ) -> Tensor:
     """DDIM (Song et al. 2021, Eq. 12) on `steps` evenly spaced timesteps; eta = 0 is deterministic."""
     if not 1 <= steps <= schedule.T:
@@ -126,8 +138,17 @@ def ddim_sample(
 
 
 def sample_images(
-    model: EpsModel, n: int, *, shape: tuple[int, int, int], labels: Tensor | None, schedule: Schedule,
-    sampler: str, steps: int, generator: torch.Generator, device: torch.device, batch_size: int = 500,
+    model: EpsModel,
+    n: int,
+    *,
+    shape: tuple[int, int, int],
+    labels: Tensor | None,
+    schedule: Schedule,
+    sampler: str,
+    steps: int,
+    generator: torch.Generator,
+    device: torch.device,
+    batch_size: int = 500,
 ) -> Tensor:
     """Generate n images in batches; returns uint8 [n, C, H, W] on the CPU."""
     if generator.device.type != torch.device(device).type:  # a CPU generator seeds one on the device

@@ -127,10 +127,7 @@ def add_noise(sums: Sequence[Tensor], *, noise_std: float, generator: torch.Gene
     """Σ_i ḡ_i + N(0, noise_std²) on every coordinate, drawn from `generator` on each tensor's device."""
     if noise_std == 0.0:
         return list(sums)
-    return [
-        s + noise_std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype)
-        for s in sums
-    ]
+    return [s + noise_std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype) for s in sums]
 
 
 # ------------------------------------------------------------- per-example gradients from hooks ("folded")
@@ -282,9 +279,7 @@ class DPSGD:
         self._auto = mode == "auto"
         self.mode = ("folded" if folded_ok else "functorch") if self._auto else mode
         # dropout makes the outputs of the same rows differ from call to call
-        self._random_model = any(
-            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
-        )
+        self._random_model = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
         self._gsm: GradSampleModule | GradSampleModuleFastGradientClipping | None = None
         if self.mode == "hooks":
             self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
@@ -447,9 +442,7 @@ class DPSGD:
             raise RuntimeError(f"mode {self.mode!r} has no opacus module")
         return self._gsm
 
-    def _opacus_backward(
-        self, batch: Sequence[Tensor], B: int, rows: int | None, retain_graph: bool = False
-    ) -> Tensor:
+    def _opacus_backward(self, batch: Sequence[Tensor], B: int, rows: int | None, retain_graph: bool = False) -> Tensor:
         """Per-example losses [B] after one backward with opacus' hooks on."""
         gsm = self._opacus()
         for p in self.params:
@@ -510,10 +503,7 @@ class DPSGD:
                 raise _NotRowwise(f"{how} a model output that is a tensor with {R * B} rows")
             out = out.reshape(R, B, *out.shape[1:]).transpose(0, 1)  # row r·B + b -> [b, r]
             # privacy: example 0's rows must give the same outputs alone as among all the others'
-            if (
-                not self._random_model
-                and (out[0] - reference).abs().max() > 1e-2 * reference.abs().max() + 1e-5
-            ):
+            if not self._random_model and (out[0] - reference).abs().max() > 1e-2 * reference.abs().max() + 1e-5:
                 raise _NotRowwise(f"{how} a model that treats rows independently; this one mixes them")
             outs.append(out)
 

@@ -185,9 +185,7 @@ class Stage:
         else:
             for key in ("sampling_rate", "expected_batch_size"):
                 if getattr(self, key) is not None:
-                    raise ValueError(
-                        f"Stage.{key} applies to poisson_gaussian only, got {getattr(self, key)!r}"
-                    )
+                    raise ValueError(f"Stage.{key} applies to poisson_gaussian only, got {getattr(self, key)!r}")
             self._set_count("count", required=True)
             self._set_count("steps", required=False)
         if self.max_grad_norm is not None:

@@ -112,7 +112,11 @@ def methods(plugins: tuple[str | Path, ...] = ()) -> dict[str, type[Method]]:
             warnings.warn(f"plugin {ep.name!r} ({ep.value}) failed to load: {e}", PluginWarning, stacklevel=2)
             continue
         if cls.name != ep.name:
-            warnings.warn(f"plugin entry point {ep.name!r} loads a method named {cls.name!r}", PluginWarning, stacklevel=2)
+            warnings.warn(
+                f"plugin entry point {ep.name!r} loads a method named {cls.name!r}",
+                PluginWarning,
+                stacklevel=2,
+            )
         _add(registry, cls, f"entry point {ep.value}", origins)
     for path in plugins:
         try:
@@ -123,7 +127,11 @@ def methods(plugins: tuple[str | Path, ...] = ()) -> dict[str, type[Method]]:
             warnings.warn(f"plugin file {path} failed to load: {type(e).__name__}: {e}", PluginWarning, stacklevel=2)
             continue
         if not found:
-            warnings.warn(f"plugin file {path} defines no method class (with `name` and `Config`)", PluginWarning, stacklevel=2)
+            warnings.warn(
+                f"plugin file {path} defines no method class (with `name` and `Config`)",
+                PluginWarning,
+                stacklevel=2,
+            )
         for obj in found:
             try:
                 cls = validate(obj)

@@ -72,10 +72,14 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
         runs = g.drop_duplicates("key")
         recomputed = runs["epsilon"].dropna()
         row = {
-            "method": label, "dataset": dataset, "ε target": eps,
+            "method": label,
+            "dataset": dataset,
+            "ε target": eps,
             "ε recomputed": "∞" if recomputed.empty else f"{recomputed.max():.4g}",
-            "δ": f"{runs['delta'].iloc[0]:g}", "accountant": runs["accountant"].iloc[0],
-            "guarantee": runs["guarantee"].iloc[0], "seeds": len(runs),
+            "δ": f"{runs['delta'].iloc[0]:g}",
+            "accountant": runs["accountant"].iloc[0],
+            "guarantee": runs["guarantee"].iloc[0],
+            "seeds": len(runs),
         }
         for metric, m in g.groupby("metric_label"):
             row[metric] = _fmt(m["value"])

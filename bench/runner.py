@@ -57,9 +57,14 @@ class RunSpec:
     @property
     def key(self) -> str:
         ident = {
-            "v": RESULT_VERSION, "method": self.method, "dataset": self.dataset,
-            "epsilon": None if math.isinf(self.epsilon) else self.epsilon, "delta": self.delta,
-            "accountant": self.accountant, "seed": self.seed, "config": self.config,
+            "v": RESULT_VERSION,
+            "method": self.method,
+            "dataset": self.dataset,
+            "epsilon": None if math.isinf(self.epsilon) else self.epsilon,
+            "delta": self.delta,
+            "accountant": self.accountant,
+            "seed": self.seed,
+            "config": self.config,
             "eval": dataclasses.asdict(self.eval),
         }
         blob = json.dumps(ident, sort_keys=True, default=str)
@@ -91,8 +96,17 @@ def parse_list(text: str, what: str) -> list[str]:
 
 
 def plan(
-    *, methods: list[str], epsilons: list[float], datasets: list[str], seeds: list[int], delta: float | None,
-    accountant: str, profile: str, sets: list[str], plugins: tuple[str, ...] = (), data_root: str | None = None,
+    *,
+    methods: list[str],
+    epsilons: list[float],
+    datasets: list[str],
+    seeds: list[int],
+    delta: float | None,
+    accountant: str,
+    profile: str,
+    sets: list[str],
+    plugins: tuple[str, ...] = (),
+    data_root: str | None = None,
 ) -> list[RunSpec]:
     """Expand and validate the whole grid before anything runs: a bad value fails here, not mid-grid."""
     prof = cfgmod.load_profile(profile)
@@ -121,12 +135,20 @@ def plan(
                     cls.Config, profile=prof, method=name, dataset=ds, epsilon=eps, sets=method_sets
                 )
                 for seed in seeds:
-                    specs.append(RunSpec(
-                        method=name, dataset=ds, epsilon=eps,
-                        delta=budget.delta if budget else budget_delta,
-                        accountant=accountant, seed=seed, profile=profile, config=cfgmod.to_jsonable(config),
-                        eval=plan_eval, notes=tuple(notes),
-                    ))
+                    specs.append(
+                        RunSpec(
+                            method=name,
+                            dataset=ds,
+                            epsilon=eps,
+                            delta=budget.delta if budget else budget_delta,
+                            accountant=accountant,
+                            seed=seed,
+                            profile=profile,
+                            config=cfgmod.to_jsonable(config),
+                            eval=plan_eval,
+                            notes=tuple(notes),
+                        )
+                    )
     return specs
 
 
@@ -148,7 +170,13 @@ def resolve_device(device: str) -> torch.device:
 class RunProgress:
     """The Progress given to Method.fit: drives a progress bar and saves crash-safe checkpoints."""
 
-    def __init__(self, path: Path, every_s: float, on_start: Callable[[int, str], None], on_advance: Callable[[int], None]):
+    def __init__(
+        self,
+        path: Path,
+        every_s: float,
+        on_start: Callable[[int, str], None],
+        on_advance: Callable[[int], None],
+    ):
         self.path, self.every_s = path, every_s
         self._on_start, self._on_advance = on_start, on_advance
         self._last = time.monotonic()
@@ -165,7 +193,9 @@ class RunProgress:
             return None
         ckpt = load_torch(self.path)
         if not isinstance(ckpt, dict) or ckpt.get("kind") != "fit" or "state" not in ckpt:
-            raise BenchError(f"checkpoint {self.path} is corrupt (not a training checkpoint); delete it or rerun with --force")
+            raise BenchError(
+                f"checkpoint {self.path} is corrupt (not a training checkpoint); delete it or rerun with --force"
+            )
         return ckpt["state"]
 
     def checkpoint(self, state_fn: Callable[[], dict[str, Any]]) -> None:
@@ -195,8 +225,15 @@ class Runner:
     """Executes RunSpecs one after another in this process (the `local` executor)."""
 
     def __init__(
-        self, store: Store, *, device: torch.device, data_root: str | None = None, download: bool = False,
-        plugins: tuple[str, ...] = (), force: bool = False, checkpoint_every_s: float | None = None,
+        self,
+        store: Store,
+        *,
+        device: torch.device,
+        data_root: str | None = None,
+        download: bool = False,
+        plugins: tuple[str, ...] = (),
+        force: bool = False,
+        checkpoint_every_s: float | None = None,
         ui: Any = None,
     ) -> None:
         self.store, self.device, self.data_root, self.download = store, device, data_root, download
@@ -225,8 +262,15 @@ class Runner:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_json(run_dir / "config.json", spec.to_json() | {"device": str(self.device)})
         self.store.record_run(
-            key, method=spec.method, dataset=spec.dataset, target_epsilon=spec.epsilon, delta=spec.delta,
-            accountant=spec.accountant, seed=spec.seed, profile=spec.profile, status="running",
+            key,
+            method=spec.method,
+            dataset=spec.dataset,
+            target_epsilon=spec.epsilon,
+            delta=spec.delta,
+            accountant=spec.accountant,
+            seed=spec.seed,
+            profile=spec.profile,
+            status="running",
         )
         self.log(run_dir, f"start {key} on {self.device}")
         for note in spec.notes:
@@ -246,13 +290,22 @@ class Runner:
         else:
             budget = (
                 Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
-                if math.isfinite(spec.epsilon) else Budget.unlimited(spec.delta)
+                if math.isfinite(spec.epsilon)
+                else Budget.unlimited(spec.delta)
             )
             generator = torch.Generator().manual_seed(spec.seed)  # CPU: the contract's generator
             progress = RunProgress(ckpt_path, self.checkpoint_every_s, *self._bar_callbacks(spec))
             with _timed(costs, "fit"):
                 ledger = method.fit(train, budget=budget, generator=generator, progress=progress)
-            save_torch(ckpt_path, {"kind": "final", "method_state": method.state_dict(), "ledger": ledger.to_dict(), "costs": costs})
+            save_torch(
+                ckpt_path,
+                {
+                    "kind": "final",
+                    "method_state": method.state_dict(),
+                    "ledger": ledger.to_dict(),
+                    "costs": costs,
+                },
+            )
             self.log(run_dir, f"fit finished in {costs['fit_s']} s")
         status = self._privacy(spec, cls, ledger, run_dir)
         if status == "failed":
@@ -267,20 +320,33 @@ class Runner:
         else:
             eps = epsilon(ledger, spec.delta, spec.accountant)
             guarantee = "partial" if ledger.non_private or cls.guarantee == "partial" else "end-to-end"
-        budget = None if math.isinf(spec.epsilon) else Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
-        card = privacy_card(ledger, budget if budget else Budget.unlimited(spec.delta), epsilon=eps, guarantee=guarantee)
+        budget = (
+            None
+            if math.isinf(spec.epsilon)
+            else Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
+        )
+        card = privacy_card(
+            ledger, budget if budget else Budget.unlimited(spec.delta), epsilon=eps, guarantee=guarantee
+        )
         over = budget is not None and eps > spec.epsilon * (1 + 1e-6)
         card["status"] = "over budget" if over else "ok"
         write_json(run_dir / "privacy.json", card)
-        self.store.record_run(spec.key, guarantee=guarantee, epsilon=eps, status="failed" if over else "sampling",
-                              error=f"ε = {eps:.6g} exceeds the target {spec.epsilon:g}" if over else None)
+        self.store.record_run(
+            spec.key,
+            guarantee=guarantee,
+            epsilon=eps,
+            status="failed" if over else "sampling",
+            error=f"ε = {eps:.6g} exceeds the target {spec.epsilon:g}" if over else None,
+        )
         if over:
             self.log(run_dir, f"FAILED: recomputed ε = {eps:.6g} exceeds the target {spec.epsilon:g}")
             return "failed"
         self.log(run_dir, f"privacy: ε = {eps:.6g} ({spec.accountant}, δ = {spec.delta:g}), guarantee {guarantee}")
         return "ok"
 
-    def _sample_and_score(self, spec: RunSpec, method: Any, train: ImageDataset, run_dir: Path, costs: dict[str, float]) -> None:
+    def _sample_and_score(
+        self, spec: RunSpec, method: Any, train: ImageDataset, run_dir: Path, costs: dict[str, float]
+    ) -> None:
         from bench.metrics import EvalSettings, evaluate
         from bench.metrics.grid import save_sample_grid
 
@@ -291,14 +357,25 @@ class Runner:
             images = method.sample(n, labels=labels, generator=generator).cpu()
         if images.dtype != torch.uint8 or tuple(images.shape) != (n, *train.images.shape[1:]):
             raise RuntimeError(f"{spec.method}.sample returned {images.dtype} {tuple(images.shape)}")
-        np.savez_compressed(run_dir / "samples.npz", images=images.numpy(),
-                            labels=(labels if labels is not None else torch.full((n,), -1)).numpy())
+        np.savez_compressed(
+            run_dir / "samples.npz",
+            images=images.numpy(),
+            labels=(labels if labels is not None else torch.full((n,), -1)).numpy(),
+        )
         save_sample_grid(images, labels, run_dir / "samples.png", class_names=data.class_names(spec.dataset))
         test = self.dataset(spec.dataset, "test")
         settings = EvalSettings(**spec.eval.settings)
         with _timed(costs, "score"):
-            metrics = evaluate(images, labels, dataset=spec.dataset, train=train, test=test, seed=spec.seed,
-                               settings=settings, device=self.device)
+            metrics = evaluate(
+                images,
+                labels,
+                dataset=spec.dataset,
+                train=train,
+                test=test,
+                seed=spec.seed,
+                settings=settings,
+                device=self.device,
+            )
         cost = costs | {"peak_rss_mib": round(_peak_rss_mib(), 1), "device": str(self.device)}
         write_json(run_dir / "metrics.json", {"key": spec.key, "metrics": metrics, "cost": cost})
         self.store.record_metrics(spec.key, metrics)

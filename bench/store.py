@@ -101,7 +101,9 @@ def load_torch(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as e:  # noqa: BLE001 - any unpickling failure means a corrupt file
-        raise BenchError(f"checkpoint {path} is corrupt ({type(e).__name__}); delete it or rerun with --force") from None
+        raise BenchError(
+            f"checkpoint {path} is corrupt ({type(e).__name__}); delete it or rerun with --force"
+        ) from None
 
 
 class Store:
@@ -122,7 +124,8 @@ class Store:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise BenchError(
-                    f"{self.db_path} has schema version {version}, newer than this bench ({SCHEMA_VERSION}); upgrade bench"
+                    f"{self.db_path} has schema version {version}, newer than this bench "
+                    f"({SCHEMA_VERSION}); upgrade bench"
                 )
             db.executescript(_SCHEMA)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -133,7 +136,9 @@ class Store:
             db = sqlite3.connect(self.db_path, timeout=60)
             db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as e:
-            raise BenchError(f"results database {self.db_path} is unreadable ({e}); move it away and run `bench report --rebuild`") from None
+            raise BenchError(
+                f"results database {self.db_path} is unreadable ({e}); move it away and run `bench report --rebuild`"
+            ) from None
         try:
             with db:  # one transaction: committed on success, rolled back on error
                 yield db
@@ -198,9 +203,16 @@ class Store:
             card = read_json(card_path) if card_path.is_file() else {}
             done = met_path.is_file()
             self.record_run(
-                run.name, method=cfg["method"], dataset=cfg["dataset"], target_epsilon=cfg["epsilon"],
-                delta=cfg["delta"], accountant=cfg["accountant"], seed=cfg["seed"], profile=cfg["profile"],
-                status="done" if done else card.get("status", "incomplete"), guarantee=card.get("guarantee"),
+                run.name,
+                method=cfg["method"],
+                dataset=cfg["dataset"],
+                target_epsilon=cfg["epsilon"],
+                delta=cfg["delta"],
+                accountant=cfg["accountant"],
+                seed=cfg["seed"],
+                profile=cfg["profile"],
+                status="done" if done else card.get("status", "incomplete"),
+                guarantee=card.get("guarantee"),
                 epsilon=card.get("epsilon"),
             )
             if done:

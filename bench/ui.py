@@ -7,7 +7,15 @@ from collections.abc import Callable
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 console = Console(stderr=True)
 
@@ -17,8 +25,14 @@ class GridUI:
 
     def __init__(self, total_runs: int) -> None:
         self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+            disable=not console.is_terminal,
         )
         self.total, self.finished = total_runs, 0
         self.grid: TaskID = self.progress.add_task("grid", total=total_runs)
@@ -36,8 +50,11 @@ class GridUI:
         self.finished += 1
         self.progress.advance(self.grid)
         if self.progress.disable:
-            console.print(f"[{self.finished}/{self.total}] {spec.method} {spec.dataset} ε={spec.epsilon:g} "
-                          f"seed={spec.seed}: {outcome}", highlight=False)
+            console.print(
+                f"[{self.finished}/{self.total}] {spec.method} {spec.dataset} ε={spec.epsilon:g} "
+                f"seed={spec.seed}: {outcome}",
+                highlight=False,
+            )
         if self.current is not None:
             self.progress.remove_task(self.current)
             self.current = None

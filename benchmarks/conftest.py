@@ -12,9 +12,7 @@ _THREADS = pytest.StashKey[int]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption(
-        "--threads", type=int, default=0, help="torch threads for the benchmarks (0: torch's default)"
-    )
+    parser.addoption("--threads", type=int, default=0, help="torch threads for the benchmarks (0: torch's default)")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -43,9 +41,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
         f"DP step throughput ÷ non-private step, same network and batch, side by side in this run "
         f"({config.stash.get(_THREADS, '?')} torch threads)"
     )
-    write(
-        f"{'case':<22} {'mode':<12} {'min ms':>8} {'median ms':>10} {'ratio(min)':>11} {'ratio(median)':>14}"
-    )
+    write(f"{'case':<22} {'mode':<12} {'min ms':>8} {'median ms':>10} {'ratio(min)':>11} {'ratio(median)':>14}")
     for case, rows in table.items():
         ref = rows.get("non-private")
         for mode, (t_min, t_med) in rows.items():

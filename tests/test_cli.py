@@ -22,8 +22,22 @@ def bench(*args: str):
 
 
 def tiny_run(results: Path, *extra: str):
-    return bench("run", "--methods", "dpdm", "--eps", "10", "--dataset", "synthetic", "--profile", TINY_PROFILE,
-                 "--device", "cpu", "--results", str(results), *extra)
+    return bench(
+        "run",
+        "--methods",
+        "dpdm",
+        "--eps",
+        "10",
+        "--dataset",
+        "synthetic",
+        "--profile",
+        TINY_PROFILE,
+        "--device",
+        "cpu",
+        "--results",
+        str(results),
+        *extra,
+    )
 
 
 def assert_one_line_error(result, pattern: str) -> None:
@@ -96,8 +110,23 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, args: list[str], message: 
 def test_missing_data_names_where_it_looked(tmp_path: Path) -> None:
     empty = tmp_path / "empty"
     empty.mkdir()
-    r = bench("run", "--methods", "dpdm", "--eps", "1", "--dataset", "mnist", "--data-root", str(empty),
-              "--profile", TINY_PROFILE, "--device", "cpu", "--results", str(tmp_path / "res"))
+    r = bench(
+        "run",
+        "--methods",
+        "dpdm",
+        "--eps",
+        "1",
+        "--dataset",
+        "mnist",
+        "--data-root",
+        str(empty),
+        "--profile",
+        TINY_PROFILE,
+        "--device",
+        "cpu",
+        "--results",
+        str(tmp_path / "res"),
+    )
     assert_one_line_error(r, str(empty))
     assert not (tmp_path / "res" / "runs").exists() or not any((tmp_path / "res" / "runs").iterdir())
 

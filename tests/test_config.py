@@ -11,7 +11,10 @@ DPDMConfig = registry.get("dpdm").Config
 
 def test_layers_defaults_profile_dataset_eps_set() -> None:
     prof = {
-        "dpdm": {"lr": 1e-3, "fmnist": {"batch_size": 256, "eps": {"10": {"epochs": 7.0}, "1": {"epochs": 3.0}}}},
+        "dpdm": {
+            "lr": 1e-3,
+            "fmnist": {"batch_size": 256, "eps": {"10": {"epochs": 7.0}, "1": {"epochs": 3.0}}},
+        },
     }
     cfg, notes = config.resolve(DPDMConfig, profile=prof, method="dpdm", dataset="fmnist", epsilon=10, sets={})
     assert (cfg.lr, cfg.batch_size, cfg.epochs, cfg.T) == (1e-3, 256, 7.0, DPDMConfig().T)

@@ -27,8 +27,14 @@ def train():
 
 def build(name: str, train):
     cls = registry.get(name)
-    cfg, _ = config.resolve(cls.Config, profile=config.load_profile(TINY_PROFILE), method=name,
-                            dataset="synthetic", epsilon=EPS, sets={})
+    cfg, _ = config.resolve(
+        cls.Config,
+        profile=config.load_profile(TINY_PROFILE),
+        method=name,
+        dataset="synthetic",
+        epsilon=EPS,
+        sets={},
+    )
     return cls(cfg, spec=train.spec, device=CPU)
 
 

@@ -39,7 +39,9 @@ def test_multiplicity_loss_is_mean_over_k() -> None:
     x0, y = torch.rand(1, 8, 8, generator=g) * 2 - 1, torch.tensor(1)
     t, noise = torch.randint(0, 20, (4,), generator=g), torch.randn(4, 1, 8, 8, generator=g)
     per_draw = [multiplicity_loss(net, x0, y, t[k : k + 1], noise[k : k + 1], ab) for k in range(4)]
-    assert multiplicity_loss(net, x0, y, t, noise, ab).item() == pytest.approx(torch.stack(per_draw).mean().item(), rel=1e-5)
+    assert multiplicity_loss(net, x0, y, t, noise, ab).item() == pytest.approx(
+        torch.stack(per_draw).mean().item(), rel=1e-5
+    )
 
 
 def test_ddim_with_perfect_denoiser_recovers_x0() -> None:

@@ -166,9 +166,7 @@ def test_every_clipped_per_example_norm_is_at_most_C(mode: str, K: int) -> None:
     assert (norms * factors <= C).all()
     if mode != "ghost":
         grads, _ = dp._per_example_grads(*batch)
-        clipped = [
-            g * clip_factors(per_example_norms(grads), C).view(-1, *[1] * (g.dim() - 1)) for g in grads
-        ]
+        clipped = [g * clip_factors(per_example_norms(grads), C).view(-1, *[1] * (g.dim() - 1)) for g in grads]
         assert (per_example_norms(clipped) <= C * (1 + 1e-6)).all()
     # the released sum is the sum of the clipped reference gradients
     ref_factors = torch.clamp(C / (per_example_norms(ref) + 1e-6), max=1.0)
@@ -193,9 +191,7 @@ def test_no_clipping_and_no_noise_is_a_plain_step(mode: str, K: int) -> None:
 def test_physical_batches_give_the_same_clipped_sum(mode: str, K: int) -> None:
     batch = make_batch(5, K)
     whole = make_dp(make_unet(), mode=mode, max_grad_norm=0.05)._clipped_sum(*batch)
-    chunked = make_dp(make_unet(), mode=mode, max_grad_norm=0.05, max_physical_batch_size=2)._clipped_sum(
-        *batch
-    )
+    chunked = make_dp(make_unet(), mode=mode, max_grad_norm=0.05, max_physical_batch_size=2)._clipped_sum(*batch)
     for a, b in zip([*whole[0], *whole[1:]], [*chunked[0], *chunked[1:]], strict=True):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 

@@ -78,9 +78,7 @@ def test_fd_small_for_real_large_for_noise(train, test_split, extractor):
     fd_noise = frechet_distance(noise(500), train, extractor=extractor)
     assert 0 <= fd_real < fd_noise / 20
     # the reference statistics went to torch-fidelity's cache, named after the extractor's weights
-    cached = list(
-        (features.cache_root() / "fidelity").glob(f"{reference_cache_name(train, extractor)}-*stat-fid*")
-    )
+    cached = list((features.cache_root() / "fidelity").glob(f"{reference_cache_name(train, extractor)}-*stat-fid*"))
     assert len(cached) == 1
 
 
@@ -98,9 +96,7 @@ def test_fd_matches_direct_scipy_computation(train, extractor):
         extract_features(extractor, fake).double().numpy(),
         extract_features(extractor, train.images).double().numpy(),
     )
-    assert frechet_distance(fake, train, extractor=extractor, cache=False) == pytest.approx(
-        expected, rel=1e-3
-    )
+    assert frechet_distance(fake, train, extractor=extractor, cache=False) == pytest.approx(expected, rel=1e-3)
 
 
 def test_fd_does_not_depend_on_batch_size(train, extractor):
@@ -128,9 +124,7 @@ def test_accuracy_high_on_real_data_chance_on_random_labels(train, test_split):
 
 def test_accuracy_is_deterministic(train, test_split):
     sub = train.subset(torch.arange(200))
-    runs = [
-        cnn_accuracy(sub.images, sub.labels, test_split, seed=3, epochs=2, batch_size=32) for _ in range(2)
-    ]
+    runs = [cnn_accuracy(sub.images, sub.labels, test_split, seed=3, epochs=2, batch_size=32) for _ in range(2)]
     assert runs[0] == runs[1]
 
 
@@ -151,9 +145,7 @@ def test_evaluate_records(train, test_split):
     assert fd["value"] >= 0 and fd["n_ref"] == 2000
     assert acc["protocol"] == "dpdm" and acc["n_gen"] == 300 and 0 <= acc["value"] <= 100
 
-    uncond = evaluate(
-        fake, None, dataset="synthetic", train=train, test=test_split, seed=0, settings=SETTINGS
-    )
+    uncond = evaluate(fake, None, dataset="synthetic", train=train, test=test_split, seed=0, settings=SETTINGS)
     assert uncond["acc_cnn"]["value"] is None and uncond["acc_cnn"]["note"] == "n/a: unconditional method"
     assert uncond["fd_domain"]["value"] == pytest.approx(fd["value"])
 

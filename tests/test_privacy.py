@@ -33,9 +33,7 @@ ADJACENCY = NeighboringRelation.ADD_OR_REMOVE_ONE
 
 
 def sgd(q: float, sigma: float, steps: int, name: str = "dp-sgd") -> Stage:
-    return Stage(
-        name=name, mechanism="poisson_gaussian", noise_multiplier=sigma, sampling_rate=q, steps=steps
-    )
+    return Stage(name=name, mechanism="poisson_gaussian", noise_multiplier=sigma, sampling_rate=q, steps=steps)
 
 
 def eps(q: float, sigma: float, steps: int, delta: float, accountant: str = "rdp") -> float:
@@ -304,18 +302,12 @@ def independent_epsilon(stages: list[dict], delta: float) -> float:
     events = []
     for s in stages:
         if s["mechanism"] == "poisson_gaussian":
-            step = dp_event.PoissonSampledDpEvent(
-                s["sampling_rate"], dp_event.GaussianDpEvent(s["noise_multiplier"])
-            )
+            step = dp_event.PoissonSampledDpEvent(s["sampling_rate"], dp_event.GaussianDpEvent(s["noise_multiplier"]))
             events.append(dp_event.SelfComposedDpEvent(step, s["steps"]))
         elif s["mechanism"] == "gaussian":
-            events.append(
-                dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(s["noise_multiplier"]), s["count"])
-            )
+            events.append(dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(s["noise_multiplier"]), s["count"]))
         else:
-            events.append(
-                dp_event.SelfComposedDpEvent(dp_event.LaplaceDpEvent(s["noise_multiplier"]), s["count"])
-            )
+            events.append(dp_event.SelfComposedDpEvent(dp_event.LaplaceDpEvent(s["noise_multiplier"]), s["count"]))
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))
     acc = rdp_privacy_accountant.RdpAccountant(orders, ADJACENCY)
     acc.compose(dp_event.ComposedDpEvent(events))
@@ -324,9 +316,7 @@ def independent_epsilon(stages: list[dict], delta: float) -> float:
 
 def test_card_keys_and_recomputation():
     ledger, budget = two_stage_ledger(), Budget(epsilon=10.0, delta=1e-5)
-    card = privacy.privacy_card(
-        ledger, budget, epsilon=privacy.verify(ledger, budget), guarantee="end-to-end"
-    )
+    card = privacy.privacy_card(ledger, budget, epsilon=privacy.verify(ledger, budget), guarantee="end-to-end")
     assert set(card) == CARD_KEYS
     assert set(card["stages"][0]) == {
         "name",
@@ -340,9 +330,7 @@ def test_card_keys_and_recomputation():
     assert set(card["stages"][1]) == {"name", "mechanism", "noise_multiplier", "count"}
     card = json.loads(json.dumps(card))  # what privacy.json holds
     assert card["epsilon"] == pytest.approx(independent_epsilon(card["stages"], card["delta"]), rel=1e-12)
-    assert (
-        card["guarantee"] == "end-to-end" and card["accountant"] == "rdp" and card["target_epsilon"] == 10.0
-    )
+    assert card["guarantee"] == "end-to-end" and card["accountant"] == "rdp" and card["target_epsilon"] == 10.0
 
 
 def test_composition_costs_more_than_each_stage():

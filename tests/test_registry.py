@@ -80,9 +80,24 @@ def test_entry_point_duplicating_a_builtin_is_an_error(monkeypatch: pytest.Monke
 )
 def test_validation_names_what_is_wrong(mutate, message) -> None:
     base = registry.methods()["ddpm"]
-    cls = type("Candidate", (), {k: getattr(base, k) for k in
-                                 ("name", "Config", "conditional", "guarantee", "needs_public_data",
-                                  "fit", "sample", "state_dict", "load_state_dict")})
+    cls = type(
+        "Candidate",
+        (),
+        {
+            k: getattr(base, k)
+            for k in (
+                "name",
+                "Config",
+                "conditional",
+                "guarantee",
+                "needs_public_data",
+                "fit",
+                "sample",
+                "state_dict",
+                "load_state_dict",
+            )
+        },
+    )
     registry.validate(cls)
     mutate(cls)
     with pytest.raises(ValueError, match=message):

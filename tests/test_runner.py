@@ -48,7 +48,15 @@ def test_every_run_writes_its_files(grid: Path) -> None:
     dirs = run_dirs(grid)
     assert len(dirs) == 3  # dpdm × 2 ε, ddpm once (ε = ∞)
     for d in dirs:
-        for name in ("config.json", "privacy.json", "metrics.json", "samples.npz", "samples.png", "checkpoint.pt", "log.txt"):
+        for name in (
+            "config.json",
+            "privacy.json",
+            "metrics.json",
+            "samples.npz",
+            "samples.png",
+            "checkpoint.pt",
+            "log.txt",
+        ):
             assert (d / name).is_file(), f"{d.name}: {name} missing"
         samples = np.load(d / "samples.npz")
         assert samples["images"].dtype == np.uint8 and samples["images"].shape == (40, 1, 16, 16)
@@ -64,7 +72,16 @@ def test_privacy_cards_are_recomputable(grid: Path) -> None:
         cfg = json.loads((d / "config.json").read_text())
         card = json.loads((d / "privacy.json").read_text())
         cards[(cfg["method"], cfg["epsilon"])] = card
-        for key in ("target_epsilon", "delta", "accountant", "epsilon", "guarantee", "non_private", "claimed_epsilon", "stages"):
+        for key in (
+            "target_epsilon",
+            "delta",
+            "accountant",
+            "epsilon",
+            "guarantee",
+            "non_private",
+            "claimed_epsilon",
+            "stages",
+        ):
             assert key in card
     for target in (1.0, 10.0):
         card = cards[("dpdm", target)]
@@ -147,13 +164,27 @@ def _dp_steps(results: Path) -> int:
 
 def test_sigkill_mid_training_resumes_with_the_same_dp_steps(tmp_path: Path) -> None:
     """Kill -9 during fit, run again: the run finishes with exactly the steps of an uninterrupted run."""
-    args = [sys.executable, "-m", "bench.cli", *RUN, "--methods", "dpdm", "--eps", "10",
-            "--set", "epochs=2.0", "--set", "noise_multiplicity=1"]
+    args = [
+        sys.executable,
+        "-m",
+        "bench.cli",
+        *RUN,
+        "--methods",
+        "dpdm",
+        "--eps",
+        "10",
+        "--set",
+        "epochs=2.0",
+        "--set",
+        "noise_multiplicity=1",
+    ]
     env = os.environ | {"BENCH_CHECKPOINT_EVERY": "0"}
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     subprocess.run([*args, "--results", str(whole)], env=env, check=True, capture_output=True, timeout=300)
 
-    proc = subprocess.Popen([*args, "--results", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [*args, "--results", str(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     deadline = time.monotonic() + 120
     ckpt = None
     while time.monotonic() < deadline and proc.poll() is None:

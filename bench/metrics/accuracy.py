@@ -39,13 +39,9 @@ def cnn_accuracy(
     n = len(images)
     n_val = max(1, round(n * val_fraction))
     if labels.shape != (n,) or n - n_val < 1:
-        raise ValueError(
-            f"need labels [N] and at least 2 samples, got {n} images, labels {tuple(labels.shape)}"
-        )
+        raise ValueError(f"need labels [N] and at least 2 samples, got {n} images, labels {tuple(labels.shape)}")
     if int(labels.min()) < 0 or int(labels.max()) >= test.num_classes:
-        raise ValueError(
-            f"labels must be in 0..{test.num_classes - 1}, got {int(labels.min())}..{int(labels.max())}"
-        )
+        raise ValueError(f"labels must be in 0..{test.num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
     generator = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=generator)
     val, fit = perm[:n_val], perm[n_val:]

@@ -168,8 +168,7 @@ class DomainFeatureExtractor(FeatureExtractorBase):
             self.net.load_state_dict(ckpt["state_dict"])
         except (OSError, RuntimeError, KeyError, TypeError) as e:
             raise BenchError(
-                f"cannot load the domain extractor {feature_extractor_weights_path}: {e}; "
-                "delete the file to retrain it"
+                f"cannot load the domain extractor {feature_extractor_weights_path}: {e}; delete the file to retrain it"
             ) from e
 
     @staticmethod

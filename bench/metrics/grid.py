@@ -63,9 +63,7 @@ def save_sample_grid(
     ax.axis("off")
     for r, name in enumerate(names):
         y_center = (PAD + r * (h + PAD) + h / 2) * s
-        fig.text(
-            (LABEL_WIDTH - 6) / width, 1.0 - y_center / height, name, ha="right", va="center", fontsize=9
-        )
+        fig.text((LABEL_WIDTH - 6) / width, 1.0 - y_center / height, name, ha="right", va="center", fontsize=9)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)

@@ -18,7 +18,10 @@ from torch import Tensor, nn
 class UNetConfig:
     in_channels: int = 1
     base_channels: int = 32  # channels at full resolution
-    channel_mults: tuple[int, ...] = (1, 2)  # one resolution level per entry; each after the first halves H, W
+    channel_mults: tuple[int, ...] = (
+        1,
+        2,
+    )  # one resolution level per entry; each after the first halves H, W
     num_res_blocks: int = 1  # residual blocks per level
     groups: int = 8  # GroupNorm groups (must divide every channel count)
     num_classes: int = 10  # 0 = unconditional; class index num_classes is the "no label" token
@@ -82,7 +85,9 @@ class UNet(nn.Module):
             if not last:
                 skips.append(c)
 
-        self.mid = nn.ModuleList([ResBlock(c, c, emb_dim, g, config.dropout), ResBlock(c, c, emb_dim, g, config.dropout)])
+        self.mid = nn.ModuleList(
+            [ResBlock(c, c, emb_dim, g, config.dropout), ResBlock(c, c, emb_dim, g, config.dropout)]
+        )
 
         self.up = nn.ModuleList()
         self.upsample = nn.ModuleList()
@@ -95,7 +100,7 @@ class UNet(nn.Module):
             self.up.append(blocks)
             self.upsample.append(nn.Conv2d(c, c, 3, padding=1) if level > 0 else nn.Identity())
         # the full-resolution level also consumes the conv_in skip
-        self.up[-1].append(ResBlock(c + skips.pop(), ch, emb_dim, g, config.dropout))
+        self.up[-1].append(ResBlock(c + skips.pop(), ch, emb_dim, g, config.dropout))  # type: ignore[operator]
         c = ch
         if skips:
             raise RuntimeError(f"UNet skip bookkeeping error: {len(skips)} left")  # pragma: no cover
@@ -111,7 +116,7 @@ class UNet(nn.Module):
         h = self.conv_in(x)
         hs = [h]
         for blocks, down in zip(self.down, self.downsample, strict=True):
-            for block in blocks:
+            for block in blocks:  # type: ignore[attr-defined]
                 h = block(h, emb)
                 hs.append(h)
             if not isinstance(down, nn.Identity):
@@ -120,7 +125,7 @@ class UNet(nn.Module):
         for block in self.mid:
             h = block(h, emb)
         for blocks, up in zip(self.up, self.upsample, strict=True):
-            for block in blocks:
+            for block in blocks:  # type: ignore[attr-defined]
                 h = block(torch.cat([h, hs.pop()], dim=1), emb)
             if not isinstance(up, nn.Identity):
                 h = up(F.interpolate(h, scale_factor=2.0, mode="nearest"))

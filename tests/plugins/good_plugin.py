@@ -34,8 +34,12 @@ class NoisyMeans:
     def fit(self, train: Any, *, budget: Any, generator: torch.Generator, progress: Any) -> PrivacyLedger:
         # One Gaussian release of per-class pixel sums (L2 sensitivity 255·sqrt(C·H·W) under add/remove)
         # and of per-class counts (sensitivity 1): one composed Gaussian with σ relative to sensitivity.
-        sigma = calibrate(budget.epsilon, lambda s: [Stage(name="sums", mechanism="gaussian", noise_multiplier=s, count=2)],
-                          delta=budget.delta, accountant=budget.accountant)
+        sigma = calibrate(
+            budget.epsilon,
+            lambda s: [Stage(name="sums", mechanism="gaussian", noise_multiplier=s, count=2)],
+            delta=budget.delta,
+            accountant=budget.accountant,
+        )
         x = train.images.float()
         sens = 255.0 * math.sqrt(x[0].numel())
         for c in range(self.spec.num_classes):
