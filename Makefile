@@ -42,7 +42,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
-	$(VENV)/bin/pytest benchmarks --benchmark-only -q -p no:randomly
+	$(VENV)/bin/pytest benchmarks/bench_*.py --benchmark-only -q --benchmark-min-rounds=5
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -116,6 +116,8 @@ def run(
             plugins=plugins,
             data_root=data_root,
         )
+        for note in dict.fromkeys(n for spec in specs for n in spec.notes):
+            typer.echo(f"warning: {note}", err=True)
         if dry_run:
             print_plan(specs)
             return
@@ -182,6 +184,11 @@ def list_(plugin: Plugins = None) -> None:
         typer.echo("datasets:")
         for name in data.DATASETS:
             typer.echo(f"  {name}")
+        from bench.metrics import METRICS
+
+        typer.echo("metrics:")
+        for name, what in METRICS.items():
+            typer.echo(f"  {name:<12} {what}")
         typer.echo("profiles:")
         for name in config.PROFILES:
             typer.echo(f"  {name}")

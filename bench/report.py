@@ -24,7 +24,8 @@ FOOTNOTES = {
 
 
 def _eps_label(e: float | None) -> str:
-    return "∞" if e is None or (isinstance(e, float) and math.isinf(e)) else f"{e:g}"
+    """The target ε of a run; a non-private run has none (NULL in the index): ∞."""
+    return "∞" if e is None or not math.isfinite(e) else f"{e:g}"
 
 
 def _fmt(values: pd.Series) -> str:
@@ -75,7 +76,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
             "method": label,
             "dataset": dataset,
             "ε target": eps,
-            "ε recomputed": "∞" if recomputed.empty else f"{recomputed.max():.4g}",
+            "ε recomputed": "∞" if recomputed.empty else f"{recomputed.max():.3f}",
             "δ": f"{runs['delta'].iloc[0]:g}",
             "accountant": runs["accountant"].iloc[0],
             "guarantee": runs["guarantee"].iloc[0],

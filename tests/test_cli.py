@@ -52,7 +52,7 @@ def assert_one_line_error(result, pattern: str) -> None:
 def test_list_shows_methods_datasets_profiles() -> None:
     r = bench("list")
     assert r.exit_code == 0
-    for word in ("dpdm", "ddpm", "fmnist", "mnist", "synthetic", "smoke", "paper"):
+    for word in ("dpdm", "ddpm", "fmnist", "mnist", "synthetic", "smoke", "paper", "fd_domain", "acc_cnn"):
         assert word in r.stdout
 
 

@@ -18,7 +18,14 @@ from bench.metrics.accuracy import cnn_accuracy
 from bench.metrics.features import domain_extractor
 from bench.metrics.fidelity import frechet_distance
 
-__all__ = ["EvalSettings", "evaluate"]
+__all__ = ["METRICS", "EvalSettings", "evaluate"]
+
+# Every metric `evaluate` computes, with how it is computed (shown by `bench list`).
+METRICS: dict[str, str] = {
+    "fd_domain": "Fréchet distance to the real training set in the features of a small CNN trained on it "
+    "(bench-domain-cnn; offline, not comparable with Inception FID)",
+    "acc_cnn": "real test accuracy (%) of a CNN trained on the samples, epoch chosen on held-out samples (DPDM)",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
