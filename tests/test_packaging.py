@@ -1,0 +1,46 @@
+"""A non-editable install must carry methods/ and baselines/ as bench.methods / bench.baselines."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_wheel_maps_method_folders_into_bench(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+    (wheel,) = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    for required in (
+        "bench/cli.py",
+        "bench/baselines/dpdm.py",
+        "bench/baselines/ddpm.py",
+        "bench/methods/__init__.py",
+        "bench/profiles/smoke.toml",
+        "bench/profiles/paper.toml",
+        "bench/nets/unet.py",
+    ):
+        assert required in names, required
+    top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert top == {"bench"}, f"generic top-level names would collide with other projects: {top}"
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "bench = bench.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
