@@ -6,22 +6,17 @@ It is the upper bound every table shows under the DP rows; its card says guarant
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import ClassVar, Literal
 
 import torch
-from torch import Tensor
 
-from bench.contract import DataSpec, ImageDataset, Progress
+from bench.contract import ImageDataset, Progress
 from bench.diffusion import (
-    EMA,
+    ConditionalDenoiser,
     Schedule,
     batch_denoising_loss,
-    check_resolution,
-    make_unet,
-    sample_images,
     to_model_range,
 )
-from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger
 
@@ -50,27 +45,12 @@ class Config:
         Schedule(self.T, self.beta_start, self.beta_end)
 
 
-class DDPM:
+class DDPM(ConditionalDenoiser):
     name: ClassVar[str] = "ddpm"
     Config: ClassVar[type] = Config
     conditional: ClassVar[bool] = True
     guarantee: ClassVar[str] = "none"
     needs_public_data: ClassVar[bool] = False
-
-    def __init__(self, config: Config, *, spec: DataSpec, device: torch.device) -> None:
-        try:
-            check_resolution(spec.height, spec.width, config.channel_mults)
-        except ValueError as e:
-            raise BenchError(f"ddpm: {e}") from None
-        self.config, self.spec, self.device = config, spec, device
-        self.schedule = Schedule(config.T, config.beta_start, config.beta_end)
-        self.alpha_bar = self.schedule.alpha_bar(device)
-        self._build()
-
-    def _build(self) -> None:
-        spec = self.spec
-        self.net = make_unet(self.config, channels=spec.channels, num_classes=spec.num_classes).to(self.device)
-        self.ema = EMA(self.net, self.config.ema_decay)
 
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
@@ -118,26 +98,3 @@ class DDPM:
         ledger = PrivacyLedger()
         ledger.mark_non_private("trained on the private training set without DP (non-private reference)")
         return ledger
-
-    def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-        if labels is None:
-            raise BenchError("ddpm is class-conditional: sample() needs labels")
-        cfg = self.config
-        return sample_images(
-            self.ema.model,
-            n,
-            shape=(self.spec.channels, self.spec.height, self.spec.width),
-            labels=labels,
-            schedule=self.schedule,
-            sampler=cfg.sampler,
-            steps=cfg.sample_steps,
-            generator=generator,
-            device=self.device,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "ema": self.ema.model.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.ema.model.load_state_dict(state["ema"])

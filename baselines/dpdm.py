@@ -19,15 +19,12 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from bench.contract import DataSpec, ImageDataset, Progress
+from bench.contract import ImageDataset, Progress
 from bench.diffusion import (
-    EMA,
+    ConditionalDenoiser,
     Schedule,
-    check_resolution,
     draw_noise_multiplicity,
-    make_unet,
     multiplicity_loss,
-    sample_images,
     to_model_range,
 )
 from bench.dpsgd import DPSGD, PoissonSampler
@@ -72,27 +69,12 @@ class Config:
         Schedule(self.T, self.beta_start, self.beta_end)  # validates T and β
 
 
-class DPDM:
+class DPDM(ConditionalDenoiser):
     name: ClassVar[str] = "dpdm"
     Config: ClassVar[type] = Config
     conditional: ClassVar[bool] = True
     guarantee: ClassVar[str] = "end-to-end"
     needs_public_data: ClassVar[bool] = False
-
-    def __init__(self, config: Config, *, spec: DataSpec, device: torch.device) -> None:
-        try:
-            check_resolution(spec.height, spec.width, config.channel_mults)
-        except ValueError as e:
-            raise BenchError(f"dpdm: {e}") from None
-        self.config, self.spec, self.device = config, spec, device
-        self.schedule = Schedule(config.T, config.beta_start, config.beta_end)
-        self.alpha_bar = self.schedule.alpha_bar(device)
-        self._build()
-
-    def _build(self) -> None:
-        spec = self.spec
-        self.net = make_unet(self.config, channels=spec.channels, num_classes=spec.num_classes).to(self.device)
-        self.ema = EMA(self.net, self.config.ema_decay)
 
     def _loss(self, model: Any, x0: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> Tensor:
         return multiplicity_loss(model, x0, y, t, noise, self.alpha_bar)
@@ -162,26 +144,3 @@ class DPDM:
         ledger = PrivacyLedger()
         ledger.add(dp.stage("denoiser"))
         return ledger
-
-    def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-        if labels is None:
-            raise BenchError("dpdm is class-conditional: sample() needs labels")
-        cfg = self.config
-        return sample_images(
-            self.ema.model,
-            n,
-            shape=(self.spec.channels, self.spec.height, self.spec.width),
-            labels=labels,
-            schedule=self.schedule,
-            sampler=cfg.sampler,
-            steps=cfg.sample_steps,
-            generator=generator,
-            device=self.device,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "ema": self.ema.model.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.net.load_state_dict(state["net"])
-        self.ema.model.load_state_dict(state["ema"])

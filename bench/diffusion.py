@@ -10,9 +10,15 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from bench.errors import BenchError
+
+if TYPE_CHECKING:
+    from bench.contract import DataSpec
 
 EpsModel = Callable[[Tensor, Tensor, Tensor | None], Tensor]  # (x_t, t, y) -> predicted ε
 
@@ -202,3 +208,54 @@ def check_resolution(height: int, width: int, channel_mults: tuple[int, ...]) ->
     factor = 2 ** (len(channel_mults) - 1)
     if height % factor or width % factor:
         raise ValueError(f"image size {height}×{width} is not divisible by {factor} (channel_mults={channel_mults})")
+
+
+class ConditionalDenoiser:
+    """What every class-conditional DDPM method shares: its UNet + EMA, sampling, saving.
+
+    A subclass defines `name`, `Config` (with the UNet, schedule, EMA and sampler fields) and `fit`;
+    `fit` calls `self._build()` under `bench.nets.seeded_init(generator)` so that initial weights follow
+    the run's seed. The released model is the EMA network.
+    """
+
+    name: ClassVar[str]
+    config: Any
+
+    def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
+        try:
+            check_resolution(spec.height, spec.width, tuple(config.channel_mults))
+        except ValueError as e:
+            raise BenchError(f"{self.name}: {e}") from None
+        self.config, self.spec, self.device = config, spec, device
+        self.schedule = Schedule(config.T, config.beta_start, config.beta_end)
+        self.alpha_bar = self.schedule.alpha_bar(device)
+        self._build()
+
+    def _build(self) -> None:
+        spec = self.spec
+        self.net = make_unet(self.config, channels=spec.channels, num_classes=spec.num_classes).to(self.device)
+        self.ema = EMA(self.net, self.config.ema_decay)
+
+    def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        """uint8 [n, C, H, W] from the EMA network, conditioned on int64 `labels` [n]."""
+        if labels is None:
+            raise BenchError(f"{self.name} is class-conditional: sample() needs labels")
+        cfg = self.config
+        return sample_images(
+            self.ema.model,
+            n,
+            shape=(self.spec.channels, self.spec.height, self.spec.width),
+            labels=labels,
+            schedule=self.schedule,
+            sampler=cfg.sampler,
+            steps=cfg.sample_steps,
+            generator=generator,
+            device=self.device,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"net": self.net.state_dict(), "ema": self.ema.model.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["net"])
+        self.ema.model.load_state_dict(state["ema"])
