@@ -84,6 +84,7 @@ def run(
         bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")
     ] = False,
     plugin: Plugins = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished runs.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved grid and configs, run nothing.")
@@ -104,6 +105,9 @@ def run(
         if delta is not None and not 0 < delta < 1:
             raise BenchError(f"--delta must be in (0, 1), got {delta}")
         dev = runner.resolve_device(device)
+        from bench.metrics import select_metrics
+
+        metric_names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
         specs = runner.plan(
             methods=runner.parse_list(methods, "--methods"),
             epsilons=runner.parse_epsilons(eps),
@@ -122,7 +126,15 @@ def run(
             print_plan(specs)
             return
         store = Store(results)
-        r = runner.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins, force=force)
+        r = runner.Runner(
+            store,
+            device=dev,
+            data_root=data_root,
+            download=download,
+            plugins=plugins,
+            force=force,
+            metrics=metric_names,
+        )
         for ds in dict.fromkeys(s.dataset for s in specs):  # missing data fails here, before any training
             r.dataset(ds, "train"), r.dataset(ds, "test")
         with GridUI(len(specs)) as ui:
@@ -146,6 +158,33 @@ def run(
             for spec in failed:
                 typer.echo(f"error: run {spec.key} exceeded its privacy budget and was left out of the table", err=True)
             raise typer.Exit(1)
+
+
+@app.command()
+def score(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (results/runs/<key>) to re-score.")],
+    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")] = "auto",
+    data_root: Annotated[
+        str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
+    ] = None,
+) -> None:
+    """Re-score saved samples.npz of finished runs without retraining (e.g. after new metrics or weights)."""
+    from bench import runner
+    from bench.metrics import select_metrics
+    from bench.store import Store
+
+    with user_errors():
+        names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
+        dev = runner.resolve_device(device)
+        for run_dir in run_dirs:
+            if not run_dir.is_dir():
+                raise BenchError(f"{run_dir} is not a folder")
+            store = Store(run_dir.resolve().parent.parent)
+            r = runner.Runner(store, device=dev, data_root=data_root, metrics=names)
+            scored = r.score(run_dir)
+            shown = ", ".join(f"{k}={v.get('value')}" for k, v in scored.items() if names is None or k in names)
+            typer.echo(f"{run_dir.name}: {shown}")
 
 
 @app.command()

@@ -253,6 +253,10 @@ class ConditionalDenoiser:
             device=self.device,
         )
 
+    def released_model(self) -> nn.Module:
+        """The network that is released (its parameter count is a cost figure)."""
+        return self.ema.model
+
     def state_dict(self) -> dict[str, Any]:
         return {"net": self.net.state_dict(), "ema": self.ema.model.state_dict()}
 

@@ -28,7 +28,7 @@ from bench import data, registry
 from bench.contract import ImageDataset
 from bench.errors import BenchError
 from bench.privacy import Budget, PrivacyLedger, default_delta, epsilon, privacy_card
-from bench.store import Store, load_torch, save_torch, write_json
+from bench.store import Store, load_torch, read_json, save_torch, write_json
 
 RESULT_VERSION = 1  # bump when a change of the harness changes results, so old keys are not reused
 
@@ -72,6 +72,23 @@ class RunSpec:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"key": self.key}
+
+
+def spec_from_json(d: dict[str, Any]) -> RunSpec:
+    """The RunSpec a config.json was written from."""
+    eps = d["epsilon"]
+    return RunSpec(
+        method=d["method"],
+        dataset=d["dataset"],
+        epsilon=math.inf if eps is None else float(eps),
+        delta=d["delta"],
+        accountant=d["accountant"],
+        seed=d["seed"],
+        profile=d["profile"],
+        config=d["config"],
+        eval=EvalPlan(**d["eval"]),
+        notes=tuple(d.get("notes", ())),
+    )
 
 
 def parse_epsilons(text: str) -> list[float]:
@@ -235,9 +252,10 @@ class Runner:
         force: bool = False,
         checkpoint_every_s: float | None = None,
         ui: Any = None,
+        metrics: tuple[str, ...] | None = None,
     ) -> None:
         self.store, self.device, self.data_root, self.download = store, device, data_root, download
-        self.plugins, self.force, self.ui = plugins, force, ui
+        self.plugins, self.force, self.ui, self.metrics = plugins, force, ui, metrics
         env = os.environ.get("BENCH_CHECKPOINT_EVERY")
         self.checkpoint_every_s = checkpoint_every_s if checkpoint_every_s is not None else float(env or 60.0)
         self._data: dict[tuple[str, str], ImageDataset] = {}
@@ -279,7 +297,7 @@ class Runner:
         train = self.dataset(spec.dataset, "train")
         config = cfgmod.build_dataclass(cls.Config, spec.config, spec.method)
         method = cls(config, spec=train.spec, device=self.device)
-        costs: dict[str, float] = {}
+        costs: dict[str, Any] = {}
         ckpt_path = run_dir / "checkpoint.pt"
         final = load_torch(ckpt_path) if ckpt_path.is_file() else None
         if final is not None and final.get("kind") == "final":
@@ -345,9 +363,8 @@ class Runner:
         return "ok"
 
     def _sample_and_score(
-        self, spec: RunSpec, method: Any, train: ImageDataset, run_dir: Path, costs: dict[str, float]
+        self, spec: RunSpec, method: Any, train: ImageDataset, run_dir: Path, costs: dict[str, Any]
     ) -> None:
-        from bench.metrics import EvalSettings, evaluate
         from bench.metrics.grid import save_sample_grid
 
         n = spec.eval.n_gen
@@ -363,7 +380,23 @@ class Runner:
             labels=(labels if labels is not None else torch.full((n,), -1)).numpy(),
         )
         save_sample_grid(images, labels, run_dir / "samples.png", class_names=data.class_names(spec.dataset))
-        test = self.dataset(spec.dataset, "test")
+        released = getattr(method, "released_model", None)  # optional member of the contract
+        costs["released_parameters"] = sum(p.numel() for p in released().parameters()) if released else None
+        self._score(spec, images, labels, run_dir, costs, previous={})
+
+    def _score(
+        self,
+        spec: RunSpec,
+        images: torch.Tensor,
+        labels: torch.Tensor | None,
+        run_dir: Path,
+        costs: dict[str, Any],
+        previous: dict[str, Any],
+    ) -> None:
+        """Score samples, merge with earlier records of other metrics, write metrics.json last."""
+        from bench.metrics import EvalSettings, evaluate
+
+        train, test = self.dataset(spec.dataset, "train"), self.dataset(spec.dataset, "test")
         settings = EvalSettings(**spec.eval.settings)
         with _timed(costs, "score"):
             metrics = evaluate(
@@ -375,12 +408,37 @@ class Runner:
                 seed=spec.seed,
                 settings=settings,
                 device=self.device,
+                metrics=self.metrics,
             )
+        metrics = previous | metrics
         cost = costs | {"peak_rss_mib": round(_peak_rss_mib(), 1), "device": str(self.device)}
+        if self.device.type == "cuda":
+            cost["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         write_json(run_dir / "metrics.json", {"key": spec.key, "metrics": metrics, "cost": cost})
         self.store.record_metrics(spec.key, metrics)
         self.store.record_run(spec.key, status="done")
-        self.log(run_dir, "done: " + ", ".join(f"{k}={v.get('value')}" for k, v in metrics.items()))
+        self.log(run_dir, "scored: " + ", ".join(f"{k}={v.get('value')}" for k, v in metrics.items()))
+
+    def score(self, run_dir: Path) -> dict[str, Any]:
+        """Re-score a finished run's saved samples.npz (no retraining); returns the new metrics."""
+        from bench.metrics import check_samples
+
+        cfg_path, samples_path = run_dir / "config.json", run_dir / "samples.npz"
+        if not cfg_path.is_file() or not samples_path.is_file():
+            raise BenchError(f"{run_dir} is not a run folder with samples (config.json and samples.npz)")
+        spec = spec_from_json(read_json(cfg_path))
+        try:
+            with np.load(samples_path) as z:
+                images, labels = torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
+        except (OSError, ValueError, KeyError) as e:
+            raise BenchError(f"{samples_path} is unreadable or lacks images/labels: {e}") from None
+        conditional = bool(labels.numel()) and int(labels.min()) >= 0
+        spec_data = self.dataset(spec.dataset, "train").spec
+        check_samples(images, labels if conditional else None, spec=spec_data, conditional=conditional)
+        old = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
+        costs = dict(old.get("cost", {}))
+        self._score(spec, images, labels if conditional else None, run_dir, costs, previous=old.get("metrics", {}))
+        return read_json(run_dir / "metrics.json")["metrics"]
 
     def _bar_callbacks(self, spec: RunSpec) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
         if self.ui is None:

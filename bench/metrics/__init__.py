@@ -7,18 +7,20 @@ sample counts, reference split), because numbers computed differently are not co
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from bench.contract import ImageDataset
+from bench.contract import DataSpec, ImageDataset
+from bench.errors import BenchError
 from bench.metrics.accuracy import cnn_accuracy
 from bench.metrics.features import domain_extractor
 from bench.metrics.fidelity import frechet_distance
 
-__all__ = ["METRICS", "EvalSettings", "evaluate"]
+__all__ = ["METRICS", "EvalSettings", "check_samples", "evaluate", "select_metrics"]
 
 # Every metric `evaluate` computes, with how it is computed (shown by `bench list`).
 METRICS: dict[str, str] = {
@@ -44,6 +46,35 @@ class EvalSettings:
             raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
 
 
+def select_metrics(names: Collection[str] | None) -> tuple[str, ...]:
+    """Validate metric names (None: all of them), in METRICS order."""
+    if names is None:
+        return tuple(METRICS)
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise BenchError(f"unknown metric {unknown[0]!r}; available: {', '.join(METRICS)}")
+    return tuple(n for n in METRICS if n in set(names))
+
+
+def check_samples(images: Any, labels: Any, *, spec: DataSpec, conditional: bool) -> None:
+    """Refuse samples a metric must not score: wrong dtype, shape or label range (one-line BenchError)."""
+    expected = (spec.channels, spec.height, spec.width)
+    if not isinstance(images, Tensor) or images.dtype != torch.uint8:
+        raise BenchError(f"samples must be uint8 images, got {getattr(images, 'dtype', type(images).__name__)}")
+    if images.dim() != 4 or tuple(images.shape[1:]) != expected:
+        raise BenchError(f"samples must have shape [N, {', '.join(map(str, expected))}], got {list(images.shape)}")
+    if len(images) == 0:
+        raise BenchError("samples are empty")
+    if not conditional:
+        return
+    if not isinstance(labels, Tensor) or labels.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise BenchError(f"labels must be integers, got {getattr(labels, 'dtype', type(labels).__name__)}")
+    if labels.shape != (len(images),):
+        raise BenchError(f"labels must have shape [{len(images)}], got {list(labels.shape)}")
+    if int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes:
+        raise BenchError(f"labels must be in 0..{spec.num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+
+
 def evaluate(
     images: Tensor,
     labels: Tensor | None,
@@ -54,6 +85,7 @@ def evaluate(
     seed: int,
     settings: EvalSettings = EvalSettings(),
     device: torch.device | str = "cpu",
+    metrics: Collection[str] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score generated uint8 `images` [N, C, H, W] with int64 `labels` [N] (None: unconditional).
 
@@ -61,18 +93,20 @@ def evaluate(
     - "acc_cnn": real `test` accuracy (%) of a CNN trained on the samples, DPDM protocol.
     `seed` seeds the downstream classifier; the domain extractor has its own fixed seed.
     """
+    wanted = select_metrics(metrics)
     n_gen = len(images)
-    t0 = time.perf_counter()
-    extractor = domain_extractor(train, dataset=dataset, epochs=settings.extractor_epochs, device=device)
-    fd = frechet_distance(
-        images,
-        train,
-        extractor=extractor,
-        batch_size=settings.feature_batch_size,
-        cuda=torch.device(device).type == "cuda",
-    )
-    results: dict[str, dict[str, Any]] = {
-        "fd_domain": {
+    results: dict[str, dict[str, Any]] = {}
+    if "fd_domain" in wanted:
+        t0 = time.perf_counter()
+        extractor = domain_extractor(train, dataset=dataset, epochs=settings.extractor_epochs, device=device)
+        fd = frechet_distance(
+            images,
+            train,
+            extractor=extractor,
+            batch_size=settings.feature_batch_size,
+            cuda=torch.device(device).type == "cuda",
+        )
+        results["fd_domain"] = {
             "value": fd,
             "extractor": extractor.name,
             "extractor_key": extractor.key,
@@ -83,33 +117,32 @@ def evaluate(
             "seconds": time.perf_counter() - t0,
             "note": "",
         }
-    }
-
-    t0 = time.perf_counter()
-    if labels is None:
-        results["acc_cnn"] = {
-            "value": None,
-            "protocol": "dpdm",
-            "n_gen": n_gen,
-            "note": "n/a: unconditional method",
-        }
-    else:
-        acc = cnn_accuracy(
-            images,
-            labels,
-            test,
-            seed=seed,
-            epochs=settings.epochs,
-            batch_size=settings.batch_size,
-            val_fraction=settings.val_fraction,
-            device=device,
-        )
-        results["acc_cnn"] = {
-            "value": acc.pop("accuracy"),
-            **acc,
-            "selection": "held-out synthetic validation",
-            "n_gen": n_gen,
-            "seconds": time.perf_counter() - t0,
-            "note": "",
-        }
+    if "acc_cnn" in wanted:
+        t0 = time.perf_counter()
+        if labels is None:
+            results["acc_cnn"] = {
+                "value": None,
+                "protocol": "dpdm",
+                "n_gen": n_gen,
+                "note": "n/a: unconditional method",
+            }
+        else:
+            acc = cnn_accuracy(
+                images,
+                labels,
+                test,
+                seed=seed,
+                epochs=settings.epochs,
+                batch_size=settings.batch_size,
+                val_fraction=settings.val_fraction,
+                device=device,
+            )
+            results["acc_cnn"] = {
+                "value": acc.pop("accuracy"),
+                **acc,
+                "selection": "held-out synthetic validation",
+                "n_gen": n_gen,
+                "seconds": time.perf_counter() - t0,
+                "note": "",
+            }
     return results
