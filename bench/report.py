@@ -66,6 +66,12 @@ def _eps_order(label: str) -> float:
     return math.inf if label == "∞" else float(label)
 
 
+def _fmt_cost(runs: pd.DataFrame, key: str) -> str:
+    values = [json.loads(c).get(key) for c in runs.get("cost", pd.Series(dtype=object)).dropna()]
+    values = [v for v in values if v is not None]
+    return f"{sum(values) / len(values):.0f}" if values else "n/a"
+
+
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, ε): the recomputed ε, δ, accountant, guarantee and every metric."""
     rows = []
@@ -81,6 +87,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
             "accountant": runs["accountant"].iloc[0],
             "guarantee": runs["guarantee"].iloc[0],
             "seeds": len(runs),
+            "fit [s]": _fmt_cost(runs, "fit_s"),
         }
         for metric, m in g.groupby("metric_label"):
             row[metric] = _fmt(m["value"])

@@ -416,7 +416,7 @@ class Runner:
             cost["peak_gpu_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         write_json(run_dir / "metrics.json", {"key": spec.key, "metrics": metrics, "cost": cost})
         self.store.record_metrics(spec.key, metrics)
-        self.store.record_run(spec.key, status="done")
+        self.store.record_run(spec.key, status="done", cost=json.dumps(cost))
         self.log(run_dir, "scored: " + ", ".join(f"{k}={v.get('value')}" for k, v in metrics.items()))
 
     def score(self, run_dir: Path) -> dict[str, Any]:

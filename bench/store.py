@@ -36,7 +36,7 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY, method TEXT, dataset TEXT, target_epsilon REAL, delta REAL, accountant TEXT,
     seed INTEGER, profile TEXT, status TEXT, guarantee TEXT, epsilon REAL, error TEXT,
-    run_dir TEXT, updated TEXT
+    cost TEXT, run_dir TEXT, updated TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     key TEXT, metric TEXT, value REAL, info TEXT, PRIMARY KEY (key, metric)
@@ -216,6 +216,8 @@ class Store:
                 epsilon=card.get("epsilon"),
             )
             if done:
-                self.record_metrics(run.name, read_json(met_path)["metrics"])
+                met = read_json(met_path)
+                self.record_metrics(run.name, met["metrics"])
+                self.record_run(run.name, cost=json.dumps(_clean(met.get("cost", {}))))
                 n += 1
         return n
