@@ -58,7 +58,24 @@ _mount_privacy()
 Plugins = Annotated[
     list[Path] | None, typer.Option("--plugin", help="A local .py file defining a method (repeatable).")
 ]
+InceptionWeights = Annotated[
+    str | None,
+    typer.Option(
+        "--inception-weights",
+        envvar="BENCH_INCEPTION_WEIGHTS",
+        help="torch-fidelity Inception-v3 weights file for the standard FID/KID/IS (default: its cache).",
+    ),
+]
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results folder.", envvar="BENCH_RESULTS")]
+
+
+def _check_weights(path: str | None) -> None:
+    """A given Inception weights file must exist and be one, before anything runs."""
+    from bench.metrics.inception import check_inception_weights, resolve_inception_weights
+
+    resolved = resolve_inception_weights(path)
+    if path is not None and resolved is not None:
+        check_inception_weights(resolved)
 
 
 @app.command()
@@ -85,6 +102,7 @@ def run(
     ] = False,
     plugin: Plugins = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,
+    inception_weights: InceptionWeights = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished runs.")] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved grid and configs, run nothing.")
@@ -108,6 +126,7 @@ def run(
         from bench.metrics import select_metrics
 
         metric_names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
+        _check_weights(inception_weights)
         specs = runner.plan(
             methods=runner.parse_list(methods, "--methods"),
             epsilons=runner.parse_epsilons(eps),
@@ -134,6 +153,7 @@ def run(
             plugins=plugins,
             force=force,
             metrics=metric_names,
+            inception_weights=inception_weights,
         )
         for ds in dict.fromkeys(s.dataset for s in specs):  # missing data fails here, before any training
             r.dataset(ds, "train"), r.dataset(ds, "test")
@@ -168,6 +188,7 @@ def score(
     data_root: Annotated[
         str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
     ] = None,
+    inception_weights: InceptionWeights = None,
 ) -> None:
     """Re-score saved samples.npz of finished runs without retraining (e.g. after new metrics or weights)."""
     from bench import runner
@@ -176,12 +197,15 @@ def score(
 
     with user_errors():
         names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
+        _check_weights(inception_weights)
         dev = runner.resolve_device(device)
         for run_dir in run_dirs:
             if not run_dir.is_dir():
                 raise BenchError(f"{run_dir} is not a folder")
             store = Store(run_dir.resolve().parent.parent)
-            r = runner.Runner(store, device=dev, data_root=data_root, metrics=names)
+            r = runner.Runner(
+                store, device=dev, data_root=data_root, metrics=names, inception_weights=inception_weights
+            )
             scored = r.score(run_dir)
             shown = ", ".join(f"{k}={v.get('value')}" for k, v in scored.items() if names is None or k in names)
             typer.echo(f"{run_dir.name}: {shown}")

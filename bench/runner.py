@@ -253,9 +253,11 @@ class Runner:
         checkpoint_every_s: float | None = None,
         ui: Any = None,
         metrics: tuple[str, ...] | None = None,
+        inception_weights: str | None = None,
     ) -> None:
         self.store, self.device, self.data_root, self.download = store, device, data_root, download
         self.plugins, self.force, self.ui, self.metrics = plugins, force, ui, metrics
+        self.inception_weights = inception_weights
         env = os.environ.get("BENCH_CHECKPOINT_EVERY")
         self.checkpoint_every_s = checkpoint_every_s if checkpoint_every_s is not None else float(env or 60.0)
         self._data: dict[tuple[str, str], ImageDataset] = {}

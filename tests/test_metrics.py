@@ -6,7 +6,7 @@ import torch
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from bench import data
-from bench.metrics import EvalSettings, evaluate, features
+from bench.metrics import METRICS, EvalSettings, evaluate, features
 from bench.metrics.accuracy import cnn_accuracy
 from bench.metrics.features import EXTRACTOR_NAME, DomainFeatureExtractor, domain_extractor, extract_features
 from bench.metrics.fidelity import frechet_distance, reference_cache_name
@@ -139,13 +139,26 @@ def test_evaluate_records(train, test_split):
         seed=0,
         settings=SETTINGS,
     )
-    assert set(out) == {"fd_domain", "acc_cnn"}
+    assert list(out) == list(METRICS)
+    for name in ("fid_inception", "kid_inception", "is_inception", "precision_inception", "recall_inception"):
+        assert out[name]["value"] is None and out[name]["note"].startswith("unavailable: no Inception weights")
+    assert 0 <= out["precision_domain"]["value"] <= 1 and out["kid_domain"]["extractor"] == EXTRACTOR_NAME
     fd, acc = out["fd_domain"], out["acc_cnn"]
     assert fd["extractor"] == EXTRACTOR_NAME and fd["reference"] == "train" and fd["n_gen"] == 300
     assert fd["value"] >= 0 and fd["n_ref"] == 2000
     assert acc["protocol"] == "dpdm" and acc["n_gen"] == 300 and 0 <= acc["value"] <= 100
 
-    uncond = evaluate(fake, None, dataset="synthetic", train=train, test=test_split, seed=0, settings=SETTINGS)
+    uncond = evaluate(
+        fake,
+        None,
+        dataset="synthetic",
+        train=train,
+        test=test_split,
+        seed=0,
+        settings=SETTINGS,
+        metrics=["fd_domain", "acc_cnn"],
+    )
+    assert list(uncond) == ["fd_domain", "acc_cnn"]
     assert uncond["acc_cnn"]["value"] is None and uncond["acc_cnn"]["note"] == "n/a: unconditional method"
     assert uncond["fd_domain"]["value"] == pytest.approx(fd["value"])
 

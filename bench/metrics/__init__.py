@@ -18,16 +18,43 @@ from bench.contract import DataSpec, ImageDataset
 from bench.errors import BenchError
 from bench.metrics.accuracy import cnn_accuracy
 from bench.metrics.features import domain_extractor
-from bench.metrics.fidelity import frechet_distance
+from bench.metrics.fidelity import domain_fidelity
+from bench.metrics.inception import inception_metrics
 
 __all__ = ["METRICS", "EvalSettings", "check_samples", "evaluate", "select_metrics"]
 
-# Every metric `evaluate` computes, with how it is computed (shown by `bench list`).
+# Every metric `evaluate` computes, with how it is computed (shown by `bench list`). Metrics that one
+# library call computes together share a group: (group, the group's own name for it).
 METRICS: dict[str, str] = {
     "fd_domain": "Fréchet distance to the real training set in the features of a small CNN trained on it "
     "(bench-domain-cnn; offline, not comparable with Inception FID)",
+    "kid_domain": "kernel inception distance on the same domain features",
+    "precision_domain": "precision (k=3 manifolds) on the same domain features",
+    "recall_domain": "recall (k=3 manifolds) on the same domain features",
+    "fid_inception": "standard FID: torch-fidelity inception-v3-compat features vs the real training set",
+    "kid_inception": "KID on Inception features",
+    "is_inception": "Inception score",
+    "precision_inception": "precision (k=3) on Inception features",
+    "recall_inception": "recall (k=3) on Inception features",
     "acc_cnn": "real test accuracy (%) of a CNN trained on the samples, epoch chosen on held-out samples (DPDM)",
 }
+_GROUPS: dict[str, tuple[str, str]] = {
+    "fd_domain": ("domain", "fd"),
+    "kid_domain": ("domain", "kid"),
+    "precision_domain": ("domain", "prc"),
+    "recall_domain": ("domain", "prc"),
+    "fid_inception": ("inception", "fid"),
+    "kid_inception": ("inception", "kid"),
+    "is_inception": ("inception", "isc"),
+    "precision_inception": ("inception", "prc"),
+    "recall_inception": ("inception", "prc"),
+    "acc_cnn": ("accuracy", "cnn"),
+}
+
+
+def _group(wanted: Collection[str], group: str) -> list[str]:
+    """The group's own names of the wanted metrics that belong to `group` (deduplicated, in order)."""
+    return list(dict.fromkeys(_GROUPS[m][1] for m in wanted if _GROUPS[m][0] == group))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,37 +113,33 @@ def evaluate(
     settings: EvalSettings = EvalSettings(),
     device: torch.device | str = "cpu",
     metrics: Collection[str] | None = None,
+    inception_weights: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score generated uint8 `images` [N, C, H, W] with int64 `labels` [N] (None: unconditional).
 
-    - "fd_domain": Fréchet distance to the real `train` split in the domain CNN's feature space.
-    - "acc_cnn": real `test` accuracy (%) of a CNN trained on the samples, DPDM protocol.
-    `seed` seeds the downstream classifier; the domain extractor has its own fixed seed.
+    `metrics` names entries of METRICS (None: all). Fidelity is measured against the real `train`
+    split, in the domain CNN's features and in Inception's (records "unavailable" with value None when
+    no Inception weights are found: `inception_weights`, $BENCH_INCEPTION_WEIGHTS or torch-fidelity's
+    cache); accuracy on the real `test` split. `seed` seeds the downstream classifiers; the domain
+    extractor has its own fixed seed.
     """
     wanted = select_metrics(metrics)
     n_gen = len(images)
+    cuda = torch.device(device).type == "cuda"
     results: dict[str, dict[str, Any]] = {}
-    if "fd_domain" in wanted:
+    if domain := _group(wanted, "domain"):
         t0 = time.perf_counter()
         extractor = domain_extractor(train, dataset=dataset, epochs=settings.extractor_epochs, device=device)
-        fd = frechet_distance(
-            images,
-            train,
-            extractor=extractor,
-            batch_size=settings.feature_batch_size,
-            cuda=torch.device(device).type == "cuda",
+        records = domain_fidelity(
+            images, train, extractor=extractor, metrics=domain, batch_size=settings.feature_batch_size, cuda=cuda
         )
-        results["fd_domain"] = {
-            "value": fd,
-            "extractor": extractor.name,
-            "extractor_key": extractor.key,
-            "feature_layer": extractor.feature_layer,
-            "reference": "train",
-            "n_gen": n_gen,
-            "n_ref": len(train),
-            "seconds": time.perf_counter() - t0,
-            "note": "",
-        }
+        results |= _timed_records(records, t0)
+    if inception := _group(wanted, "inception"):
+        t0 = time.perf_counter()
+        records = inception_metrics(
+            images, train, weights=inception_weights, metrics=inception, cuda=cuda, cache_name=f"{dataset}-train"
+        )
+        results |= _timed_records(records, t0)
     if "acc_cnn" in wanted:
         t0 = time.perf_counter()
         if labels is None:
@@ -145,4 +168,10 @@ def evaluate(
                 "seconds": time.perf_counter() - t0,
                 "note": "",
             }
-    return results
+    return {m: results[m] for m in wanted if m in results}
+
+
+def _timed_records(records: dict[str, dict[str, Any]], t0: float) -> dict[str, dict[str, Any]]:
+    """Stamp the seconds a group of metrics took on each of its records."""
+    seconds = round(time.perf_counter() - t0, 3)
+    return {name: {**rec, "seconds": seconds} for name, rec in records.items()}
