@@ -17,9 +17,12 @@ from bench.errors import BenchError
 from bench.store import Store
 
 PARTIAL_MARK = "†"
+TEST_SELECTED_MARK = "‡"
 FOOTNOTES = {
     PARTIAL_MARK: "partial guarantee: part of the method touches private data outside a DP mechanism "
     "(see the run's privacy.json, `non_private`); its ε does not cover the whole pipeline.",
+    TEST_SELECTED_MARK: "test-selected: best real test accuracy over epochs (DataLens/DPGEN protocol); "
+    "optimistic, shown only for comparison with published tables.",
 }
 
 
@@ -59,7 +62,8 @@ def load_frame(store: Store, keys: set[str] | None = None) -> pd.DataFrame:
 def _metric_label(row: pd.Series) -> str:
     info = json.loads(row["info"]) if isinstance(row["info"], str) else {}
     how = info.get("extractor") or info.get("protocol")
-    return f"{row['metric']} [{how}]" if how else str(row["metric"])
+    mark = TEST_SELECTED_MARK if info.get("test_selected") else ""
+    return f"{row['metric']}{mark} [{how}]" if how else f"{row['metric']}{mark}"
 
 
 def _eps_order(label: str) -> float:
@@ -110,7 +114,8 @@ def metric_table(df: pd.DataFrame, metric_label: str) -> pd.DataFrame:
 
 
 def _footnotes(df: pd.DataFrame) -> list[str]:
-    return [f"{mark} {text}" for mark, text in FOOTNOTES.items() if df["label"].str.contains(mark).any()]
+    used = "".join(df["label"]) + "".join(df["metric_label"].dropna())
+    return [f"{mark} {text}" for mark, text in FOOTNOTES.items() if mark in used]
 
 
 def build_report(store: Store, *, out: Path | None, keys: set[str] | None, echo: Callable[[str], None]) -> pd.DataFrame:
@@ -125,7 +130,7 @@ def build_report(store: Store, *, out: Path | None, keys: set[str] | None, echo:
         out.mkdir(parents=True, exist_ok=True)
         _write(summary, out / "summary", notes, index=False)
         for metric_label in sorted(df["metric_label"].dropna().unique()):
-            slug = metric_label.split(" ")[0]
+            slug = metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK)
             _write(metric_table(df, metric_label), out / slug, [f"metric: {metric_label}", *notes], index=True)
         echo(f"tables written to {out}/")
     return summary

@@ -39,6 +39,7 @@ class EvalPlan:
 
     n_gen: int = 1000  # labelled samples generated, balanced over classes
     settings: dict[str, Any] = field(default_factory=dict)  # bench.metrics.EvalSettings overrides
+    metrics: tuple[str, ...] | None = None  # default metric set (None: all); not part of the run key
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +66,7 @@ class RunSpec:
             "accountant": self.accountant,
             "seed": self.seed,
             "config": self.config,
-            "eval": dataclasses.asdict(self.eval),
+            "eval": {k: v for k, v in dataclasses.asdict(self.eval).items() if k != "metrics"},
         }
         blob = json.dumps(ident, sort_keys=True, default=str)
         return f"{self.method}-{self.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
@@ -129,13 +130,18 @@ def plan(
     prof = cfgmod.load_profile(profile)
     method_sets, eval_sets = cfgmod.parse_sets(sets)
     eval_table = dict(prof.get("eval", {})) | eval_sets
-    from bench.metrics import EvalSettings
+    from bench.metrics import EvalSettings, select_metrics
 
     n_gen = eval_table.pop("n_gen", EvalPlan().n_gen)
     if isinstance(n_gen, bool) or not isinstance(n_gen, int) or n_gen < 1:
         raise BenchError(f"eval.n_gen must be a positive integer, got {n_gen!r}")
+    profile_metrics = eval_table.pop("metrics", None)
+    if profile_metrics is not None:
+        if not isinstance(profile_metrics, list):
+            raise BenchError(f"eval.metrics must be a list of metric names, got {profile_metrics!r}")
+        profile_metrics = select_metrics(profile_metrics)
     settings = cfgmod.build_dataclass(EvalSettings, eval_table, "eval")
-    plan_eval = EvalPlan(n_gen=n_gen, settings=cfgmod.to_jsonable(settings))
+    plan_eval = EvalPlan(n_gen=n_gen, settings=cfgmod.to_jsonable(settings), metrics=profile_metrics)
     specs = []
     for ds in datasets:
         spec = data.spec(ds, root=data_root)
@@ -437,6 +443,7 @@ class Runner:
         conditional = bool(labels.numel()) and int(labels.min()) >= 0
         spec_data = self.dataset(spec.dataset, "train").spec
         check_samples(images, labels if conditional else None, spec=spec_data, conditional=conditional)
+        labels = labels.long()
         old = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
         costs = dict(old.get("cost", {}))
         self._score(spec, images, labels if conditional else None, run_dir, costs, previous=old.get("metrics", {}))

@@ -120,6 +120,8 @@ def test_report_has_checked_eps_column_and_writes_tables(grid: Path, tmp_path: P
     assert ddpm[2:4] == ["∞", "∞"] and ddpm[6] == "none"  # ε target, ε recomputed, guarantee
     assert (tmp_path / "rep" / "summary.md").is_file() and (tmp_path / "rep" / "summary.csv").is_file()
     assert (tmp_path / "rep" / "acc_cnn.csv").is_file()
+    assert "acc_cnn_datalens‡ [datalens]" in r.stdout and "‡ test-selected" in r.stdout
+    assert "test-selected" in (tmp_path / "rep" / "acc_cnn_datalens.md").read_text()
 
 
 def test_index_can_be_rebuilt_from_run_dirs(grid: Path) -> None:
