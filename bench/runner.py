@@ -416,7 +416,8 @@ class Runner:
                 seed=spec.seed,
                 settings=settings,
                 device=self.device,
-                metrics=self.metrics,
+                metrics=self.metrics or spec.eval.metrics,
+                inception_weights=self.inception_weights,
             )
         metrics = previous | metrics
         cost = costs | {"peak_rss_mib": round(_peak_rss_mib(), 1), "device": str(self.device)}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from bench import registry
@@ -106,3 +107,46 @@ def test_unknown_metric_and_non_run_folder(finished_run: Path, tmp_path: Path) -
     assert r.exit_code == 2 and "not a run folder" in r.stderr
     r = bench("run", "--methods", "ddpm", "--dataset", "synthetic", "--metrics", "nope", "--results", str(tmp_path))
     assert r.exit_code == 2 and "unknown metric 'nope'" in r.stderr
+
+
+def test_profile_metric_set_and_inception_weights_reach_the_metrics(tmp_path: Path, monkeypatch) -> None:
+    """A profile's eval.metrics is the default set; --inception-weights reaches the Inception metrics."""
+    import bench.metrics as metrics_mod
+    from bench.runner import Runner
+    from bench.store import Store
+
+    profile = tmp_path / "p.toml"
+    profile.write_text(Path(TINY_PROFILE).read_text().replace("[eval]\n", '[eval]\nmetrics = ["fd_domain"]\n', 1))
+    r = bench(
+        "run",
+        "--methods",
+        "ddpm",
+        "--dataset",
+        "synthetic",
+        "--profile",
+        str(profile),
+        "--device",
+        "cpu",
+        "--results",
+        str(tmp_path / "res"),
+    )
+    assert r.exit_code == 0, r.output
+    (run_dir,) = (tmp_path / "res" / "runs").iterdir()
+    assert set(metrics_of(run_dir)) == {"fd_domain"}
+
+    seen = {}
+
+    def fake_inception(fake, real, *, weights, metrics, cuda, cache_name):
+        seen.update(weights=weights, metrics=list(metrics), n=len(fake), cache_name=cache_name)
+        return {"fid_inception": {"value": 12.5, "extractor": "inception-v3-compat"}}
+
+    monkeypatch.setattr(metrics_mod, "inception_metrics", fake_inception)
+    runner = Runner(
+        Store(tmp_path / "res"),
+        device=torch.device("cpu"),
+        metrics=("fid_inception",),
+        inception_weights="/weights/inception.pth",
+    )
+    runner.score(run_dir)
+    assert seen == {"weights": "/weights/inception.pth", "metrics": ["fid"], "n": 40, "cache_name": "synthetic-train"}
+    assert metrics_of(run_dir)["fid_inception"]["value"] == 12.5 and "fd_domain" in metrics_of(run_dir)
