@@ -7,7 +7,6 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from bench import data
 from bench.metrics import METRICS, EvalSettings, evaluate, features
-from bench.metrics.accuracy import cnn_accuracy
 from bench.metrics.features import EXTRACTOR_NAME, DomainFeatureExtractor, domain_extractor, extract_features
 from bench.metrics.fidelity import frechet_distance, reference_cache_name
 from bench.metrics.grid import LABEL_WIDTH, PAD, grid_scale, save_sample_grid
@@ -109,23 +108,6 @@ def test_fd_does_not_depend_on_batch_size(train, extractor):
 def test_fd_rejects_wrong_shape(train, extractor):
     with pytest.raises(ValueError, match="shape"):
         frechet_distance(torch.zeros(10, 1, 28, 28, dtype=torch.uint8), train, extractor=extractor)
-
-
-def test_accuracy_high_on_real_data_chance_on_random_labels(train, test_split):
-    sub = train.subset(torch.arange(1000))
-    result = cnn_accuracy(sub.images, sub.labels, test_split, seed=0, epochs=3)
-    assert result["accuracy"] > 80
-    assert result["protocol"] == "dpdm" and 1 <= result["selected_epoch"] <= 3
-    assert (result["n_train"], result["n_val"], result["n_test"]) == (900, 100, 500)
-
-    shuffled = sub.labels[torch.randperm(1000, generator=torch.Generator().manual_seed(0))]
-    assert cnn_accuracy(sub.images, shuffled, test_split, seed=0, epochs=3)["accuracy"] < 30
-
-
-def test_accuracy_is_deterministic(train, test_split):
-    sub = train.subset(torch.arange(200))
-    runs = [cnn_accuracy(sub.images, sub.labels, test_split, seed=3, epochs=2, batch_size=32) for _ in range(2)]
-    assert runs[0] == runs[1]
 
 
 def test_evaluate_records(train, test_split):
