@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from bench.contract import ImageDataset
 from bench.data import cache_root
 from bench.errors import BenchError
-from bench.metrics.features import SmallCNN, fingerprint, to_input
+from bench.metrics.features import SmallCNN, fingerprint, to_input, train_epoch
 
 VERSION = 1  # bump when a classifier, its training or a protocol changes: invalidates real_reference caches
 DPDM_LR = 3e-4
@@ -298,7 +298,9 @@ def _fit_one(
         best, best_epoch, best_state, best_pred = -1.0, 0, None, None
         curve: list[float] = []
         for epoch in range(1, epochs + 1):
-            _train_epoch(model, fit_x, fit_y, optimizer, batch_size=batch_size, generator=generator)
+            train_epoch(
+                model, fit_x, fit_y, optimizer, batch_size=batch_size, generator=generator, prepare=_channels_last
+            )
             if protocol == "dpdm":
                 score = _accuracy(_predict(model, val_x), val_y)
             else:
@@ -336,25 +338,6 @@ def _fit_one(
     }
 
 
-def _train_epoch(
-    model: nn.Module,
-    images: Tensor,
-    labels: Tensor,
-    optimizer: torch.optim.Optimizer,
-    *,
-    batch_size: int,
-    generator: torch.Generator,
-) -> None:
-    """One pass of cross-entropy training over uint8 `images`, in `generator`'s order."""
-    device = next(model.parameters()).device
-    model.train()
-    for idx in torch.randperm(len(images), generator=generator).split(batch_size):
-        x, y = _to_input(images[idx], device), labels[idx].to(device)
-        optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x), y).backward()
-        optimizer.step()
-
-
 @torch.inference_mode()
 def _predict(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> Tensor:
     """int64 [N] predicted classes (on the CPU) of uint8 `images` [N, C, H, W]."""
@@ -363,9 +346,13 @@ def _predict(model: nn.Module, images: Tensor, *, batch_size: int = 256) -> Tens
     return torch.cat([model(_to_input(x, device)).argmax(1).cpu() for x in images.split(batch_size)])
 
 
-def _to_input(images: Tensor, device: torch.device) -> Tensor:
+def _channels_last(images: Tensor) -> Tensor:
     """features.to_input, channels-last: CPU convolutions and pooling run about 3× faster in that layout."""
-    return to_input(images.to(device)).contiguous(memory_format=CHANNELS_LAST)
+    return to_input(images).contiguous(memory_format=CHANNELS_LAST)
+
+
+def _to_input(images: Tensor, device: torch.device) -> Tensor:
+    return _channels_last(images.to(device))
 
 
 def _accuracy(pred: Tensor, labels: Tensor) -> float:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,12 +75,16 @@ def train_epoch(
     *,
     batch_size: int,
     generator: torch.Generator,
+    prepare: Callable[[Tensor], Tensor] = to_input,
 ) -> None:
-    """One pass of cross-entropy training over uint8 `images` [N, C, H, W], in `generator`'s order."""
+    """One pass of cross-entropy training over uint8 `images` [N, C, H, W], in `generator`'s order.
+
+    `prepare` turns a uint8 batch (already on the model's device) into the model's float input.
+    """
     device = next(model.parameters()).device
     model.train()
     for idx in torch.randperm(len(images), generator=generator).split(batch_size):
-        x, y = to_input(images[idx].to(device)), labels[idx].to(device)
+        x, y = prepare(images[idx].to(device)), labels[idx].to(device)
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         optimizer.step()
