@@ -1,18 +1,46 @@
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+
+from bench import data
+from bench.contract import ImageDataset
 
 TESTS = Path(__file__).parent
 TINY_PROFILE = str(TESTS / "profiles" / "tiny.toml")
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every test gets a session-wide cache folder of its own (domain extractor, reference stats)."""
-    monkeypatch.setenv("BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bench-cache"))
-    monkeypatch.delenv("BENCH_DATA", raising=False)
-    monkeypatch.delenv("BENCH_RESULTS", raising=False)
-    monkeypatch.delenv("BENCH_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path_factory.getbasetemp() / "torch-home"))  # no cached weights
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """For the whole session (module fixtures and subprocesses too): one cache folder of the session's
+    own (domain extractor, reference statistics), no Inception weights, no user data or results folders."""
+    base = tmp_path_factory.getbasetemp()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BENCH_CACHE", str(base / "bench-cache"))
+        mp.setenv("TORCH_HOME", str(base / "torch-home"))  # no cached torch-fidelity weights
+        for var in ("BENCH_DATA", "BENCH_RESULTS", "BENCH_INCEPTION_WEIGHTS"):
+            mp.delenv(var, raising=False)
+        yield
+
+
+@pytest.fixture(scope="session")
+def train() -> ImageDataset:
+    """The procedural 1×16×16 training split (2,000 records, 10 classes)."""
+    return data.load("synthetic", "train")
+
+
+@pytest.fixture(scope="session")
+def test_split() -> ImageDataset:
+    return data.load("synthetic", "test")
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Iterator[None]:
+    """Two torch threads on two shared cores stall when another process competes; one is steady."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from bench import config, data, registry
+from bench import config, registry
 from bench.contract import NullProgress
 from bench.privacy import Budget, PrivacyLedger, epsilon
 from tests.conftest import TINY_PROFILE
@@ -18,11 +18,6 @@ from tests.conftest import TINY_PROFILE
 METHODS = sorted(registry.methods())
 CPU = torch.device("cpu")
 EPS = 10.0
-
-
-@pytest.fixture(scope="module")
-def train():
-    return data.load("synthetic", "train")
 
 
 def build(name: str, train):

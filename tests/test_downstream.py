@@ -3,7 +3,6 @@ import json
 import pytest
 import torch
 
-from bench import data
 from bench.errors import BenchError
 from bench.metrics import downstream
 from bench.metrics.downstream import DATALENS_NOTE, downstream_accuracy, real_reference
@@ -11,25 +10,7 @@ from bench.metrics.downstream import DATALENS_NOTE, downstream_accuracy, real_re
 ALL = ("logreg", "mlp", "cnn", "cnn_datalens")
 DPDM = ("logreg", "mlp", "cnn")
 E = 7  # epochs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two threads on two shared cores are several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def train():
-    return data.load("synthetic", "train")
-
-
-@pytest.fixture(scope="module")
-def test_split():
-    return data.load("synthetic", "test")
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,17 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import config, data, registry
+from bench import config, registry
 from bench.contract import NullProgress
 from bench.dpsgd import DPSGD
 from bench.errors import BenchError
 from bench.privacy import Budget, calibrate_sigma, epsilon
 from tests.conftest import TINY_PROFILE
-
-
-@pytest.fixture(scope="module")
-def train():
-    return data.load("synthetic", "train")
 
 
 def test_ledger_matches_the_executed_steps(train, monkeypatch: pytest.MonkeyPatch) -> None:

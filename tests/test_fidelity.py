@@ -3,32 +3,12 @@ import time
 import pytest
 import torch
 
-from bench import data
 from bench.metrics import features, fidelity
 from bench.metrics.features import EXTRACTOR_NAME, domain_extractor
 from bench.metrics.fidelity import domain_fidelity, frechet_distance, prc_reference_index
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = {"fd_domain", "kid_domain", "precision_domain", "recall_domain"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def env(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bench-cache"))
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def train():
-    return data.load("synthetic", "train")
-
-
-@pytest.fixture(scope="module")
-def test_split():
-    return data.load("synthetic", "test")
 
 
 @pytest.fixture(scope="module")

@@ -11,30 +11,9 @@ from bench.metrics.features import EXTRACTOR_NAME, DomainFeatureExtractor, domai
 from bench.metrics.fidelity import frechet_distance, reference_cache_name
 from bench.metrics.grid import LABEL_WIDTH, PAD, grid_scale, save_sample_grid
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 EXTRACTOR_EPOCHS = 2
 SETTINGS = EvalSettings(epochs=2, extractor_epochs=EXTRACTOR_EPOCHS, feature_batch_size=128)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def env(tmp_path_factory):
-    """The session's tmp cache (as conftest sets it per test, but also for module fixtures); one thread:
-    two threads on two shared cores are several times slower than one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("BENCH_CACHE", str(tmp_path_factory.getbasetemp() / "bench-cache"))
-        yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def train():
-    return data.load("synthetic", "train")
-
-
-@pytest.fixture(scope="module")
-def test_split():
-    return data.load("synthetic", "test")
 
 
 @pytest.fixture(scope="module")

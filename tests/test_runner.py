@@ -38,7 +38,6 @@ def run_dirs(results: Path) -> list[Path]:
 def grid(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """dpdm at ε = 1 and 10 plus the non-private ddpm, on the tiny profile."""
     results = tmp_path_factory.mktemp("grid")
-    os.environ["BENCH_CACHE"] = str(tmp_path_factory.getbasetemp() / "bench-cache")
     r = bench(*RUN, "--methods", "dpdm,ddpm", "--eps", "1,10", "--results", str(results))
     assert r.exit_code == 0, r.output
     return results
