@@ -27,7 +27,7 @@ from bench import config as cfgmod
 from bench import data, registry
 from bench.contract import ImageDataset
 from bench.errors import BenchError
-from bench.privacy import Budget, PrivacyLedger, default_delta, epsilon, privacy_card
+from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, default_delta, epsilon, privacy_card, verify
 from bench.store import Store, load_torch, read_json, save_torch, write_json
 
 RESULT_VERSION = 1  # bump when a change of the harness changes results, so old keys are not reused
@@ -340,32 +340,25 @@ class Runner:
         return "done"
 
     def _privacy(self, spec: RunSpec, cls: Any, ledger: PrivacyLedger, run_dir: Path) -> str:
-        """Recompute ε from the ledger, write the card, refuse an over-budget run."""
+        """Recompute ε from the ledger, write the card, refuse an over-budget run (privacy.verify)."""
+        error = None
         if cls.guarantee == "none":
-            eps, guarantee = math.inf, "none"
+            budget, eps, guarantee = Budget.unlimited(spec.delta), math.inf, "none"
         else:
-            eps = epsilon(ledger, spec.delta, spec.accountant)
+            budget = Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
             guarantee = "partial" if ledger.non_private or cls.guarantee == "partial" else "end-to-end"
-        budget = (
-            None
-            if math.isinf(spec.epsilon)
-            else Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
-        )
-        card = privacy_card(
-            ledger, budget if budget else Budget.unlimited(spec.delta), epsilon=eps, guarantee=guarantee
-        )
-        over = budget is not None and eps > spec.epsilon * (1 + 1e-6)
-        card["status"] = "over budget" if over else "ok"
+            try:
+                eps = verify(ledger, budget)
+            except BudgetExceeded as e:
+                eps, error = epsilon(ledger, spec.delta, spec.accountant), str(e)
+        card = privacy_card(ledger, budget, epsilon=eps, guarantee=guarantee)
+        card["status"] = "over budget" if error else "ok"
         write_json(run_dir / "privacy.json", card)
         self.store.record_run(
-            spec.key,
-            guarantee=guarantee,
-            epsilon=eps,
-            status="failed" if over else "sampling",
-            error=f"ε = {eps:.6g} exceeds the target {spec.epsilon:g}" if over else None,
+            spec.key, guarantee=guarantee, epsilon=eps, status="failed" if error else "sampling", error=error
         )
-        if over:
-            self.log(run_dir, f"FAILED: recomputed ε = {eps:.6g} exceeds the target {spec.epsilon:g}")
+        if error:
+            self.log(run_dir, f"FAILED: {error}")
             return "failed"
         self.log(run_dir, f"privacy: ε = {eps:.6g} ({spec.accountant}, δ = {spec.delta:g}), guarantee {guarantee}")
         return "ok"
