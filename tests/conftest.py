@@ -5,8 +5,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from typer.testing import CliRunner, Result
 
-from bench import data
+from bench import data, registry
+from bench.cli import app
 from bench.contract import ImageDataset
 
 TESTS = Path(__file__).parent
@@ -44,3 +46,9 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def bench(*args: str) -> Result:
+    """Run the `bench` CLI in-process (a fresh registry each time, as a new process would have)."""
+    registry._cache.clear()
+    return CliRunner().invoke(app, list(args))

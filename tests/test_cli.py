@@ -7,18 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from bench import registry
-from bench.cli import app
-from tests.conftest import TESTS, TINY_PROFILE
-
-runner = CliRunner()
-
-
-def bench(*args: str):
-    registry._cache.clear()
-    return runner.invoke(app, list(args))
+from tests.conftest import TESTS, TINY_PROFILE, bench
 
 
 def tiny_run(results: Path, *extra: str):

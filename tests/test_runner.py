@@ -13,21 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from bench import registry
-from bench.cli import app
 from bench.privacy import Stage, epsilon
 from bench.store import Store
-from tests.conftest import TESTS, TINY_PROFILE
+from tests.conftest import TESTS, TINY_PROFILE, bench
 
-cli = CliRunner()
 RUN = ["run", "--dataset", "synthetic", "--profile", TINY_PROFILE, "--device", "cpu"]
-
-
-def bench(*args: str):
-    registry._cache.clear()
-    return cli.invoke(app, list(args))
 
 
 def run_dirs(results: Path) -> list[Path]:

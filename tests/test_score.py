@@ -9,18 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from bench import registry
-from bench.cli import app
-from tests.conftest import TINY_PROFILE
-
-cli = CliRunner()
-
-
-def bench(*args: str):
-    registry._cache.clear()
-    return cli.invoke(app, list(args))
+from tests.conftest import TINY_PROFILE, bench
 
 
 @pytest.fixture(scope="module")
