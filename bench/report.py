@@ -1,20 +1,27 @@
 """Tables from the results index: method × (dataset, ε), mean ± std over seeds, with the checked ε.
 
 The ε column is the harness's recomputation from each run's ledger (never the method's claim); a row
-whose guarantee is partial carries a mark and a footnote; the non-private reference shows ε = ∞.
+whose guarantee is partial carries a mark and a footnote; the non-private reference shows ε = ∞; each
+dataset's real-data row (method "real", shown as "real data") gives the same metrics on real data.
+A metric cell pools every value behind it: generator seeds × classifier seeds (`per_seed` of an
+accuracy record), so "(n=6)" is 3 generator seeds × 2 classifier seeds.
+
+Outputs (`write_report`): summary, one table per metric, a privacy table (accountant, δ, ε, σ, q, steps
+per stage) and a cost table, each as Markdown, CSV and/or LaTeX (booktabs, best cell per column bold).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.store import Store
+from bench.store import Store, read_json
 
 PARTIAL_MARK = "†"
 TEST_SELECTED_MARK = "‡"
@@ -24,6 +31,9 @@ FOOTNOTES = {
     TEST_SELECTED_MARK: "test-selected: best real test accuracy over epochs (DataLens/DPGEN protocol); "
     "optimistic, shown only for comparison with published tables.",
 }
+REAL_LABEL = "real data"
+FORMATS = ("md", "csv", "tex")
+LOWER_IS_BETTER = ("fd_", "fid_", "kid_")  # metric name prefixes; every other metric: higher is better
 
 
 def _eps_label(e: float | None) -> str:
@@ -31,8 +41,16 @@ def _eps_label(e: float | None) -> str:
     return "∞" if e is None or not math.isfinite(e) else f"{e:g}"
 
 
-def _fmt(values: pd.Series) -> str:
-    v = values.dropna()
+def _eps_order(label: str) -> float:
+    return math.inf if label == "∞" else float(label)
+
+
+def _pooled(values: Iterable[list[float]]) -> list[float]:
+    return [v for vs in values for v in vs]
+
+
+def _fmt(values: Iterable[list[float]]) -> str:
+    v = pd.Series(_pooled(values), dtype=float)
     if v.empty:
         return "n/a"
     if len(v) == 1:
@@ -40,9 +58,21 @@ def _fmt(values: pd.Series) -> str:
     return f"{v.mean():.2f} ± {v.std(ddof=1):.2f} (n={len(v)})"
 
 
-def load_frame(store: Store, keys: set[str] | None = None) -> pd.DataFrame:
-    """One row per (finished run, metric)."""
-    runs, metrics = store.rows()
+def _info(raw: Any) -> dict[str, Any]:
+    return json.loads(raw) if isinstance(raw, str) else {}
+
+
+def _values(value: Any, info: dict[str, Any]) -> list[float]:
+    """Every value behind one (run, metric): its classifier seeds' values, else the value itself."""
+    per_seed = info.get("per_seed")
+    if isinstance(per_seed, list) and per_seed:
+        return [float(v) for v in per_seed if v is not None]
+    return [] if value is None or pd.isna(value) else [float(value)]
+
+
+def load_frame(store: Store, keys: set[str] | None = None, metrics: Collection[str] | None = None) -> pd.DataFrame:
+    """One row per (finished run, metric); `values` lists the values the run contributes to a cell."""
+    runs, metric_rows = store.rows()
     if not runs:
         raise BenchError(f"no runs in {store.root} (run `bench run` first)")
     runs_df = pd.DataFrame(runs)
@@ -51,88 +81,234 @@ def load_frame(store: Store, keys: set[str] | None = None) -> pd.DataFrame:
         runs_df = runs_df[runs_df["key"].isin(keys)]
     if runs_df.empty:
         raise BenchError(f"no finished runs in {store.root}")
-    met_df = pd.DataFrame(metrics, columns=["key", "metric", "value", "info"])
+    met_df = pd.DataFrame(metric_rows, columns=["key", "metric", "value", "info"])
+    if metrics is not None:
+        met_df = met_df[met_df["metric"].isin(set(metrics))]
     df = runs_df.merge(met_df, on="key", how="left")
+    infos = [_info(raw) for raw in df["info"]]
+    df["values"] = [_values(v, i) for v, i in zip(df["value"], infos, strict=True)]
     df["eps"] = df["target_epsilon"].map(_eps_label)
-    df["label"] = df["method"] + df["guarantee"].map(lambda g: PARTIAL_MARK if g == "partial" else "")
-    df["metric_label"] = df.apply(_metric_label, axis=1)
+    df["label"] = [
+        REAL_LABEL if m == "real" else m + (PARTIAL_MARK if g == "partial" else "")
+        for m, g in zip(df["method"], df["guarantee"], strict=True)
+    ]
+    df["metric_label"] = [
+        _metric_label(m, i) if isinstance(m, str) else None for m, i in zip(df["metric"], infos, strict=True)
+    ]
     return df
 
 
-def _metric_label(row: pd.Series) -> str:
-    info = json.loads(row["info"]) if isinstance(row["info"], str) else {}
+def _metric_label(metric: str, info: dict[str, Any]) -> str:
     how = info.get("extractor") or info.get("protocol")
     mark = TEST_SELECTED_MARK if info.get("test_selected") else ""
-    return f"{row['metric']}{mark} [{how}]" if how else f"{row['metric']}{mark}"
+    return f"{metric}{mark} [{how}]" if how else f"{metric}{mark}"
 
 
-def _eps_order(label: str) -> float:
-    return math.inf if label == "∞" else float(label)
-
-
-def _fmt_cost(runs: pd.DataFrame, key: str) -> str:
+def _cost(runs: pd.DataFrame, key: str) -> list[float]:
     values = [json.loads(c).get(key) for c in runs.get("cost", pd.Series(dtype=object)).dropna()]
-    values = [v for v in values if v is not None]
-    return f"{sum(values) / len(values):.0f}" if values else "n/a"
+    return [float(v) for v in values if isinstance(v, int | float)]
+
+
+def _fmt_cost(runs: pd.DataFrame, key: str, digits: int = 0) -> str:
+    values = _cost(runs, key)
+    return f"{sum(values) / len(values):.{digits}f}" if values else "n/a"
+
+
+def _sorted(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    out["_e"] = out["ε target"].map(_eps_order)
+    out["_r"] = out["method"] == REAL_LABEL  # the real-data row last within its dataset
+    return out.sort_values(["dataset", "_r", "_e", "method"]).drop(columns=["_e", "_r"]).reset_index(drop=True)
+
+
+def _groups(df: pd.DataFrame) -> Iterable[tuple[tuple[str, str, str], pd.DataFrame]]:
+    return df.groupby(["label", "dataset", "eps"], sort=False)  # type: ignore[return-value]
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, ε): the recomputed ε, δ, accountant, guarantee and every metric."""
     rows = []
-    for (label, dataset, eps), g in df.groupby(["label", "dataset", "eps"], sort=False):
+    for (label, dataset, eps), g in _groups(df):
         runs = g.drop_duplicates("key")
+        real = label == REAL_LABEL
         recomputed = runs["epsilon"].dropna()
+        recomputed = recomputed[recomputed.map(math.isfinite)]
         row = {
             "method": label,
             "dataset": dataset,
             "ε target": eps,
-            "ε recomputed": "∞" if recomputed.empty else f"{recomputed.max():.3f}",
-            "δ": f"{runs['delta'].iloc[0]:g}",
-            "accountant": runs["accountant"].iloc[0],
-            "guarantee": runs["guarantee"].iloc[0],
+            "ε recomputed": "—" if real else "∞" if recomputed.empty else f"{recomputed.max():.3f}",
+            "δ": "—" if real else f"{runs['delta'].iloc[0]:g}",
+            "accountant": "—" if real else runs["accountant"].iloc[0],
+            "guarantee": "—" if real else runs["guarantee"].iloc[0],
             "seeds": len(runs),
             "fit [s]": _fmt_cost(runs, "fit_s"),
         }
-        for metric, m in g.groupby("metric_label"):
-            row[metric] = _fmt(m["value"])
+        for metric, m in g.dropna(subset=["metric_label"]).groupby("metric_label"):
+            row[metric] = _fmt(m["values"])
         rows.append(row)
-    out = pd.DataFrame(rows)
-    out["_e"] = out["ε target"].map(_eps_order)
-    return out.sort_values(["dataset", "_e", "method"]).drop(columns="_e").reset_index(drop=True)
+    return _sorted(rows)
 
 
-def metric_table(df: pd.DataFrame, metric_label: str) -> pd.DataFrame:
-    """method × (dataset, ε) for one metric."""
+def metric_table(df: pd.DataFrame, metric_label: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """method × (dataset, ε) for one metric: the formatted cells and their means (NaN where empty)."""
     sub = df[df["metric_label"] == metric_label]
     cells: dict[tuple[str, str], dict[str, str]] = {}
+    means: dict[tuple[str, str], dict[str, float]] = {}
     for (label, dataset, eps), g in sub.groupby(["label", "dataset", "eps"]):
-        cells.setdefault((dataset, eps), {})[label] = _fmt(g["value"])
+        values = _pooled(g["values"])
+        cells.setdefault((dataset, eps), {})[label] = _fmt(g["values"])
+        means.setdefault((dataset, eps), {})[label] = sum(values) / len(values) if values else math.nan
     cols = sorted(cells, key=lambda c: (c[0], _eps_order(c[1])))
-    table = pd.DataFrame({f"{d} ε={e}": cells[(d, e)] for d, e in cols})
-    table.index.name = "method"
-    return table.fillna("—")
+    names = {c: f"{c[0]} ε={c[1]}" for c in cols}
+    table = pd.DataFrame({names[c]: cells[c] for c in cols})
+    numbers = pd.DataFrame({names[c]: means[c] for c in cols}).reindex(table.index)
+    order = sorted(table.index, key=lambda m: (m == REAL_LABEL, m))
+    table, numbers = table.loc[order], numbers.loc[order]
+    table.index.name = numbers.index.name = "method"
+    return table.fillna("—"), numbers
 
 
-def _footnotes(df: pd.DataFrame) -> list[str]:
+def best_cells(numbers: pd.DataFrame, metric: str) -> set[tuple[str, str]]:
+    """(method, column) of the best mean per column, the real-data row excluded (it is a reference)."""
+    lower = metric.startswith(LOWER_IS_BETTER)
+    best = set()
+    for col in numbers.columns:
+        s = numbers[col].drop(REAL_LABEL, errors="ignore").dropna()
+        if not s.empty:
+            target = s.min() if lower else s.max()
+            best |= {(m, col) for m, v in s.items() if v == target}
+    return best
+
+
+def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, dataset, ε) with a privacy card: accountant, δ, ε, and each stage's σ, q, steps."""
+    rows = []
+    for (label, dataset, eps), g in _groups(df):
+        runs = g.drop_duplicates("key")
+        if label == REAL_LABEL:
+            continue
+        cards = [read_json(Path(d) / "privacy.json") for d in runs["run_dir"] if (Path(d) / "privacy.json").is_file()]
+        if not cards:
+            continue
+        eps_values = [c["epsilon"] for c in cards if c.get("epsilon") is not None]
+        claimed = [c["claimed_epsilon"] for c in cards if c.get("claimed_epsilon") is not None]
+        rows.append(
+            {
+                "method": label,
+                "dataset": dataset,
+                "ε target": eps,
+                "ε recomputed": f"{max(eps_values):.3f}" if eps_values else "∞",
+                "ε claimed": f"{max(claimed):.3f}" if claimed else "—",
+                "δ": f"{cards[0]['delta']:g}",
+                "accountant": cards[0]["accountant"],
+                "guarantee": cards[0]["guarantee"],
+                "stages": "; ".join(_stage(s) for s in cards[0].get("stages", [])) or "—",
+                "non-private": "; ".join(cards[0].get("non_private", [])) or "—",
+            }
+        )
+    return _sorted(rows)
+
+
+def _stage(stage: dict[str, Any]) -> str:
+    parts = [f"σ={stage['noise_multiplier']:.4g}"]
+    if stage.get("sampling_rate") is not None:
+        parts.append(f"q={stage['sampling_rate']:.4g}")
+    if "steps" in stage:
+        parts.append(f"steps={stage['steps']}")
+    if "count" in stage:
+        parts.append(f"count={stage['count']}")
+    if stage.get("max_grad_norm") is not None:
+        parts.append(f"C={stage['max_grad_norm']:g}")
+    return f"{stage['name']} ({stage['mechanism']}: {', '.join(parts)})"
+
+
+def _hours(cost: str) -> float:
+    """Hours of one run: fit + sample + score."""
+    c = json.loads(cost)
+    return sum(float(c.get(k) or 0.0) for k in ("fit_s", "sample_s", "score_s")) / 3600
+
+
+def cost_table(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (method, dataset, ε): mean seconds per stage, hours per run, peak memory, device, size."""
+    rows = []
+    for (label, dataset, eps), g in _groups(df):
+        runs = g.drop_duplicates("key")
+        hours = [_hours(c) for c in runs["cost"].dropna()]
+        devices = sorted({json.loads(c).get("device", "?") for c in runs["cost"].dropna()})
+        kind = "GPU" if any(d.startswith("cuda") for d in devices) else "CPU"
+        rows.append(
+            {
+                "method": label,
+                "dataset": dataset,
+                "ε target": eps,
+                "runs": len(runs),
+                "fit [s]": _fmt_cost(runs, "fit_s"),
+                "sample [s]": _fmt_cost(runs, "sample_s"),
+                "score [s]": _fmt_cost(runs, "score_s"),
+                f"{kind}-hours/run": f"{sum(hours) / len(hours):.4f}" if hours else "n/a",
+                "peak RSS [MiB]": _fmt_cost(runs, "peak_rss_mib"),
+                "peak GPU [MiB]": _fmt_cost(runs, "peak_gpu_mib"),
+                "device": ", ".join(devices) or "n/a",
+                "parameters": _fmt_cost(runs, "released_parameters"),
+            }
+        )
+    return _sorted(rows)
+
+
+def footnotes(df: pd.DataFrame) -> list[str]:
     used = "".join(df["label"]) + "".join(df["metric_label"].dropna())
     return [f"{mark} {text}" for mark, text in FOOTNOTES.items() if mark in used]
 
 
-def build_report(store: Store, *, out: Path | None, keys: set[str] | None, echo: Callable[[str], None]) -> pd.DataFrame:
-    """Print the summary table (and write Markdown + CSV tables to `out` when given)."""
-    df = load_frame(store, keys)
+def check_formats(formats: Collection[str]) -> list[str]:
+    bad = [f for f in formats if f not in FORMATS]
+    if bad or not formats:
+        raise BenchError(f"unknown report format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def build_report(
+    store: Store,
+    *,
+    out: Path | None,
+    keys: set[str] | None,
+    echo: Callable[[str], None],
+    formats: Collection[str] = ("md", "csv"),
+    metrics: Collection[str] | None = None,
+    plots: bool = False,
+) -> pd.DataFrame:
+    """Print the summary table; with `out`, write every table in `formats` (and the plots) there."""
+    formats = check_formats(formats)
+    df = load_frame(store, keys, metrics)
     summary = summary_table(df)
-    notes = _footnotes(df)
+    notes = footnotes(df)
     echo(_markdown(summary, index=False))
     for note in notes:
         echo(note)
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        _write(summary, out / "summary", notes, index=False)
-        for metric_label in sorted(df["metric_label"].dropna().unique()):
-            slug = metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK)
-            _write(metric_table(df, metric_label), out / slug, [f"metric: {metric_label}", *notes], index=True)
-        echo(f"tables written to {out}/")
+    if out is None:
+        return summary
+    out.mkdir(parents=True, exist_ok=True)
+    _write(summary, out / "summary", notes, formats, index=False, caption="Summary")
+    for metric_label in sorted(df["metric_label"].dropna().unique()):
+        metric = metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK)
+        table, numbers = metric_table(df, metric_label)
+        _write(table, out / metric, [f"metric: {metric_label}", *notes], formats, index=True,
+               caption=f"{metric_label}: mean ± std (n = generator × classifier seeds)",
+               bold=best_cells(numbers, metric))  # fmt: skip
+    privacy = privacy_table(df)
+    if not privacy.empty:
+        _write(privacy, out / "privacy", notes, formats, index=False, caption="Privacy accounting per row")
+    _write(cost_table(df), out / "cost", [], formats, index=False, caption="Cost per run")
+    written = f"tables ({', '.join(formats)}) written to {out}/"
+    if plots:
+        from bench.plots import write_plots
+
+        files = write_plots(df, out / "plots", metrics=metrics)
+        written += f"; {len(files)} plot files to {out / 'plots'}/"
+    echo(written)
     return summary
 
 
@@ -144,6 +320,65 @@ def _markdown(table: pd.DataFrame, index: bool) -> str:
     return "\n".join([header, sep, *body])
 
 
-def _write(table: pd.DataFrame, stem: Path, notes: list[str], *, index: bool) -> None:
-    table.to_csv(stem.with_suffix(".csv"), index=index)
-    stem.with_suffix(".md").write_text(_markdown(table, index) + "\n\n" + "\n".join(notes) + "\n")
+_TEX = {
+    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
+    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
+    "σ": r"$\sigma$", "δ": r"$\delta$", "∞": r"$\infty$", "—": "---", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
+    "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$",
+}  # fmt: skip
+
+
+def tex_escape(text: Any) -> str:
+    """Plain text (with the symbols our tables use) as LaTeX that compiles without extra packages."""
+    return "".join(_TEX.get(ch, ch) for ch in str(text))
+
+
+def to_latex(
+    table: pd.DataFrame,
+    *,
+    index: bool,
+    caption: str,
+    bold: Collection[tuple[str, str]] = (),
+    notes: Collection[str] = (),
+) -> str:
+    """A booktabs table (toprule, midrule, bottomrule); cells in `bold` ((row label, column)) in bold;
+    `notes` (the footnotes of the marks) printed under it."""
+    t = table.reset_index() if index else table
+    bold = set(bold)
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        rf"\caption{{{tex_escape(caption)}}}",
+        r"\begin{tabular}{l" + "r" * (len(t.columns) - 1) + "}",
+        r"\toprule",
+        " & ".join(tex_escape(c) for c in t.columns) + r" \\",
+        r"\midrule",
+    ]
+    for row in t.itertuples(index=False):
+        cells = [tex_escape(row[0])]
+        for col, value in zip(t.columns[1:], row[1:], strict=True):
+            text = tex_escape(value)
+            cells.append(rf"\textbf{{{text}}}" if (str(row[0]), str(col)) in bold else text)
+        lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    lines += [rf"\par{{\footnotesize {tex_escape(n)}}}" for n in notes]
+    lines.append(r"\end{table}")
+    return "\n".join(lines) + "\n"
+
+
+def _write(
+    table: pd.DataFrame,
+    stem: Path,
+    notes: list[str],
+    formats: Collection[str],
+    *,
+    index: bool,
+    caption: str,
+    bold: Collection[tuple[str, str]] = (),
+) -> None:
+    if "csv" in formats:
+        table.to_csv(stem.with_suffix(".csv"), index=index)
+    if "md" in formats:
+        stem.with_suffix(".md").write_text(_markdown(table, index) + "\n\n" + "\n".join(notes) + "\n")
+    if "tex" in formats:
+        stem.with_suffix(".tex").write_text(to_latex(table, index=index, caption=caption, bold=bold, notes=notes))

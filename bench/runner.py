@@ -75,6 +75,21 @@ class RunSpec:
         return dataclasses.asdict(self) | {"key": self.key}
 
 
+REAL = "real"  # the method name of the real-data reference rows
+
+
+def real_key(dataset: str, eval_plan: EvalPlan) -> str:
+    """The key of a dataset's real-data row under an evaluation plan (the metric set is not part of it)."""
+    ident = {
+        "v": RESULT_VERSION,
+        "kind": REAL,
+        "dataset": dataset,
+        "eval": {k: v for k, v in dataclasses.asdict(eval_plan).items() if k != "metrics"},
+    }
+    blob = json.dumps(ident, sort_keys=True, default=str)
+    return f"{REAL}-{dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
 def spec_from_json(d: dict[str, Any]) -> RunSpec:
     """The RunSpec a config.json was written from."""
     eps = d["epsilon"]
@@ -339,6 +354,67 @@ class Runner:
         self._sample_and_score(spec, method, train, run_dir, costs)
         return "done"
 
+    def run_real(self, dataset: str, eval_plan: EvalPlan, *, profile: str) -> str:
+        """The dataset's real-data row: the same metrics with real data in place of samples.
+
+        Fidelity: `n_gen` real test images (a fixed seeded subset) against the training set, the floor a
+        generator can reach at that sample count. Accuracy: the same classifiers trained on the whole real
+        training set (cached per dataset and classifier seed: downstream.real_reference). Returns
+        "skipped" or "done".
+        """
+        from bench.metrics import EvalSettings, accuracy_classifiers, evaluate, select_metrics
+        from bench.metrics.downstream import classifier_seeds, over_seeds, real_reference
+
+        key = real_key(dataset, eval_plan)
+        if self.store.finished(key):
+            if not self.force:
+                return "skipped"
+            self.store.clear(key)
+        run_dir = self.store.run_dir(key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_json(
+            run_dir / "config.json",
+            {"kind": REAL, "method": REAL, "dataset": dataset, "epsilon": None, "delta": None, "accountant": None,
+             "seed": 0, "profile": profile, "eval": dataclasses.asdict(eval_plan), "key": key},
+        )  # fmt: skip
+        self.store.record_run(
+            key, method=REAL, dataset=dataset, target_epsilon=math.inf, seed=0, profile=profile,
+            status="running", guarantee="none", epsilon=math.inf,
+        )  # fmt: skip
+        train, test = self.dataset(dataset, "train"), self.dataset(dataset, "test")
+        settings = EvalSettings(**eval_plan.settings)
+        wanted = select_metrics(self.metrics or eval_plan.metrics)
+        classifiers = accuracy_classifiers(wanted)
+        costs: dict[str, Any] = {}
+        with _timed(costs, "score"):
+            n = min(eval_plan.n_gen, len(test))
+            index = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n].sort().values
+            fidelity = [m for m in wanted if m not in {f"acc_{c}" for c in classifiers}]
+            metrics = (
+                evaluate(test.images[index], test.labels[index], dataset=dataset, train=train, test=test, seed=0,
+                         settings=settings, device=self.device, metrics=fidelity,
+                         inception_weights=self.inception_weights)
+                if fidelity
+                else {}
+            )  # fmt: skip
+            metrics = {name: rec | {"reference_images": f"{n} real test images"} for name, rec in metrics.items()}
+            if classifiers:
+                metrics |= over_seeds(
+                    [
+                        real_reference(train, test, dataset=dataset, seed=s, classifiers=classifiers,
+                                       epochs=settings.epochs, batch_size=settings.batch_size,
+                                       val_fraction=settings.val_fraction, device=self.device)
+                        for s in classifier_seeds(0, settings.classifier_seeds)
+                    ]
+                )  # fmt: skip
+        metrics = {m: metrics[m] for m in wanted if m in metrics}
+        cost = costs | {"peak_rss_mib": round(_peak_rss_mib(), 1), "device": str(self.device)}
+        write_json(run_dir / "metrics.json", {"key": key, "metrics": metrics, "cost": cost})
+        self.store.record_metrics(key, metrics)
+        self.store.record_run(key, status="done", cost=json.dumps(cost))
+        self.log(run_dir, "real-data row: " + ", ".join(f"{k}={v.get('value')}" for k, v in metrics.items()))
+        return "done"
+
     def _privacy(self, spec: RunSpec, cls: Any, ledger: PrivacyLedger, run_dir: Path) -> str:
         """Recompute ε from the ledger, write the card, refuse an over-budget run (privacy.verify)."""
         error = None
@@ -426,6 +502,8 @@ class Runner:
         from bench.metrics import check_samples
 
         cfg_path, samples_path = run_dir / "config.json", run_dir / "samples.npz"
+        if cfg_path.is_file() and read_json(cfg_path).get("kind") == REAL:
+            raise BenchError(f"{run_dir} is a real-data reference row, not samples; `bench run --force` recomputes it")
         if not cfg_path.is_file() or not samples_path.is_file():
             raise BenchError(f"{run_dir} is not a run folder with samples (config.json and samples.npz)")
         spec = spec_from_json(read_json(cfg_path))

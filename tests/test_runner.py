@@ -22,7 +22,12 @@ RUN = ["run", "--dataset", "synthetic", "--profile", TINY_PROFILE, "--device", "
 
 
 def run_dirs(results: Path) -> list[Path]:
-    return sorted(p for p in (results / "runs").iterdir() if p.is_dir())
+    """The method runs (the real-data rows left out)."""
+    return sorted(p for p in (results / "runs").iterdir() if p.is_dir() and not p.name.startswith("real-"))
+
+
+def real_dirs(results: Path) -> list[Path]:
+    return sorted((results / "runs").glob("real-*"))
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +59,24 @@ def test_every_run_writes_its_files(grid: Path) -> None:
         metrics = json.loads((d / "metrics.json").read_text())
         assert {"fd_domain", "acc_cnn"} <= set(metrics["metrics"])
         assert metrics["cost"]["fit_s"] > 0
+
+
+def test_real_data_row_is_computed_once_per_dataset(grid: Path) -> None:
+    (d,) = real_dirs(grid)
+    cfg = json.loads((d / "config.json").read_text())
+    assert (cfg["kind"], cfg["method"], cfg["dataset"]) == ("real", "real", "synthetic")
+    met = json.loads((d / "metrics.json").read_text())["metrics"]
+    # fidelity of n_gen real test images against the training set: far closer than any tiny model
+    fd = met["fd_domain"]
+    assert fd["reference_images"] == "40 real test images" and fd["n_gen"] == 40
+    model_fd = [json.loads((r / "metrics.json").read_text())["metrics"]["fd_domain"]["value"] for r in run_dirs(grid)]
+    assert fd["value"] < min(model_fd)
+    # the classifiers trained on the whole real training set, under the same protocol
+    acc = met["acc_cnn"]
+    assert acc["reference"] == "real train" and acc["n_train"] + acc["n_val"] == 2000
+    assert acc["per_seed"] == [acc["value"]] and acc["classifier_seeds"] == [0]
+    r = bench("score", str(d))
+    assert r.exit_code == 2 and "real-data reference row" in r.stderr
 
 
 def test_privacy_cards_are_recomputable(grid: Path) -> None:
@@ -93,6 +116,7 @@ def test_finished_runs_are_skipped_and_forced_runs_redone(grid: Path) -> None:
     before = {d.name: (d / "metrics.json").stat().st_mtime_ns for d in run_dirs(grid)}
     r = bench(*RUN, "--methods", "dpdm,ddpm", "--eps", "1,10", "--results", str(grid))
     assert r.exit_code == 0 and "0 run(s) done, 3 already finished" in r.stderr
+    assert "real-data row of synthetic: already finished" in r.stderr
     assert before == {d.name: (d / "metrics.json").stat().st_mtime_ns for d in run_dirs(grid)}
     r = bench(*RUN, "--methods", "ddpm", "--eps", "1", "--results", str(grid), "--force")
     assert r.exit_code == 0 and "1 run(s) done" in r.stderr
@@ -110,6 +134,8 @@ def test_report_has_checked_eps_column_and_writes_tables(grid: Path, tmp_path: P
     assert ddpm[2:4] == ["∞", "∞"] and ddpm[6] == "none"  # ε target, ε recomputed, guarantee
     assert (tmp_path / "rep" / "summary.md").is_file() and (tmp_path / "rep" / "summary.csv").is_file()
     assert (tmp_path / "rep" / "acc_cnn.csv").is_file()
+    (real,) = [ln.split(" | ") for ln in r.stdout.splitlines() if ln.startswith("| real data")]
+    assert real[2:7] == ["∞", "—", "—", "—", "—"]  # ε target, ε recomputed, δ, accountant, guarantee
     assert "acc_cnn_datalens‡ [datalens]" in r.stdout and "‡ test-selected" in r.stdout
     assert "test-selected" in (tmp_path / "rep" / "acc_cnn_datalens.md").read_text()
 
@@ -117,7 +143,7 @@ def test_report_has_checked_eps_column_and_writes_tables(grid: Path, tmp_path: P
 def test_index_can_be_rebuilt_from_run_dirs(grid: Path) -> None:
     store = Store(grid)
     runs_before, metrics_before = store.rows()
-    assert store.rebuild() == 3
+    assert store.rebuild() == 4  # three runs and the real-data row
     runs_after, metrics_after = store.rows()
     strip = lambda rows: sorted((r["key"], r["status"], r["epsilon"]) for r in rows)  # noqa: E731
     assert strip(runs_before) == strip(runs_after)

@@ -33,7 +33,7 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
         "fd_domain",
     )
     assert r.exit_code == 0, r.output
-    (run_dir,) = (results / "runs").iterdir()
+    (run_dir,) = (results / "runs").glob("ddpm-*")
     return run_dir
 
 
@@ -121,7 +121,7 @@ def test_profile_metric_set_and_inception_weights_reach_the_metrics(tmp_path: Pa
         str(tmp_path / "res"),
     )
     assert r.exit_code == 0, r.output
-    (run_dir,) = (tmp_path / "res" / "runs").iterdir()
+    (run_dir,) = (tmp_path / "res" / "runs").glob("ddpm-*")
     assert set(metrics_of(run_dir)) == {"fd_domain"}
 
     seen = {}

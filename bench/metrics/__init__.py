@@ -16,12 +16,12 @@ from torch import Tensor
 
 from bench.contract import DataSpec, ImageDataset
 from bench.errors import BenchError
-from bench.metrics.downstream import downstream_accuracy
+from bench.metrics.downstream import classifier_seeds, downstream_accuracy, over_seeds
 from bench.metrics.features import domain_extractor
 from bench.metrics.fidelity import domain_fidelity
 from bench.metrics.inception import inception_metrics
 
-__all__ = ["METRICS", "EvalSettings", "check_samples", "evaluate", "select_metrics"]
+__all__ = ["METRICS", "EvalSettings", "accuracy_classifiers", "check_samples", "evaluate", "select_metrics"]
 
 # Every metric `evaluate` computes, with how it is computed (shown by `bench list`). Metrics that one
 # library call computes together share a group: (group, the group's own name for it).
@@ -60,6 +60,11 @@ _GROUPS: dict[str, tuple[str, str]] = {
 }
 
 
+def accuracy_classifiers(wanted: Collection[str]) -> list[str]:
+    """The downstream classifiers (bench.metrics.downstream names) behind the wanted accuracy metrics."""
+    return _group(wanted, "accuracy")
+
+
 def _group(wanted: Collection[str], group: str) -> list[str]:
     """The group's own names of the wanted metrics that belong to `group` (deduplicated, in order)."""
     return list(dict.fromkeys(_GROUPS[m][1] for m in wanted if _GROUPS[m][0] == group))
@@ -72,9 +77,10 @@ class EvalSettings:
     val_fraction: float = 0.1  # share of the synthetic samples held out for epoch selection
     extractor_epochs: int = 5  # domain extractor training epochs; part of its cache key
     feature_batch_size: int = 256  # feature extraction batch (does not change the result)
+    classifier_seeds: int = 1  # downstream classifiers trained per run, each with its own seed
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "extractor_epochs", "feature_batch_size"):
+        for name in ("epochs", "batch_size", "extractor_epochs", "feature_batch_size", "classifier_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not 0.0 < self.val_fraction < 1.0:
@@ -128,8 +134,9 @@ def evaluate(
     `metrics` names entries of METRICS (None: all). Fidelity is measured against the real `train`
     split, in the domain CNN's features and in Inception's (records "unavailable" with value None when
     no Inception weights are found: `inception_weights`, $BENCH_INCEPTION_WEIGHTS or torch-fidelity's
-    cache); accuracy on the real `test` split. `seed` seeds the downstream classifiers; the domain
-    extractor has its own fixed seed.
+    cache); accuracy on the real `test` split. `seed` seeds the downstream classifiers (`settings.classifier_seeds`
+    > 1: more seeds derived from it, records averaged, values kept in `per_seed`); the domain extractor has
+    its own fixed seed.
     """
     wanted = select_metrics(metrics)
     n_gen = len(images)
@@ -153,16 +160,21 @@ def evaluate(
             for c in classifiers:
                 results[f"acc_{c}"] = {"value": None, "n_gen": n_gen, "note": "n/a: unconditional method"}
         else:
-            records = downstream_accuracy(
-                images,
-                labels,
-                test,
-                seed=seed,
-                classifiers=classifiers,
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                val_fraction=settings.val_fraction,
-                device=device,
+            records = over_seeds(
+                [
+                    downstream_accuracy(
+                        images,
+                        labels,
+                        test,
+                        seed=classifier_seed,
+                        classifiers=classifiers,
+                        epochs=settings.epochs,
+                        batch_size=settings.batch_size,
+                        val_fraction=settings.val_fraction,
+                        device=device,
+                    )
+                    for classifier_seed in classifier_seeds(seed, settings.classifier_seeds)
+                ]
             )
             results |= {name: rec | {"n_gen": n_gen} for name, rec in records.items()}
     return {m: results[m] for m in wanted if m in results}

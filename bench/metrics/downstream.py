@@ -46,6 +46,7 @@ from bench.errors import BenchError
 from bench.metrics.features import SmallCNN, fingerprint, to_input, train_epoch
 
 VERSION = 1  # bump when a classifier, its training or a protocol changes: invalidates real_reference caches
+CLASSIFIER_SEED_STRIDE = 100_003  # classifier seed j of a run: run seed + j · stride (j = 0: the run seed)
 DPDM_LR = 3e-4
 DATALENS_LR = 0.01
 DATALENS_MOMENTUM = 0.9
@@ -211,6 +212,37 @@ def real_reference(
             os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
         results[f"acc_{name}"] = record
     return results
+
+
+def classifier_seeds(run_seed: int, count: int) -> list[int]:
+    """The classifier seeds of a run: its own seed first, then `count` - 1 more derived from it."""
+    if count < 1:
+        raise BenchError(f"classifier_seeds must be >= 1, got {count}")
+    return [run_seed + CLASSIFIER_SEED_STRIDE * j for j in range(count)]
+
+
+def over_seeds(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+    """One record per classifier from its records under several classifier seeds (same classifiers each).
+
+    value: the mean; per_seed: the values, in seed order (the report's mean ± std counts each one);
+    per_class: the mean per class; curve and selected_epoch: lists, one entry per seed; seconds: the sum.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, first in per_seed[0].items():
+        records = [r[name] for r in per_seed]
+        values = [r["value"] for r in records]
+        classes = zip(*(r["per_class"] for r in records), strict=True)
+        out[name] = first | {
+            "value": sum(values) / len(values),
+            "per_seed": values,
+            "classifier_seeds": [r["classifier_seed"] for r in records],
+            "per_class": [None if None in c else sum(c) / len(c) for c in classes],
+            "selected_epoch": [r["selected_epoch"] for r in records],
+            "curve": [r["curve"] for r in records],
+            "seconds": sum(r["seconds"] for r in records),
+        }
+        del out[name]["classifier_seed"]
+    return out
 
 
 def _load(path: Any) -> dict[str, Any] | None:
