@@ -78,6 +78,50 @@ def _check_weights(path: str | None) -> None:
         check_inception_weights(resolved)
 
 
+def _seed_list(text: str) -> list[int]:
+    from bench.runner import parse_list
+
+    seeds = []
+    for s in parse_list(text, "--seeds"):
+        if not s.lstrip("-").isdigit():
+            raise BenchError(f"--seeds: {s!r} is not an integer")
+        seeds.append(int(s))
+    return seeds
+
+
+def _run_grid(r: Any, specs: list[Any], results: Path) -> list[tuple[Any, str]]:
+    """Run `specs` with runner `r`, with the grid's progress bars; (spec, "done" | "skipped" | "failed")."""
+    from bench.ui import GridUI
+
+    for ds in dict.fromkeys(s.dataset for s in specs):  # missing data fails here, before any training
+        r.dataset(ds, "train"), r.dataset(ds, "test")
+    with GridUI(len(specs)) as ui:
+        r.ui = ui
+        outcomes = []
+        for spec in specs:
+            outcomes.append((spec, r.run(spec)))
+            ui.grid_advance(spec, outcomes[-1][1])
+    counts = {o: sum(x == o for _, x in outcomes) for o in ("done", "skipped", "failed")}
+    typer.echo(
+        f"{counts['done']} run(s) done, {counts['skipped']} already finished, {counts['failed']} failed; "
+        f"results in {results}",
+        err=True,
+    )
+    return outcomes
+
+
+def _real_rows(r: Any, specs: list[Any]) -> set[str]:
+    """Compute (or reuse) the real-data row of each dataset and evaluation plan of the grid; their keys."""
+    from bench.runner import real_key
+
+    rows = {real_key(s.dataset, s.eval): s for s in specs}
+    for spec in rows.values():
+        outcome = r.run_real(spec.dataset, spec.eval, profile=spec.profile)
+        typer.echo(f"real-data row of {spec.dataset}: {'already finished' if outcome == 'skipped' else outcome}",
+                   err=True)  # fmt: skip
+    return set(rows)
+
+
 @app.command()
 def run(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated method names (see `bench list`).")],
@@ -104,22 +148,22 @@ def run(
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,
     inception_weights: InceptionWeights = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished runs.")] = False,
+    no_real: Annotated[
+        bool, typer.Option("--no-real", help="Skip the real-data reference row of each dataset.")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved grid and configs, run nothing.")
     ] = False,
 ) -> None:
-    """Train and score every (method, dataset, ε, seed) cell of a grid; finished cells are skipped."""
+    """Train and score every (method, dataset, ε, seed) cell of a grid, then each dataset's real-data row
+    (the same metrics on real data); finished cells are skipped."""
     from bench import runner
     from bench.store import Store
-    from bench.ui import GridUI, print_plan
+    from bench.ui import print_plan
 
     with user_errors():
         plugins = tuple(str(p) for p in plugin or ())
-        seed_list = []
-        for s in runner.parse_list(seeds, "--seeds"):
-            if not s.lstrip("-").isdigit():
-                raise BenchError(f"--seeds: {s!r} is not an integer")
-            seed_list.append(int(s))
+        seed_list = _seed_list(seeds)
         if delta is not None and not 0 < delta < 1:
             raise BenchError(f"--delta must be in (0, 1), got {delta}")
         dev = runner.resolve_device(device)
@@ -155,25 +199,15 @@ def run(
             metrics=metric_names,
             inception_weights=inception_weights,
         )
-        for ds in dict.fromkeys(s.dataset for s in specs):  # missing data fails here, before any training
-            r.dataset(ds, "train"), r.dataset(ds, "test")
-        with GridUI(len(specs)) as ui:
-            r.ui = ui
-            outcomes = []
-            for spec in specs:
-                outcomes.append((spec, r.run(spec)))
-                ui.grid_advance(spec, outcomes[-1][1])
+        outcomes = _run_grid(r, specs, results)
         failed = [s for s, o in outcomes if o == "failed"]
         done = sum(o == "done" for _, o in outcomes)
         skipped = sum(o == "skipped" for _, o in outcomes)
-        typer.echo(
-            f"{done} run(s) done, {skipped} already finished, {len(failed)} failed; results in {results}",
-            err=True,
-        )
         if done + skipped:
+            real = set() if no_real else _real_rows(r, [s for s, o in outcomes if o != "failed"])
             from bench.report import build_report
 
-            build_report(store, out=None, keys={spec.key for spec in specs}, echo=typer.echo)
+            build_report(store, out=None, keys={spec.key for spec in specs} | real, echo=typer.echo)
         if failed:
             for spec in failed:
                 typer.echo(f"error: run {spec.key} exceeded its privacy budget and was left out of the table", err=True)
@@ -214,20 +248,131 @@ def score(
 @app.command()
 def report(
     results: ResultsDir = Path("results"),
-    out: Annotated[Path, typer.Option("--out", help="Folder for the Markdown and CSV tables.")] = Path("reports"),
+    out: Annotated[Path, typer.Option("--out", help="Folder for the tables and plots.")] = Path("reports"),
+    format_: Annotated[str, typer.Option("--format", help="Comma-separated: md, csv, tex.")] = "md,csv,tex",
+    metrics: Annotated[
+        str | None, typer.Option("--metrics", help="Comma-separated metrics to report (default: all stored).")
+    ] = None,
+    plots: Annotated[bool, typer.Option("--plots/--no-plots", help="Write PNG and PDF plots to OUT/plots.")] = True,
     rebuild: Annotated[bool, typer.Option("--rebuild", help="Rebuild the index from the run folders first.")] = False,
 ) -> None:
-    """Print and write tables method × (dataset, ε), mean ± std over seeds, with the checked ε column."""
-    from bench.report import build_report
+    """Print and write tables method × (dataset, ε), mean ± std over seeds, with the checked ε column,
+    a privacy table, a cost table and plots."""
+    from bench import runner
+    from bench.metrics import select_metrics
+    from bench.report import build_report, check_formats
     from bench.store import Store
 
     with user_errors():
+        formats = check_formats(runner.parse_list(format_, "--format"))
+        names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
         if not results.is_dir():
             raise BenchError(f"results folder {results} does not exist (run `bench run` first)")
         store = Store(results)
         if rebuild:
             store.rebuild()
-        build_report(store, out=out, keys=None, echo=typer.echo)
+        build_report(store, out=out, keys=None, echo=typer.echo, formats=formats, metrics=names, plots=plots)
+
+
+@app.command()
+def paper(
+    paper_id: Annotated[str | None, typer.Argument(help="Paper id, e.g. dpsad-eccv24 (see --list).")] = None,
+    list_tables: Annotated[bool, typer.Option("--list", help="List the known paper tables and stop.")] = False,
+    profile: Annotated[str, typer.Option("--profile", help="smoke | paper | path to a .toml profile.")] = "smoke",
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated generator seeds.")] = "0",
+    accountant: Annotated[str, typer.Option("--accountant", help="rdp | pld | prv.")] = "rdp",
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a config field: key=value, eval.key=value.")
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")] = "auto",
+    results: ResultsDir = Path("results"),
+    data_root: Annotated[
+        str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
+    ] = None,
+    download: Annotated[
+        bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")
+    ] = False,
+    plugin: Plugins = None,
+    inception_weights: InceptionWeights = None,
+    run_cells: Annotated[
+        bool, typer.Option("--run", help="Run the cells not finished yet (finished runs are reused).")
+    ] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned grid, run nothing.")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the table as Markdown and CSV here.")] = None,
+) -> None:
+    """A paper's table: published values beside ours (mean ± std over seeds) and the difference per cell."""
+    from bench import paper as papers_
+    from bench import runner
+    from bench.store import Store
+    from bench.ui import print_plan
+
+    with user_errors():
+        known = papers_.load_papers()
+        published = papers_.load_published(known)
+        if list_tables:
+            typer.echo(papers_.list_text(known, published))
+            return
+        if paper_id is None:
+            raise BenchError(f"give a paper id or --list; known: {', '.join(known)}")
+        chosen = papers_.get_paper(known, paper_id)
+        plugins = tuple(str(p) for p in plugin or ())
+        plan = papers_.plan_paper(
+            chosen,
+            known,
+            published,
+            profile=profile,
+            seeds=_seed_list(seeds),
+            accountant=accountant,
+            sets=set_ or [],
+            plugins=plugins,
+            data_root=data_root,
+        )
+        for note in dict.fromkeys(n for spec in plan.specs for n in spec.notes):
+            typer.echo(f"warning: {note}", err=True)
+        if dry_run:
+            typer.echo(papers_.plan_text(plan))
+            print_plan(list(plan.specs))
+            return
+        if not run_cells and not results.is_dir():
+            raise BenchError(f"results folder {results} does not exist (run `bench paper {paper_id} --run` first)")
+        missing_data: dict[str, str] = {}
+        failed: list[Any] = []
+        store = Store(results)
+        if run_cells and plan.specs:
+            _check_weights(inception_weights)
+            r = runner.Runner(
+                store,
+                device=runner.resolve_device(device),
+                data_root=data_root,
+                download=download,
+                plugins=plugins,
+                metrics=plan.run_metrics(),
+                inception_weights=inception_weights,
+            )
+            for ds in dict.fromkeys(s.dataset for s in plan.specs):
+                try:
+                    r.dataset(ds, "train"), r.dataset(ds, "test")
+                except BenchError as e:
+                    missing_data[ds] = str(e)
+                    typer.echo(f"warning: {ds}: dataset not available, its cells are skipped: {e}", err=True)
+            specs = [s for s in plan.specs if s.dataset not in missing_data]
+            failed = [spec for spec, outcome in _run_grid(r, specs, results) if outcome == "failed"]
+            for key, missing in papers_.unscored(store, specs, plan.metrics).items():
+                typer.echo(f"scoring {key} (reused run): {', '.join(missing)}", err=True)
+                r.metrics = missing
+                r.score(store.run_dir(key))
+        frame = papers_.compare(plan, store, missing_data=missing_data)
+        text = papers_.to_markdown(plan, frame)
+        typer.echo(text)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / f"paper-{paper_id}.md").write_text(text + "\n")
+            frame.to_csv(out / f"paper-{paper_id}.csv", index=False)
+            typer.echo(f"table written to {out}/paper-{paper_id}.md and .csv", err=True)
+        for spec in failed:
+            typer.echo(f"error: run {spec.key} exceeded its privacy budget and was left out of the table", err=True)
+        if failed:
+            raise typer.Exit(1)
 
 
 @app.command("list")

@@ -37,6 +37,8 @@ def test_wheel_maps_method_folders_into_bench(tmp_path: Path) -> None:
         "bench/methods/__init__.py",
         "bench/profiles/smoke.toml",
         "bench/profiles/paper.toml",
+        "bench/reference/published_results.csv",
+        "bench/reference/papers.toml",
         "bench/nets/unet.py",
     ):
         assert required in names, required

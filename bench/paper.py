@@ -1,0 +1,563 @@
+"""Published tables as data, and our numbers beside them (`bench paper ID`).
+
+bench/reference/papers.toml describes each paper table once (methods, datasets, ε, δ, protocol, and which
+of our metrics each published metric maps to); bench/reference/published_results.csv holds one row per
+published cell with its source. A paper's cells are its published rows (plus, per table, our extra
+methods beside them). A cell we can produce becomes RunSpecs through `runner.plan`, so its runs are the
+very runs `bench run` makes with the same profile and seeds (same keys: finished runs are reused). A
+cell we cannot produce says why: method not implemented, dataset not available, metric not implemented.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+import tomllib
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
+from typing import Any
+
+import pandas as pd
+
+from bench import data, registry, runner
+from bench.errors import BenchError
+from bench.metrics import METRICS, select_metrics
+from bench.report import FOOTNOTES, PARTIAL_MARK, TEST_SELECTED_MARK, load_frame
+from bench.runner import RunSpec
+from bench.store import Store, read_json
+
+COLUMNS = ("paper", "method", "dataset", "epsilon", "delta", "metric", "protocol", "value", "source")
+_NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
+_TABLE_KEYS = {
+    "name": str,
+    "caption": str,
+    "methods": list,
+    "extra_methods": list,
+    "datasets": list,
+    "eps": list,
+    "delta": float,
+    "protocol": str,
+    "test_selected": bool,
+    "metrics": dict,
+    "note": str,
+}
+_REQUIRED = ("name", "caption", "methods", "datasets", "eps", "protocol", "metrics")
+
+# Cell statuses, in the words the table prints.
+OK = "ok"
+NOT_IMPLEMENTED = "method not implemented"
+NO_DATASET = "dataset not available"
+NO_METRIC = "metric not implemented"
+NOT_RUN = "not run"
+NOT_SCORED = "not scored (rerun with --run to score it)"
+FAILED = "failed (over budget)"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Table:
+    """One table of a paper, as described in papers.toml."""
+
+    paper: str
+    name: str
+    caption: str
+    methods: tuple[str, ...]
+    extra_methods: tuple[str, ...] = ()  # ours, run beside the paper's rows without a published value
+    datasets: tuple[str, ...]
+    eps: tuple[float, ...]
+    delta: float | None = None  # None: not stated; bench's default δ is used
+    protocol: str = ""
+    test_selected: bool = False
+    metrics: dict[str, str] = field(default_factory=dict)  # published name -> ours ("" = none)
+    note: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
+class Paper:
+    id: str
+    title: str
+    venue: str
+    tables: tuple[Table, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Published:
+    """One row of published_results.csv; `value` None for an extra method's cell (no published value)."""
+
+    paper: str
+    method: str
+    dataset: str
+    epsilon: float
+    delta: float | None
+    metric: str
+    protocol: str
+    value: float | None
+    source: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class Cell:
+    """One cell of a paper table: what was published and what we must run to reproduce it."""
+
+    table: Table
+    row: Published
+    ours: str  # our metric name, "" where we have no equivalent
+    status: str | None  # None: reproducible; else why not (NOT_IMPLEMENTED, ...)
+    keys: tuple[str, ...] = ()  # run keys of the planned RunSpecs (one per seed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PaperPlan:
+    paper: Paper
+    cells: tuple[Cell, ...]
+    specs: tuple[RunSpec, ...]  # unique by key, in cell order
+    metrics: tuple[str, ...]  # our metrics the cells need
+
+    def run_metrics(self) -> tuple[str, ...] | None:
+        """Metric set for new runs: the profile's default set plus the table's (None: the profile scores all)."""
+        profile_set = self.specs[0].eval.metrics if self.specs else None
+        if profile_set is None:
+            return None
+        return select_metrics(set(profile_set) | set(self.metrics))
+
+
+REFERENCE_DIR: Traversable = resources.files("bench").joinpath("reference")  # papers.toml + the CSV
+
+
+def _reference(name: str) -> str:
+    return REFERENCE_DIR.joinpath(name).read_text(encoding="utf-8")
+
+
+def _typed(value: Any, kind: type, where: str) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+        raise BenchError(f"{where}: expected a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _positive(value: Any, where: str) -> float:
+    v = _typed(value, float, where)
+    if not (math.isfinite(v) and v > 0):
+        raise BenchError(f"{where}: expected a finite number > 0, got {value!r}")
+    return v
+
+
+def _table(paper: str, i: int, raw: Any) -> Table:
+    where = f"papers.toml: {paper} table {i + 1}"
+    if not isinstance(raw, dict):
+        raise BenchError(f"{where}: expected a table, got {raw!r}")
+    unknown = sorted(set(raw) - set(_TABLE_KEYS))
+    if unknown:
+        raise BenchError(f"{where}: unknown key {unknown[0]!r}; valid keys: {', '.join(_TABLE_KEYS)}")
+    missing = [k for k in _REQUIRED if k not in raw]
+    if missing:
+        raise BenchError(f"{where}: missing key {missing[0]!r}")
+    t = {k: _typed(v, _TABLE_KEYS[k], f"{where}: {k}") for k, v in raw.items()}
+    where = f"papers.toml: {paper} table {t['name']!r}"
+    for key in ("methods", "extra_methods", "datasets"):
+        for name in t.get(key, []):
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise BenchError(f"{where}: {key}: {name!r} is not a lowercase-kebab name")
+    for published, ours in t["metrics"].items():
+        if not isinstance(ours, str) or (ours and ours not in METRICS):
+            raise BenchError(f"{where}: metric {published!r} maps to {ours!r}, not one of ours: {', '.join(METRICS)}")
+    delta = t.get("delta")
+    if delta is not None and not 0 < delta < 1:
+        raise BenchError(f"{where}: delta must be in (0, 1), got {delta}")
+    return Table(
+        paper=paper,
+        name=t["name"],
+        caption=t["caption"],
+        methods=tuple(t["methods"]),
+        extra_methods=tuple(t.get("extra_methods", ())),
+        datasets=tuple(t["datasets"]),
+        eps=tuple(_positive(e, f"{where}: eps") for e in t["eps"]),
+        delta=delta,
+        protocol=t["protocol"],
+        test_selected=t.get("test_selected", False),
+        metrics=dict(t["metrics"]),
+        note=t.get("note", ""),
+    )
+
+
+def parse_papers(text: str) -> dict[str, Paper]:
+    """Papers from the text of a papers.toml; BenchError naming the first problem."""
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise BenchError(f"papers.toml: invalid TOML: {e}") from None
+    if set(doc) != {"papers"} or not isinstance(doc["papers"], dict):
+        raise BenchError("papers.toml: expected only [papers.ID] tables")
+    papers = {}
+    for pid, raw in doc["papers"].items():
+        if not _NAME.match(pid):
+            raise BenchError(f"papers.toml: paper id {pid!r} is not lowercase-kebab")
+        unknown = sorted(set(raw) - {"title", "venue", "tables"})
+        if unknown:
+            raise BenchError(f"papers.toml: {pid}: unknown key {unknown[0]!r}; valid keys: title, venue, tables")
+        tables = tuple(_table(pid, i, t) for i, t in enumerate(raw.get("tables", [])))
+        if not tables:
+            raise BenchError(f"papers.toml: {pid} describes no table")
+        if len({t.name for t in tables}) != len(tables):
+            raise BenchError(f"papers.toml: {pid}: two tables share a name")
+        papers[pid] = Paper(
+            id=pid,
+            title=_typed(raw.get("title", ""), str, f"papers.toml: {pid}: title"),
+            venue=_typed(raw.get("venue", ""), str, f"papers.toml: {pid}: venue"),
+            tables=tables,
+        )
+    return papers
+
+
+def load_papers() -> dict[str, Paper]:
+    """The paper tables shipped with bench (bench/reference/papers.toml)."""
+    return parse_papers(_reference("papers.toml"))
+
+
+def get_paper(papers: dict[str, Paper], paper_id: str) -> Paper:
+    if paper_id not in papers:
+        raise BenchError(f"unknown paper {paper_id!r}; known: {', '.join(papers)} (see `bench paper --list`)")
+    return papers[paper_id]
+
+
+def table_of(papers: dict[str, Paper], row: Published) -> Table:
+    """The table a published row belongs to; BenchError when none describes it."""
+    if row.paper not in papers:
+        raise BenchError(f"published row {row.paper}/{row.method}: paper {row.paper!r} is not in papers.toml")
+    for t in papers[row.paper].tables:
+        if (
+            row.method in t.methods
+            and row.dataset in t.datasets
+            and row.epsilon in t.eps
+            and row.metric in t.metrics
+            and row.protocol == t.protocol
+        ):
+            return t
+    raise BenchError(
+        f"published row {row.paper}/{row.method}/{row.dataset}/ε={row.epsilon:g}/{row.metric}"
+        f"/{row.protocol or '-'}: no table of {row.paper} in papers.toml has this method, dataset, ε, metric "
+        "and protocol"
+    )
+
+
+def parse_published(text: str, papers: dict[str, Paper], where: str = "published_results.csv") -> list[Published]:
+    """Rows of a published-results CSV, checked against the paper tables; BenchError naming the first problem."""
+    reader = csv.DictReader(text.splitlines())
+    if tuple(reader.fieldnames or ()) != COLUMNS:
+        raise BenchError(f"{where}: columns must be {','.join(COLUMNS)}, got {','.join(reader.fieldnames or [])}")
+    rows, seen = [], set()
+    for line, raw in enumerate(reader, start=2):
+        at = f"{where} line {line}"
+        if None in raw or any(v is None for v in raw.values()):
+            raise BenchError(f"{at}: expected {len(COLUMNS)} fields")
+        try:
+            eps = float(raw["epsilon"])
+            delta = float(raw["delta"]) if raw["delta"].strip() else None
+            value = float(raw["value"])
+        except ValueError as e:
+            raise BenchError(f"{at}: {e}") from None
+        if not (math.isfinite(eps) and eps > 0):
+            raise BenchError(f"{at}: epsilon must be a finite number > 0, got {raw['epsilon']}")
+        if delta is not None and not 0 < delta < 1:
+            raise BenchError(f"{at}: delta must be in (0, 1) or empty, got {raw['delta']}")
+        if not math.isfinite(value):
+            raise BenchError(f"{at}: value must be a finite number, got {raw['value']}")
+        if not raw["source"].strip():
+            raise BenchError(f"{at}: source is empty (say where the number comes from)")
+        row = Published(
+            paper=raw["paper"].strip(),
+            method=raw["method"].strip(),
+            dataset=raw["dataset"].strip(),
+            epsilon=eps,
+            delta=delta,
+            metric=raw["metric"].strip(),
+            protocol=raw["protocol"].strip(),
+            value=value,
+            source=raw["source"].strip(),
+        )
+        try:
+            table = table_of(papers, row)
+        except BenchError as e:
+            raise BenchError(f"{at}: {e}") from None
+        if table.delta is not None and delta is not None and delta != table.delta:
+            raise BenchError(f"{at}: δ = {delta:g}, but table {row.paper}/{table.name} has δ = {table.delta:g}")
+        ident = (row.paper, row.method, row.dataset, row.epsilon, row.metric, row.protocol)
+        if ident in seen:
+            raise BenchError(f"{at}: duplicate of an earlier row ({', '.join(map(str, ident))})")
+        seen.add(ident)
+        rows.append(row)
+    return rows
+
+
+def load_published(papers: dict[str, Paper]) -> list[Published]:
+    """The published cells shipped with bench (bench/reference/published_results.csv)."""
+    return parse_published(_reference("published_results.csv"), papers)
+
+
+def list_text(papers: dict[str, Paper], published: list[Published]) -> str:
+    """`bench paper --list`: one block per paper, one line per table."""
+    lines = []
+    for p in papers.values():
+        lines.append(f"{p.id}  {p.title} ({p.venue})")
+        for t in p.tables:
+            n = sum(table_of(papers, r) is t for r in published if r.paper == p.id)
+            eps = ", ".join(f"{e:g}" for e in t.eps)
+            lines.append(f"  {t.name:<10} {t.caption}")
+            lines.append(
+                f"  {'':<10} methods {', '.join(t.methods)}; datasets {', '.join(t.datasets)}; ε {eps}; "
+                f"{n} published cell(s)"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------------
+
+
+def paper_cells(paper: Paper, papers: dict[str, Paper], published: list[Published]) -> list[tuple[Table, Published]]:
+    """The paper's published rows, then per table one valueless row per extra method and published column."""
+    out = []
+    for t in paper.tables:
+        rows = [r for r in published if r.paper == paper.id and table_of(papers, r) is t]
+        out += [(t, r) for r in rows]
+        columns = dict.fromkeys((r.dataset, r.epsilon, r.metric) for r in rows)
+        for method in t.extra_methods:
+            for ds, eps, metric in columns:
+                extra = Published(
+                    paper=paper.id,
+                    method=method,
+                    dataset=ds,
+                    epsilon=eps,
+                    delta=t.delta,
+                    metric=metric,
+                    protocol=t.protocol,
+                    value=None,
+                    source="",
+                )
+                out.append((t, extra))
+    return out
+
+
+def plan_paper(
+    paper: Paper,
+    papers: dict[str, Paper],
+    published: list[Published],
+    *,
+    profile: str,
+    seeds: list[int],
+    accountant: str = "rdp",
+    sets: Iterable[str] = (),
+    plugins: tuple[str, ...] = (),
+    data_root: str | None = None,
+) -> PaperPlan:
+    """Every cell of the paper with its status, and the RunSpecs (via runner.plan) of those we can produce."""
+    methods = registry.methods(plugins)
+    cells: list[Cell] = []
+    specs: dict[str, RunSpec] = {}
+    planned: dict[tuple[str, str, float, float | None], tuple[str, ...]] = {}
+    for table, row in paper_cells(paper, papers, published):
+        ours = table.metrics[row.metric]
+        status = (
+            NOT_IMPLEMENTED
+            if row.method not in methods
+            else NO_DATASET
+            if row.dataset not in data.DATASETS
+            else NO_METRIC
+            if not ours
+            else None
+        )
+        keys: tuple[str, ...] = ()
+        if status is None:
+            group = (row.method, row.dataset, row.epsilon, table.delta)
+            if group not in planned:
+                grid = runner.plan(
+                    methods=[row.method],
+                    epsilons=[row.epsilon],
+                    datasets=[row.dataset],
+                    seeds=seeds,
+                    delta=table.delta,
+                    accountant=accountant,
+                    profile=profile,
+                    sets=list(sets),
+                    plugins=plugins,
+                    data_root=data_root,
+                )
+                specs.update((s.key, s) for s in grid if s.key not in specs)
+                planned[group] = tuple(s.key for s in grid)
+            keys = planned[group]
+        cells.append(Cell(table=table, row=row, ours=ours, status=status, keys=keys))
+    needed = select_metrics({c.ours for c in cells if c.status is None}) if specs else ()
+    return PaperPlan(paper=paper, cells=tuple(cells), specs=tuple(specs.values()), metrics=needed)
+
+
+def plan_text(plan: PaperPlan) -> str:
+    """--dry-run: what would run and what cannot, one line per table cell we cannot produce."""
+    lines = [f"{plan.paper.id}: {len(plan.cells)} cell(s), {len(plan.specs)} run(s) to produce them"]
+    if plan.metrics:
+        lines.append(f"metrics needed: {', '.join(plan.metrics)}")
+    for c in plan.cells:
+        if c.status is not None:
+            r = c.row
+            lines.append(f"  {c.table.name}: {r.method} {r.dataset} ε={r.epsilon:g} {r.metric}: {c.status}")
+    return "\n".join(lines)
+
+
+def unscored(store: Store, specs: Iterable[RunSpec], metrics: Iterable[str]) -> dict[str, tuple[str, ...]]:
+    """Finished runs (key -> metrics) that lack some of `metrics`: reused runs scored with another set."""
+    out = {}
+    for spec in specs:
+        if not store.finished(spec.key):
+            continue
+        recorded = read_json(store.run_dir(spec.key) / "metrics.json").get("metrics", {})
+        missing = tuple(m for m in metrics if m not in recorded)
+        if missing:
+            out[spec.key] = missing
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# Comparison
+# ---------------------------------------------------------------------------------------------------
+
+
+def _pooled(rows: pd.DataFrame) -> list[float]:
+    """Every value behind (run, metric) rows: load_frame's `values` pools classifier seeds, as the tables do."""
+    if "values" in rows:
+        return [float(v) for vs in rows["values"] for v in vs]
+    return [float(v) for v in rows["value"].dropna()]
+
+
+def _note(info: Any) -> str:
+    try:
+        return str(json.loads(info).get("note") or "") if isinstance(info, str) else ""
+    except json.JSONDecodeError:
+        return ""
+
+
+def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str] | None = None) -> pd.DataFrame:
+    """One row per cell: published value, ours (mean, std, n over generator × classifier seeds, as the
+    report pools them), ours − published, status.
+
+    `missing_data` maps a dataset that failed to load to the reason (its cells: dataset not available).
+    A plan with runs to report needs a `store` with runs in it (BenchError otherwise).
+    """
+    missing_data = missing_data or {}
+    frame, run_status = pd.DataFrame(), {}
+    if plan.specs:
+        if store is None:
+            raise BenchError("no results folder given")
+        runs, _ = store.rows()
+        if not runs:
+            raise BenchError(f"no runs in {store.root}: run `bench paper {plan.paper.id} --run` first")
+        run_status = {r["key"]: r["status"] for r in runs}
+        if "done" in run_status.values():
+            frame = load_frame(store)
+            frame = frame[frame["key"].isin({s.key for s in plan.specs})]
+    rows = []
+    for c in plan.cells:
+        r = c.row
+        status, mean, std, n, partial, selected = c.status, math.nan, math.nan, 0, False, c.table.test_selected
+        if status is None and r.dataset in missing_data:
+            status = f"{NO_DATASET}: {missing_data[r.dataset]}"
+        if status is None:
+            done = [k for k in c.keys if run_status.get(k) == "done"]
+            if not done:
+                status = FAILED if any(run_status.get(k) == "failed" for k in c.keys) else NOT_RUN
+            else:
+                mine = frame[frame["key"].isin(done) & (frame["metric"] == c.ours)]
+                partial = bool((frame[frame["key"].isin(done)]["guarantee"] == "partial").any())
+                selected = selected or any(
+                    json.loads(i).get("test_selected", False) for i in mine["info"] if isinstance(i, str)
+                )
+                values = pd.Series(_pooled(mine), dtype=float)
+                if mine.empty:
+                    status = NOT_SCORED
+                elif values.empty:
+                    status = next((n for n in map(_note, mine["info"]) if n), "n/a")
+                else:
+                    mean, n = float(values.mean()), len(values)
+                    std = float(values.std(ddof=1)) if n > 1 else math.nan
+                    status = OK if len(done) == len(c.keys) else f"{OK} ({len(done)} of {len(c.keys)} seeds finished)"
+        rows.append(
+            {
+                "table": c.table.name,
+                "dataset": r.dataset,
+                "epsilon": r.epsilon,
+                "method": r.method + (PARTIAL_MARK if partial else ""),
+                "metric": r.metric,
+                "ours_metric": (c.ours + (TEST_SELECTED_MARK if selected else "")) if c.ours else "",
+                "published": math.nan if r.value is None else r.value,
+                "ours_mean": mean,
+                "ours_std": std,
+                "n": n,
+                "diff": mean - r.value if r.value is not None and n else math.nan,
+                "status": status,
+                "source": r.source,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _ours(row: pd.Series) -> str:
+    if not row["n"]:
+        return "—"
+    if row["n"] == 1:
+        return f"{row['ours_mean']:.2f} (n=1)"
+    return f"{row['ours_mean']:.2f} ± {row['ours_std']:.2f} (n={row['n']})"
+
+
+def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(cells) + " |" for cells in body),
+    ]
+
+
+def _status_note(row: pd.Series) -> str:
+    if row["status"] == OK:
+        return "ours only (no published value)" if math.isnan(row["published"]) else ""
+    return str(row["status"])
+
+
+def to_markdown(plan: PaperPlan, frame: pd.DataFrame) -> str:
+    """One Markdown table per paper table: published, ours, ours − published, and why a cell is missing."""
+    out = [f"# {plan.paper.id}: {plan.paper.title} ({plan.paper.venue})"]
+    for t in plan.paper.tables:
+        sub = frame[frame["table"] == t.name]
+        if sub.empty:
+            continue
+        sources = list(dict.fromkeys(s for s in sub["source"] if s))
+        body = []
+        for _, row in sub.iterrows():
+            metric = f"{row['metric']} → {row['ours_metric']}" if row["ours_metric"] else row["metric"]
+            body.append(
+                [
+                    row["dataset"],
+                    f"{row['epsilon']:g}",
+                    row["method"],
+                    metric,
+                    "—" if math.isnan(row["published"]) else f"{row['published']:g}",
+                    _ours(row),
+                    "—" if math.isnan(row["diff"]) else f"{row['diff']:+.2f}",
+                    _status_note(row),
+                    str(sources.index(row["source"]) + 1) if row["source"] else "",
+                ]
+            )
+        delta = f"δ = {t.delta:g}" if t.delta is not None else "δ: bench's default"
+        out += ["", f"## {t.name}: {t.caption} ({delta})", ""]
+        out += _markdown(
+            ["dataset", "ε", "method", "metric", "published", "ours", "ours − published", "note", "src"], body
+        )
+        out.append("")
+        out += [f"[{i}] {s}" for i, s in enumerate(sources, start=1)]
+        used = "".join(sub["method"]) + "".join(sub["ours_metric"])
+        out += [f"{mark} {text}" for mark, text in FOOTNOTES.items() if mark in used]
+        if t.note:
+            out.append(f"note: {t.note}")
+    return "\n".join(out)

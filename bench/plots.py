@@ -1,0 +1,234 @@
+"""Figures from the results index (PNG and PDF, matplotlib's Agg canvas, no pyplot state).
+
+- metric against ε: one panel per dataset, one line per method, error bars = std over seeds (ddof 1);
+  finite ε on a log axis, ε = ∞ (non-private runs) at a separate, labelled last position;
+- sample grids of all methods side by side for one dataset and ε (from each run's samples.npz);
+- cost against quality: hours of the run's own compute (fit + sample, not the harness's scoring) on
+  its device against a metric, one point per (method, ε).
+
+Every figure is built from `report.load_frame`'s frame (one row per (run, metric)), so what is drawn is
+what the tables print.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
+
+from bench import data
+from bench.errors import BenchError
+from bench.metrics import select_metrics
+from bench.report import REAL_LABEL, load_frame
+from bench.store import Store
+
+INF = "∞"
+FORMATS = ("png", "pdf")
+PER_CLASS = 8  # images a class row in the side-by-side sample grids
+
+
+def _figure(panels: int, width: float = 4.2, height: float = 3.4) -> tuple[Figure, list[Axes]]:
+    fig = Figure(figsize=(width * panels, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, panels, squeeze=False)[0]
+    return fig, list(axes)
+
+
+def _save(fig: Figure, stem: Path) -> list[Path]:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(f".{fmt}") for fmt in FORMATS]
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    return paths
+
+
+def _eps_value(label: str) -> float:
+    return math.inf if label == INF else float(label)
+
+
+def eps_positions(labels: Iterable[str]) -> dict[str, float]:
+    """x position of each ε label: log10(ε) for finite ε, ∞ one step (≥ 1 decade) right of the largest."""
+    labels = list(labels)
+    finite = sorted({_eps_value(e) for e in labels if e != INF})
+    pos = {f"{e:g}": math.log10(e) for e in finite}
+    if INF in labels:
+        step = max(1.0, (pos[f"{finite[-1]:g}"] - pos[f"{finite[0]:g}"]) / 3) if finite else 0.0
+        pos[INF] = (pos[f"{finite[-1]:g}"] + step) if finite else 0.0
+    return pos
+
+
+def pooled(rows: pd.DataFrame) -> list[float]:
+    """Every value behind some (run, metric) rows: load_frame's `values` (classifier seeds pooled)."""
+    if "values" in rows:
+        return [float(v) for vs in rows["values"] for v in vs]
+    return [float(v) for v in rows["value"].dropna()]
+
+
+def _values(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The rows of `metric` that have a value (a real-data row has no samples, so no cost either)."""
+    sub = frame[frame["metric"] == metric]
+    has = sub["values"].map(bool) if "values" in sub else sub["value"].notna()
+    return sub[has]
+
+
+def _stats(rows: pd.DataFrame) -> tuple[float, float, int]:
+    """Mean, std (ddof 1; 0 for one value) and count of the pooled values."""
+    v = np.array(pooled(rows))
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+
+
+def metric_vs_eps(frame: pd.DataFrame, metric: str) -> Figure:
+    """One panel per dataset: mean of `metric` over seeds against ε, one line per method (± std)."""
+    sub = _values(frame, metric)
+    if sub.empty:
+        raise BenchError(f"no values of metric {metric!r} in the results")
+    datasets = sorted(sub["dataset"].unique())
+    fig, axes = _figure(len(datasets))
+    title = sub["metric_label"].iloc[0]
+    for ax, ds in zip(axes, datasets, strict=True):
+        d = sub[sub["dataset"] == ds]
+        real = d[d["label"] == REAL_LABEL]
+        d = d[d["label"] != REAL_LABEL]
+        pos = eps_positions(d["eps"])
+        for label, g in d.groupby("label", sort=True):
+            eps = sorted(g["eps"].unique(), key=_eps_value)
+            mean, std, _ = zip(*(_stats(g[g["eps"] == e]) for e in eps), strict=True)
+            x = np.array([pos[e] for e in eps])
+            ax.errorbar(x, np.array(mean), yerr=np.array(std), marker="o", capsize=3, label=str(label))
+        if not real.empty:  # the real-data row is a level, not a point at some ε
+            ax.axhline(_stats(real)[0], color="0.3", linestyle="--", linewidth=1, label=REAL_LABEL)
+        ticks = sorted(pos, key=lambda e: pos[e])
+        ax.set_xticks([pos[e] for e in ticks], ticks)
+        if INF in pos and len(pos) > 1:
+            finite_max = max(p for e, p in pos.items() if e != INF)
+            ax.axvline((finite_max + pos[INF]) / 2, color="0.7", linestyle=":", linewidth=1)
+        ax.set_xlabel("ε (log scale; ∞ = non-private)")
+        ax.set_ylabel(title)
+        ax.set_title(ds)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _mosaic(images: np.ndarray, labels: np.ndarray, num_classes: int | None, per_class: int) -> np.ndarray:
+    """uint8 [N, C, H, W] -> one uint8 [rows·(H+2)+2, per_class·(W+2)+2, C] image, a row per class."""
+    n, c, h, w = images.shape
+    if num_classes is not None and labels.size and labels.min() >= 0:
+        rows = [np.flatnonzero(labels == k)[:per_class] for k in range(num_classes)]
+    else:  # unconditional: the first images, per_class a row
+        rows = [np.arange(i, min(i + per_class, n)) for i in range(0, min(n, 10 * per_class), per_class)]
+    per_class = max((len(row) for row in rows), default=1)  # no blank columns when classes have fewer
+    mosaic = np.full((len(rows) * (h + 2) + 2, per_class * (w + 2) + 2, c), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for col, i in enumerate(row):
+            y, x = 2 + r * (h + 2), 2 + col * (w + 2)
+            mosaic[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
+    return mosaic
+
+
+def sample_grids(frame: pd.DataFrame, dataset: str, eps: str, per_class: int = PER_CLASS) -> Figure:
+    """Samples of every method at (`dataset`, ε label `eps`) side by side: each method's lowest seed."""
+    runs = frame[(frame["dataset"] == dataset) & (frame["eps"] == eps) & (frame["label"] != REAL_LABEL)]
+    runs = runs.drop_duplicates("key")
+    if runs.empty:
+        raise BenchError(f"no finished runs on {dataset} at ε = {eps}")
+    chosen = runs.sort_values(["label", "seed"]).groupby("label", sort=True).head(1)
+    names = data.class_names(dataset) if dataset in data.DATASETS else None
+    fig, axes = _figure(len(chosen), width=3.2, height=3.6)
+    for ax, (_, run) in zip(axes, chosen.iterrows(), strict=True):
+        path = Path(run["run_dir"]) / "samples.npz"
+        ax.set_title(f"{run['label']} (seed {run['seed']})", fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+        if not path.is_file():
+            ax.text(0.5, 0.5, f"no samples.npz in\n{path.parent.name}", ha="center", va="center", fontsize=8)
+            continue
+        with np.load(path) as z:
+            images, labels = z["images"], z["labels"]
+        k = len(names) if names else (int(labels.max()) + 1 if labels.size and labels.min() >= 0 else None)
+        mosaic = _mosaic(images, labels, k, per_class)
+        ax.imshow(mosaic if mosaic.shape[2] == 3 else mosaic[..., 0], cmap="gray", vmin=0, vmax=255)
+        if ax is axes[0] and names and labels.size and labels.min() >= 0:
+            h = images.shape[2]
+            ax.set_yticks([2 + r * (h + 2) + h / 2 for r in range(len(names))], names, fontsize=7)
+    fig.suptitle(f"{dataset}, ε = {eps}")
+    return fig
+
+
+def _hours(cost: object) -> tuple[float, str] | None:
+    """(fit + sample hours, device type) of a run's cost record (JSON text in the index)."""
+    if not isinstance(cost, str):
+        return None
+    c = json.loads(cost)
+    seconds = [c.get(k) for k in ("fit_s", "sample_s")]
+    if any(s is None for s in seconds):
+        return None
+    return sum(seconds) / 3600, str(c.get("device", "cpu")).split(":")[0]
+
+
+def cost_vs_quality(frame: pd.DataFrame, metric: str) -> Figure:
+    """One panel per dataset: mean `metric` against mean compute hours, one point per (method, ε)."""
+    sub = _values(frame, metric)
+    costs = sub["cost"].map(_hours)
+    sub = sub[costs.notna()].assign(hours=costs.dropna().map(lambda c: c[0]), device=costs.dropna().map(lambda c: c[1]))
+    if sub.empty:
+        raise BenchError(f"no runs with both a cost record and a value of {metric!r}")
+    devices = set(sub["device"])
+    unit = "GPU-hours" if devices == {"cuda"} else "CPU-hours" if devices == {"cpu"} else "device-hours (CPU and GPU)"
+    datasets = sorted(sub["dataset"].unique())
+    fig, axes = _figure(len(datasets))
+    for ax, ds in zip(axes, datasets, strict=True):
+        d = sub[sub["dataset"] == ds]
+        for label, g in d.groupby("label", sort=True):
+            eps = sorted(g["eps"].unique(), key=_eps_value)
+            hours = [g.loc[g["eps"] == e, "hours"].mean() for e in eps]
+            value = [_stats(g[g["eps"] == e])[0] for e in eps]
+            ax.plot(np.array(hours), np.array(value), marker="o", linestyle="-", label=str(label))
+            for e, x, y in zip(eps, hours, value, strict=True):
+                ax.annotate(f"ε={e}", (x, y), xytext=(3, 3), textcoords="offset points", fontsize=7)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels of a short log range overlap
+        ax.set_xlabel(f"{unit} (fit + sample, mean over seeds)")
+        ax.set_ylabel(sub["metric_label"].iloc[0])
+        ax.set_title(ds)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return fig
+
+
+def _slug(text: str) -> str:
+    return "inf" if text == INF else text.replace("/", "-").replace(" ", "_")
+
+
+def write_plots(
+    store_or_frame: Store | pd.DataFrame, out_dir: str | Path, metrics: Iterable[str] | None = None
+) -> list[Path]:
+    """Write every figure as PNG and PDF under `out_dir`; returns the files written.
+
+    `store_or_frame` is a results Store or `report.load_frame`'s frame. `metrics` names entries of
+    bench.metrics.METRICS (None: every metric in the results); one without any value (all n/a) gets no
+    figure. An unknown name is a BenchError. Files:
+    metric_vs_eps_<metric>, cost_<metric>, samples_<dataset>_eps<ε>, each .png and .pdf.
+    """
+    frame = load_frame(store_or_frame) if isinstance(store_or_frame, Store) else store_or_frame
+    out = Path(out_dir)
+    present = set(frame["metric"].dropna())
+    wanted = select_metrics(list(metrics)) if metrics is not None else select_metrics(present)
+    wanted = tuple(m for m in wanted if not _values(frame, m).empty)  # all n/a (e.g. unavailable): no plot
+    written: list[Path] = []
+    for metric in wanted:
+        written += _save(metric_vs_eps(frame, metric), out / f"metric_vs_eps_{metric}")
+        has_cost = frame.loc[frame["metric"] == metric, "cost"].map(_hours).notna().any()
+        if has_cost:
+            written += _save(cost_vs_quality(frame, metric), out / f"cost_{metric}")
+    for (ds, eps), _ in frame[frame["label"] != REAL_LABEL].groupby(["dataset", "eps"], sort=True):
+        written += _save(sample_grids(frame, ds, eps), out / f"samples_{_slug(ds)}_eps{_slug(eps)}")
+    return written
