@@ -22,6 +22,10 @@ from bench.errors import BenchError
 BUILTINS: dict[str, str] = {
     "dpdm": "bench.baselines.dpdm:DPDM",
     "ddpm": "bench.baselines.ddpm:DDPM",
+    "dpgan": "bench.baselines.dpgan:DPGAN",
+    "pategan": "bench.baselines.pategan:PATEGAN",
+    "dpsad": "bench.methods.dpsad:DPSAD",
+    "dpsad-e2e": "bench.methods.dpsad:DPSADE2E",
 }
 ENTRY_POINT_GROUP = "bench.methods"
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
