@@ -248,7 +248,7 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
                 "fit [s]": _fmt_cost(runs, "fit_s"),
                 "sample [s]": _fmt_cost(runs, "sample_s"),
                 "score [s]": _fmt_cost(runs, "score_s"),
-                f"{kind}-hours/run": f"{sum(hours) / len(hours):.4f}" if hours else "n/a",
+                f"{kind}-hours/run": f"{sum(hours) / len(hours):.3g}" if hours else "n/a",
                 "peak RSS [MiB]": _fmt_cost(runs, "peak_rss_mib"),
                 "peak GPU [MiB]": _fmt_cost(runs, "peak_gpu_mib"),
                 "device": ", ".join(devices) or "n/a",
