@@ -19,7 +19,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from bench.contract import ImageDataset, Progress
+from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import (
     ConditionalDenoiser,
     Schedule,
@@ -95,13 +95,7 @@ class DPDM(ConditionalDenoiser):
         x_all = to_model_range(train.images).to(self.device)
         y_all = train.labels.to(self.device)
         # Poisson sampling draws from the run's CPU generator; noise is drawn where the parameters live.
-        noise_gen = (
-            generator
-            if self.device.type == "cpu"
-            else torch.Generator(self.device).manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=generator).item())
-            )
-        )
+        noise_gen = device_generator(generator, self.device)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
         dp = DPSGD(
             self.net,

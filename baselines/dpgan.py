@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.contract import DataSpec, ImageDataset, Progress
+from bench.contract import DataSpec, ImageDataset, Progress, device_generator
 from bench.diffusion import to_model_range
 from bench.dpsgd import DPSGD, MODES, PoissonSampler
 from bench.errors import BenchError
@@ -151,13 +151,7 @@ class DPGAN:
         )
         x_all = to_model_range(train.images).to(self.device)  # fixed constants, no data statistics
         y_all = train.labels.to(self.device)
-        noise_gen = (
-            generator
-            if self.device.type == "cpu"
-            else torch.Generator(self.device).manual_seed(
-                int(torch.randint(0, 2**62, (1,), generator=generator).item())
-            )
-        )
+        noise_gen = device_generator(generator, self.device)
         opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
         opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
         dp = DPSGD(

@@ -42,7 +42,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.contract import DataSpec, ImageDataset, Progress
+from bench.contract import DataSpec, ImageDataset, Progress, device_generator
 from bench.diffusion import to_model_range
 from bench.errors import BenchError
 from bench.nets import seeded_init
@@ -270,11 +270,7 @@ class PATEGAN:
         self._part_x, self._part_y = self._part_x.to(dev), self._part_y.to(dev)
         self._sizes = self.partition.sizes.to(dev)
         self.generator = generator
-        self.noise_gen = (
-            generator
-            if dev.type == "cpu"
-            else torch.Generator(dev).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
-        )
+        self.noise_gen = device_generator(generator, dev)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_t = torch.optim.Adam(self.teachers.parameters(), lr=cfg.lr_teacher, betas=betas)
         self.opt_s = torch.optim.Adam(self.S.parameters(), lr=cfg.lr_student, betas=betas)

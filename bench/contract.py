@@ -119,5 +119,14 @@ class Method(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def device_generator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
+    """The contract's CPU `generator` itself on the CPU; elsewhere a generator on `device` seeded from it
+    (one draw), so that a run's random numbers on an accelerator still follow from the run's seed."""
+    if torch.device(device).type == generator.device.type:
+        return generator
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+    return torch.Generator(device).manual_seed(seed)
+
+
 def config_fields(config_cls: type) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(config_cls)}

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from bench.contract import device_generator
 from bench.errors import BenchError
 
 if TYPE_CHECKING:
@@ -157,8 +158,7 @@ def sample_images(
     batch_size: int = 500,
 ) -> Tensor:
     """Generate n images in batches; returns uint8 [n, C, H, W] on the CPU."""
-    if generator.device.type != torch.device(device).type:  # a CPU generator seeds one on the device
-        generator = torch.Generator(device).manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+    generator = device_generator(generator, device)
     out = []
     for start in range(0, n, batch_size):
         m = min(batch_size, n - start)

@@ -69,7 +69,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.contract import ImageDataset, Progress
+from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import (
     EMA,
     ConditionalDenoiser,
@@ -402,10 +402,7 @@ class _DPSADBase(ConditionalDenoiser):
         )
 
     def _noise_gen(self, generator: torch.Generator) -> torch.Generator:
-        if self.device.type == "cpu":
-            return generator
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
-        return torch.Generator(self.device).manual_seed(seed)
+        return device_generator(generator, self.device)
 
 
 def _poisson_stream(n: int, q: float, generator: torch.Generator) -> Iterator[Tensor]:

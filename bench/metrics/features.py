@@ -204,9 +204,12 @@ def extract_features(
     extractor: DomainExtractor, images: Tensor, *, batch_size: int = 256, device: torch.device | str = "cpu"
 ) -> Tensor:
     """float32 CPU [N, 128] penultimate features of uint8 `images` [N, C, H, W], outside torch-fidelity."""
-    fe = DomainFeatureExtractor(EXTRACTOR_NAME, [FEATURE_LAYER], str(extractor.weights_path)).eval().to(device)
+    fe = DomainFeatureExtractor(EXTRACTOR_NAME, [FEATURE_LAYER], str(extractor.weights_path)).eval()
+    fe = fe.to(device, memory_format=torch.channels_last)  # CPU convolutions and pooling ~2× faster
     with torch.no_grad():
-        return torch.cat([fe(x.to(device))[0].cpu() for x in images.split(batch_size)])
+        return torch.cat(
+            [fe(x.to(device).contiguous(memory_format=torch.channels_last))[0].cpu() for x in images.split(batch_size)]
+        )
 
 
 if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:  # torch-fidelity refuses a second registration
