@@ -213,7 +213,8 @@ def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _stage(stage: dict[str, Any]) -> str:
-    parts = [f"σ={stage['noise_multiplier']:.4g}"]
+    scale = "b" if stage["mechanism"] == "laplace" else "σ"  # Laplace: scale relative to L1 sensitivity 1
+    parts = [f"{scale}={stage['noise_multiplier']:.4g}"]
     if stage.get("sampling_rate") is not None:
         parts.append(f"q={stage['sampling_rate']:.4g}")
     if "steps" in stage:

@@ -189,3 +189,14 @@ def test_report_of_many_runs_takes_seconds(results: Path, tmp_path: Path) -> Non
     assert r.exit_code == 0, r.output
     print(f"report of 1000 runs: {seconds:.2f} s")
     assert seconds < 30
+
+
+def test_stage_labels_name_the_noise_parameter() -> None:
+    from bench.report import _stage
+
+    assert _stage({"name": "votes", "mechanism": "laplace", "noise_multiplier": 2.0, "count": 3}) == (
+        "votes (laplace: b=2, count=3)"
+    )
+    dp = {"name": "d", "mechanism": "poisson_gaussian", "noise_multiplier": 1.1, "sampling_rate": 0.01, "steps": 7,
+          "max_grad_norm": 1.0}  # fmt: skip
+    assert _stage(dp) == "d (poisson_gaussian: σ=1.1, q=0.01, steps=7, C=1)"
