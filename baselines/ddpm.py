@@ -87,7 +87,7 @@ class DDPM(ConditionalDenoiser):
             step += 1
             progress.advance()
             progress.checkpoint(
-                lambda step=step, perm=perm: {
+                lambda step=step, perm=perm: {  # type: ignore[misc]  # defaults bind this step's values
                     "model": self.state_dict(),
                     "optimizer": optimizer.state_dict(),
                     "generator": generator.get_state(),

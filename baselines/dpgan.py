@@ -92,12 +92,13 @@ class DPGAN:
     guarantee: ClassVar[str] = "end-to-end"
     needs_public_data: ClassVar[bool] = False
 
-    def __init__(self, config: Config, *, spec: DataSpec, device: torch.device) -> None:
+    def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
         try:
             check_gan_resolution(spec.height, spec.width)
         except ValueError as e:
             raise BenchError(f"{self.name}: {e}") from None
-        self.config, self.spec, self.device = config, spec, device
+        self.config: Config = config  # the module's Config (the class attribute of that name shadows it here)
+        self.spec, self.device = spec, device
         self._build()
 
     def _build(self) -> None:

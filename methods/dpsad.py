@@ -280,7 +280,8 @@ class _DPSADBase(ConditionalDenoiser):
     needs_public_data: ClassVar[bool] = False
 
     def __init__(self, config: Any, *, spec: Any, device: torch.device) -> None:
-        self.conditional = config.student_conditional  # an ablation may drop the student's labels
+        # an ablation may drop the student's labels: the instance then declares itself unconditional
+        self.conditional = config.student_conditional  # type: ignore[misc]
         super().__init__(config, spec=spec, device=device)
 
     def _build(self) -> None:
@@ -577,7 +578,7 @@ class DPSAD(_DPSADBase):
         progress.start(teacher_steps + steps, f"dpsad teacher (non-private) + student σ_eff={sigma_eff:.4g}")
         progress.advance(fit.extra["teacher_step"] + student.steps)
 
-        shape = tuple(fit.x.shape[1:])
+        shape = (self.spec.channels, self.spec.height, self.spec.width)
         while (k := fit.extra["teacher_step"]) < teacher_steps:  # the teacher, without DP
             if k % per_epoch == 0:
                 fit.extra["perm"] = torch.randperm(n, generator=generator)
@@ -689,7 +690,7 @@ class DPSADE2E(_DPSADBase):
         progress.start(teacher_steps + steps, f"dpsad-e2e {desc}")
         progress.advance(dp["teacher"].steps + dp["student"].steps)
 
-        shape = tuple(fit.x.shape[1:])
+        shape = (self.spec.channels, self.spec.height, self.spec.width)
         batches = _poisson_stream(n, q_t, generator)
         while dp["teacher"].steps < teacher_steps:  # the teacher, with DP-SGD (as DPDM)
             idx = next(batches).to(self.device)
@@ -704,7 +705,7 @@ class DPSADE2E(_DPSADBase):
             d_batches = _poisson_stream(n, q_d, generator)
 
             def disc_update(*_: Tensor) -> None:  # its own Poisson samples: a stage of its own
-                for _ in range(cfg.disc_steps):
+                for _step in range(cfg.disc_steps):
                     idx = next(d_batches).to(self.device)
                     y = fit.y[idx]
                     r, _eps, x_r = self.draw(fit.x[idx], fit.noise_gen)
@@ -732,7 +733,7 @@ class DPSADE2E(_DPSADBase):
             pool_y = fit.extra["pool_labels"].to(self.device)
 
             def disc_update(*_: Tensor) -> None:
-                for _ in range(cfg.disc_steps):
+                for _step in range(cfg.disc_steps):
                     idx = torch.randint(0, cfg.pool_size, (cfg.disc_batch_size,), generator=generator).to(self.device)
                     y = pool_y[idx]
                     r, _eps, x_r = self.draw(pool_x[idx], fit.noise_gen)
