@@ -67,6 +67,17 @@ InceptionWeights = Annotated[
     ),
 ]
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results folder.", envvar="BENCH_RESULTS")]
+Profile = Annotated[str, typer.Option("--profile", help="smoke | paper | path to a .toml profile.")]
+Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated generator seeds.")]
+Accountant = Annotated[str, typer.Option("--accountant", help="rdp | pld | prv, one for the whole grid.")]
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value, eval.key=value.")]
+Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")]
+DataRoot = Annotated[
+    str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
+]
+Download = Annotated[
+    bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")
+]
 
 
 def _check_weights(path: str | None) -> None:
@@ -127,23 +138,17 @@ def run(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated method names (see `bench list`).")],
     eps: Annotated[str, typer.Option("--eps", help="Comma-separated target ε values, e.g. 1,10.")] = "1,10",
     dataset: Annotated[str, typer.Option("--dataset", "--datasets", help="Comma-separated datasets.")] = "fmnist",
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated generator seeds.")] = "0",
+    seeds: Seeds = "0",
     delta: Annotated[
         float | None, typer.Option("--delta", help="δ (default: 1e-5 below 100k records, else 1e-6).")
     ] = None,
-    accountant: Annotated[str, typer.Option("--accountant", help="rdp | pld | prv, one for the whole grid.")] = "rdp",
-    profile: Annotated[str, typer.Option("--profile", help="smoke | paper | path to a .toml profile.")] = "smoke",
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config field: key=value, eval.key=value.")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")] = "auto",
+    accountant: Accountant = "rdp",
+    profile: Profile = "smoke",
+    set_: Sets = None,
+    device: Device = "auto",
     results: ResultsDir = Path("results"),
-    data_root: Annotated[
-        str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
-    ] = None,
-    download: Annotated[
-        bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")
-    ] = False,
+    data_root: DataRoot = None,
+    download: Download = False,
     plugin: Plugins = None,
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,
     inception_weights: InceptionWeights = None,
@@ -218,10 +223,8 @@ def run(
 def score(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (results/runs/<key>) to re-score.")],
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")] = "auto",
-    data_root: Annotated[
-        str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
-    ] = None,
+    device: Device = "auto",
+    data_root: DataRoot = None,
     inception_weights: InceptionWeights = None,
 ) -> None:
     """Re-score saved samples.npz of finished runs without retraining (e.g. after new metrics or weights)."""
@@ -278,20 +281,14 @@ def report(
 def paper(
     paper_id: Annotated[str | None, typer.Argument(help="Paper id, e.g. dpsad-eccv24 (see --list).")] = None,
     list_tables: Annotated[bool, typer.Option("--list", help="List the known paper tables and stop.")] = False,
-    profile: Annotated[str, typer.Option("--profile", help="smoke | paper | path to a .toml profile.")] = "smoke",
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma-separated generator seeds.")] = "0",
-    accountant: Annotated[str, typer.Option("--accountant", help="rdp | pld | prv.")] = "rdp",
-    set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override a config field: key=value, eval.key=value.")
-    ] = None,
-    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")] = "auto",
+    profile: Profile = "smoke",
+    seeds: Seeds = "0",
+    accountant: Accountant = "rdp",
+    set_: Sets = None,
+    device: Device = "auto",
     results: ResultsDir = Path("results"),
-    data_root: Annotated[
-        str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
-    ] = None,
-    download: Annotated[
-        bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")
-    ] = False,
+    data_root: DataRoot = None,
+    download: Download = False,
     plugin: Plugins = None,
     inception_weights: InceptionWeights = None,
     run_cells: Annotated[

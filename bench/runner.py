@@ -288,6 +288,16 @@ class Runner:
             self._data[name, split] = data.load(name, split, root=self.data_root, download=self.download)  # type: ignore[arg-type]
         return self._data[name, split]
 
+    def _run_dir(self, key: str) -> Path | None:
+        """The folder of run `key`, ready to (re)compute it; None when it is finished and not forced."""
+        if self.store.finished(key):
+            if not self.force:
+                return None
+            self.store.clear(key)
+        run_dir = self.store.run_dir(key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir
+
     def log(self, run_dir: Path, message: str) -> None:
         with open(run_dir / "log.txt", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
@@ -295,12 +305,8 @@ class Runner:
     def run(self, spec: RunSpec) -> str:
         """Run one cell; returns "skipped", "done" or "failed" (over budget)."""
         key = spec.key
-        if self.store.finished(key):
-            if not self.force:
-                return "skipped"
-            self.store.clear(key)
-        run_dir = self.store.run_dir(key)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir := self._run_dir(key)) is None:
+            return "skipped"
         write_json(run_dir / "config.json", spec.to_json() | {"device": str(self.device)})
         self.store.record_run(
             key,
@@ -366,12 +372,8 @@ class Runner:
         from bench.metrics.downstream import classifier_seeds, over_seeds, real_reference
 
         key = real_key(dataset, eval_plan)
-        if self.store.finished(key):
-            if not self.force:
-                return "skipped"
-            self.store.clear(key)
-        run_dir = self.store.run_dir(key)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if (run_dir := self._run_dir(key)) is None:
+            return "skipped"
         write_json(
             run_dir / "config.json",
             {"kind": REAL, "method": REAL, "dataset": dataset, "epsilon": None, "delta": None, "accountant": None,
