@@ -33,12 +33,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.contract import DataSpec, ImageDataset, Progress, device_generator
+from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import to_model_range
 from bench.dpsgd import DPSGD, MODES, PoissonSampler
 from bench.errors import BenchError
 from bench.nets import seeded_init
-from bench.nets.gan import build_pair, check_gan_resolution, generate
+from bench.nets.gan import ConditionalGAN, build_pair, generate
 from bench.privacy import Budget, PrivacyLedger, calibrate_sigma
 
 
@@ -85,21 +85,9 @@ class Config:
             )
 
 
-class DPGAN:
+class DPGAN(ConditionalGAN):
     name: ClassVar[str] = "dpgan"
     Config: ClassVar[type] = Config
-    conditional: ClassVar[bool] = True
-    guarantee: ClassVar[str] = "end-to-end"
-    needs_public_data: ClassVar[bool] = False
-
-    def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
-        try:
-            check_gan_resolution(spec.height, spec.width)
-        except ValueError as e:
-            raise BenchError(f"{self.name}: {e}") from None
-        self.config: Config = config  # the module's Config (the class attribute of that name shadows it here)
-        self.spec, self.device = spec, device
-        self._build()
 
     def _build(self) -> None:
         cfg = self.config

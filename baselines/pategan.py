@@ -42,11 +42,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.contract import DataSpec, ImageDataset, Progress, device_generator
+from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import to_model_range
 from bench.errors import BenchError
 from bench.nets import seeded_init
-from bench.nets.gan import Discriminator, TeacherBank, TeacherList, build_pair, check_gan_resolution, generate
+from bench.nets.gan import ConditionalGAN, Discriminator, TeacherBank, TeacherList, build_pair, generate
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, epsilon
 
 L1_SENSITIVITY = 2.0  # one teacher's vote moves: one count −1, another +1
@@ -169,21 +169,9 @@ def votes_stage(aggregator: str, scale: float, count: int) -> Stage:
 # ---------------------------------------------------------------------------------------- the method
 
 
-class PATEGAN:
+class PATEGAN(ConditionalGAN):
     name: ClassVar[str] = "pategan"
     Config: ClassVar[type] = Config
-    conditional: ClassVar[bool] = True
-    guarantee: ClassVar[str] = "end-to-end"
-    needs_public_data: ClassVar[bool] = False
-
-    def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
-        try:
-            check_gan_resolution(spec.height, spec.width)
-        except ValueError as e:
-            raise BenchError(f"{self.name}: {e}") from None
-        self.config: Config = config  # the module's Config (the class attribute of that name shadows it here)
-        self.spec, self.device = spec, device
-        self._build()
 
     def _build(self) -> None:
         cfg, spec = self.config, self.spec

@@ -212,7 +212,40 @@ def _frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-class DPSGD:
+class ChargedSteps:
+    """A Poisson-subsampled Gaussian mechanism that counts its steps as it runs, so that the stage it
+    charges is the one executed. Subclasses set the attributes below and add 1 to `steps` per noisy step."""
+
+    noise_multiplier: float
+    sample_rate: float
+    max_grad_norm: float
+    expected_batch_size: float
+    steps: int
+
+    def stage(self, name: str) -> Stage:
+        """The poisson_gaussian stage actually executed so far (σ > 0 and at least one step)."""
+        return Stage(
+            name=name,
+            mechanism="poisson_gaussian",
+            noise_multiplier=self.noise_multiplier,
+            sampling_rate=self.sample_rate,
+            steps=self.steps,
+            max_grad_norm=self.max_grad_norm,
+            expected_batch_size=self.expected_batch_size,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step counter (model and optimizer are checkpointed by the caller)."""
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        steps = state.get("steps")
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+            raise ValueError(f"state['steps'] must be an integer >= 0, got {steps!r}")
+        self.steps = steps
+
+
+class DPSGD(ChargedSteps):
     """One DP-SGD step (module docstring) on `model` with `optimizer`; counts the noisy steps taken.
 
     `per_example_loss(model_call, *example)` returns the scalar loss of ONE example: `example` are the
@@ -515,27 +548,3 @@ class DPSGD:
         if losses.shape != (B,):
             raise ValueError(f"per_example_loss must return a scalar, got shape {tuple(losses.shape[1:])}")
         return losses
-
-    # -------------------------------------------------------------------------------------- accounting
-
-    def stage(self, name: str) -> Stage:
-        """The poisson_gaussian stage actually executed so far (σ > 0 and at least one step)."""
-        return Stage(
-            name=name,
-            mechanism="poisson_gaussian",
-            noise_multiplier=self.noise_multiplier,
-            sampling_rate=self.sample_rate,
-            steps=self.steps,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=self.expected_batch_size,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        """The step counter (model and optimizer are checkpointed by the caller)."""
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        steps = state.get("steps")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"state['steps'] must be an integer >= 0, got {steps!r}")
-        self.steps = steps

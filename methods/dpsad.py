@@ -81,7 +81,7 @@ from bench.diffusion import (
     sample_images,
     to_model_range,
 )
-from bench.dpsgd import DPSGD, MODES, PoissonSampler, clip_factors
+from bench.dpsgd import DPSGD, MODES, ChargedSteps, PoissonSampler, clip_factors
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.unet import timestep_embedding
@@ -417,7 +417,7 @@ def _rate(name: str, batch: int, n: int) -> float:
     return batch / n
 
 
-class OutputClipStep:
+class OutputClipStep(ChargedSteps):
     """clip_target = "output": clip each example's output gradient o_i to C, add N(0, σ_eff²C²) to each,
     backpropagate Σ_i (ō_i + z_i) through the student, divide by q·N, step. Counts the steps taken."""
 
@@ -456,23 +456,6 @@ class OutputClipStep:
                 p.grad = torch.zeros_like(p)  # an empty batch still takes the (zero) step
         self.optimizer.step()
         self.steps += 1
-
-    def stage(self, name: str) -> Stage:
-        return Stage(
-            name=name,
-            mechanism="poisson_gaussian",
-            noise_multiplier=self.noise_multiplier,
-            sampling_rate=self.sample_rate,
-            steps=self.steps,
-            max_grad_norm=self.max_grad_norm,
-            expected_batch_size=self.expected_batch_size,
-        )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
 
 
 class _Fit:

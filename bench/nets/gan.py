@@ -17,19 +17,43 @@ Images must have H and W divisible by 4 (28, 16, 32, 64 all are).
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
+from bench.contract import DataSpec
 from bench.diffusion import to_uint8
+from bench.errors import BenchError
 
 
 def check_gan_resolution(height: int, width: int) -> None:
     if height % 4 or width % 4:
         raise ValueError(f"image size {height}×{width} is not divisible by 4 (two stride-2 stages)")
+
+
+class ConditionalGAN:
+    """What the GAN baselines share: capability flags and the construction check (subclasses add `name`,
+    `Config`, `_build`, `fit`, `sample`, `state_dict`, `load_state_dict`)."""
+
+    conditional: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "end-to-end"
+    needs_public_data: ClassVar[bool] = False
+    name: ClassVar[str]
+
+    def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
+        try:
+            check_gan_resolution(spec.height, spec.width)
+        except ValueError as e:
+            raise BenchError(f"{self.name}: {e}") from None
+        self.config: Any = config
+        self.spec, self.device = spec, device
+        self._build()
+
+    def _build(self) -> None:
+        raise NotImplementedError
 
 
 class Generator(nn.Module):
