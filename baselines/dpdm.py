@@ -12,7 +12,6 @@ sampler.
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -27,7 +26,7 @@ from bench.diffusion import (
     multiplicity_loss,
     to_model_range,
 )
-from bench.dpsgd import DPSGD, PoissonSampler
+from bench.dpsgd import DPSGD, poisson_stream
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, calibrate_sigma
@@ -115,8 +114,7 @@ class DPDM(ConditionalDenoiser):
             dp.load_state_dict(state["dpsgd"])
             generator.set_state(state["generator"])
             noise_gen.set_state(state["noise_generator"])
-        # an endless stream of Poisson batches; each draw depends only on the generator's state
-        batches = (idx for _ in itertools.count() for idx in PoissonSampler(n, q, generator))
+        batches = poisson_stream(n, q, generator)
         progress.start(steps, f"dpdm σ={sigma:.3f}")
         progress.advance(dp.steps)
         shape = (spec := self.spec).channels, spec.height, spec.width

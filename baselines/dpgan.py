@@ -25,7 +25,6 @@ outputs and cannot differentiate through an input gradient). "ns" runs in the fa
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -35,7 +34,7 @@ from torch import Tensor
 
 from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import to_model_range
-from bench.dpsgd import DPSGD, MODES, PoissonSampler
+from bench.dpsgd import DPSGD, MODES, poisson_stream
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.gan import ConditionalGAN, build_pair, generate
@@ -162,7 +161,7 @@ class DPGAN(ConditionalGAN):
             dp.load_state_dict(state["dpsgd"])
             generator.set_state(state["generator"])
             noise_gen.set_state(state["noise_generator"])
-        batches = (idx for _ in itertools.count() for idx in PoissonSampler(n, q, generator))
+        batches = poisson_stream(n, q, generator)
         progress.start(steps, f"dpgan σ={sigma:.3f}")
         progress.advance(dp.steps)
         while dp.steps < steps:

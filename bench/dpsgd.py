@@ -42,6 +42,7 @@ equal its outputs among all the others').
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -210,6 +211,12 @@ def _frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+
+
+def poisson_stream(num_records: int, sample_rate: float, generator: torch.Generator) -> Iterator[Tensor]:
+    """An endless stream of Poisson batches (index tensors); each draw depends only on the generator's state,
+    so a fit resumed with the generator's saved state continues the same stream."""
+    return (idx for _ in itertools.count() for idx in PoissonSampler(num_records, sample_rate, generator))
 
 
 class ChargedSteps:

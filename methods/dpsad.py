@@ -57,7 +57,6 @@ with a comment each; δ follows the harness rule.
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -81,7 +80,7 @@ from bench.diffusion import (
     sample_images,
     to_model_range,
 )
-from bench.dpsgd import DPSGD, MODES, ChargedSteps, PoissonSampler, clip_factors
+from bench.dpsgd import DPSGD, MODES, ChargedSteps, clip_factors, poisson_stream
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.unet import timestep_embedding
@@ -406,11 +405,6 @@ class _DPSADBase(ConditionalDenoiser):
         return device_generator(generator, self.device)
 
 
-def _poisson_stream(n: int, q: float, generator: torch.Generator) -> Iterator[Tensor]:
-    """An endless stream of Poisson batches; each draw depends only on the generator's state."""
-    return (idx for _ in itertools.count() for idx in PoissonSampler(n, q, generator))
-
-
 def _rate(name: str, batch: int, n: int) -> float:
     if batch > n:
         raise BenchError(f"{name} {batch} exceeds the {n} training records")
@@ -513,7 +507,7 @@ class _Fit:
         """Poisson batches; per batch: draw (r, ε), teacher and student outputs, discriminator update(s),
         output gradients with the updated discriminator, one noisy student step, EMA."""
         m = self.method
-        batches = _poisson_stream(self.n, q, self.generator)
+        batches = poisson_stream(self.n, q, self.generator)
         while student.steps < steps:
             idx = next(batches).to(m.device)
             x0, y = self.x[idx], self.y[idx]
@@ -674,7 +668,7 @@ class DPSADE2E(_DPSADBase):
         progress.advance(dp["teacher"].steps + dp["student"].steps)
 
         shape = (self.spec.channels, self.spec.height, self.spec.width)
-        batches = _poisson_stream(n, q_t, generator)
+        batches = poisson_stream(n, q_t, generator)
         while dp["teacher"].steps < teacher_steps:  # the teacher, with DP-SGD (as DPDM)
             idx = next(batches).to(self.device)
             t, noise = draw_noise_multiplicity(
@@ -685,7 +679,7 @@ class DPSADE2E(_DPSADBase):
             fit.checkpoint(progress)
 
         if dp_disc:
-            d_batches = _poisson_stream(n, q_d, generator)
+            d_batches = poisson_stream(n, q_d, generator)
 
             def disc_update(*_: Tensor) -> None:  # its own Poisson samples: a stage of its own
                 for _step in range(cfg.disc_steps):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -9,7 +10,7 @@ from typer.testing import CliRunner, Result
 
 from bench import data, registry
 from bench.cli import app
-from bench.contract import ImageDataset
+from bench.contract import ImageDataset, NullProgress
 
 TESTS = Path(__file__).parent
 TINY_PROFILE = str(TESTS / "profiles" / "tiny.toml")
@@ -52,3 +53,21 @@ def bench(*args: str) -> Result:
     """Run the `bench` CLI in-process (a fresh registry each time, as a new process would have)."""
     registry._cache.clear()
     return CliRunner().invoke(app, list(args))
+
+
+class InterruptAt(NullProgress):
+    """A Progress that keeps the state of the n-th checkpoint, as an interrupted run's checkpoint file
+    would, and resumes from `state` when given."""
+
+    def __init__(self, n: int, state: dict | None = None) -> None:
+        self.n, self.calls, self.saved, self.state = n, 0, None, state
+
+    def resume(self) -> dict | None:
+        return self.state
+
+    def checkpoint(self, state_fn) -> None:
+        self.calls += 1
+        if self.calls == self.n:
+            buffer = io.BytesIO()
+            torch.save(state_fn(), buffer)  # a copy, as on disk
+            self.saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)

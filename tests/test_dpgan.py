@@ -3,7 +3,6 @@ discriminator loss is clipped, and the generator's update never reads real data.
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import bench.baselines.dpgan as dpgan
@@ -18,7 +17,7 @@ from bench.dpsgd import DPSGD
 from bench.errors import BenchError
 from bench.nets.gan import Discriminator, Generator
 from bench.privacy import Budget, calibrate_sigma, epsilon
-from tests.conftest import TINY_PROFILE
+from tests.conftest import TINY_PROFILE, InterruptAt
 
 CPU = torch.device("cpu")
 
@@ -169,29 +168,12 @@ def test_bad_input_is_a_one_line_cli_error() -> None:
     assert result.output.strip().count("\n") == 0 and "d_steps" in result.output
 
 
-class _InterruptAt(NullProgress):
-    """Keeps the state of the n-th checkpoint, as an interrupted run's checkpoint file would."""
-
-    def __init__(self, n: int, state: dict | None = None) -> None:
-        self.n, self.calls, self.saved, self.state = n, 0, None, state
-
-    def resume(self) -> dict | None:
-        return self.state
-
-    def checkpoint(self, state_fn) -> None:
-        self.calls += 1
-        if self.calls == self.n:
-            buffer = io.BytesIO()
-            torch.save(state_fn(), buffer)  # a copy, as on disk
-            self.saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
-
-
 def test_resume_continues_the_same_run_without_spending_budget_twice(train) -> None:
     whole, budget = make(train)
-    interrupted = _InterruptAt(7)  # mid-way between two generator steps
+    interrupted = InterruptAt(7)  # mid-way between two generator steps
     ledger = fit_with(whole, train, budget, interrupted)
     resumed, _ = make(train)
-    again = fit_with(resumed, train, budget, _InterruptAt(0, interrupted.saved))
+    again = fit_with(resumed, train, budget, InterruptAt(0, interrupted.saved))
     assert again.stages == ledger.stages
     labels = torch.arange(10)
     a = whole.sample(10, labels=labels, generator=torch.Generator().manual_seed(1))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 from typing import Any
 
@@ -18,7 +17,7 @@ from bench.diffusion import to_uint8
 from bench.errors import BenchError
 from bench.nets.gan import Discriminator, TeacherBank, TeacherList
 from bench.privacy import Budget, calibrate, epsilon
-from tests.conftest import TINY_PROFILE
+from tests.conftest import TINY_PROFILE, InterruptAt
 
 CPU = torch.device("cpu")
 
@@ -285,30 +284,13 @@ def test_bad_input_is_a_one_line_cli_error(tmp_path) -> None:
     assert result.output.strip().count("\n") == 0 and "lam" in result.output
 
 
-class _InterruptAt(NullProgress):
-    """Keeps the state of the n-th checkpoint, as an interrupted run's checkpoint file would."""
-
-    def __init__(self, n: int, state: dict | None = None) -> None:
-        self.n, self.calls, self.saved, self.state = n, 0, None, state
-
-    def resume(self) -> dict | None:
-        return self.state
-
-    def checkpoint(self, state_fn) -> None:
-        self.calls += 1
-        if self.calls == self.n:
-            buffer = io.BytesIO()
-            torch.save(state_fn(), buffer)  # a copy, as on disk
-            self.saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
-
-
 def test_resume_continues_the_same_run_without_spending_budget_twice(train) -> None:
     whole, budget = make(train, iterations=6)
-    interrupted = _InterruptAt(3)
+    interrupted = InterruptAt(3)
     ledger = whole.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=interrupted)
     resumed, _ = make(train, iterations=6)
     again = resumed.fit(
-        train, budget=budget, generator=torch.Generator().manual_seed(0), progress=_InterruptAt(0, interrupted.saved)
+        train, budget=budget, generator=torch.Generator().manual_seed(0), progress=InterruptAt(0, interrupted.saved)
     )
     assert again.stages == ledger.stages  # the queries answered before the interruption are counted once
     labels = torch.arange(10)
