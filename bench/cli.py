@@ -391,9 +391,14 @@ def list_(plugin: Plugins = None) -> None:
             typer.echo(f"  {name}")
         from bench.metrics import METRICS
 
+        from bench.metrics.protocols import PROTOCOLS
+
         typer.echo("metrics:")
         for name, what in METRICS.items():
-            typer.echo(f"  {name:<12} {what}")
+            typer.echo(f"  {name:<20} {what}")
+        typer.echo("downstream protocols (set one with --set eval.<protocol>.<field>=value; records say `shortened`):")
+        for name, p in PROTOCOLS.items():
+            typer.echo(f"  {name:<12} {p.title}\n  {'':<12} {p.reference}")
         typer.echo("profiles:")
         for name in config.PROFILES:
             typer.echo(f"  {name}")

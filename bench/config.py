@@ -169,7 +169,13 @@ def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         if not sep or not key:
             raise BenchError(f"--set expects key=value, got {item!r}")
         if key.startswith("eval."):
-            eval_sets[key.removeprefix("eval.")] = parse_value(value.strip())
+            table, _, field = key.removeprefix("eval.").rpartition(".")
+            if table:  # eval.dpdm.epochs: a field of one downstream protocol's settings
+                if not isinstance(eval_sets.setdefault(table, {}), dict):
+                    raise BenchError(f"--set {key}: eval.{table} is a setting, not a table")
+                eval_sets[table][field] = parse_value(value.strip())
+            else:
+                eval_sets[field] = parse_value(value.strip())
         else:
             method_sets[key] = parse_value(value.strip())
     return method_sets, eval_sets

@@ -1,11 +1,18 @@
 """Published tables as data, and our numbers beside them (`bench paper ID`).
 
-bench/reference/papers.toml describes each paper table once (methods, datasets, ε, δ, protocol, and which
-of our metrics each published metric maps to); bench/reference/published_results.csv holds one row per
-published cell with its source. A paper's cells are its published rows (plus, per table, our extra
-methods beside them). A cell we can produce becomes RunSpecs through `runner.plan`, so its runs are the
-very runs `bench run` makes with the same profile and seeds (same keys: finished runs are reused). A
-cell we cannot produce says why: method not implemented, dataset not available, metric not implemented.
+bench/reference/papers.toml describes each paper table once (methods, datasets, ε, δ, and our default
+metric for each published metric); bench/reference/published_results.csv holds one row per published
+cell: its protocol (one of ours, bench.metrics.protocols and the DPDM FID, or `other:<name>`), the tuned
+setting it was published with where a paper published several (DPDM's "(FID)" and "(Acc)" rows), whether
+its source is primary or secondary, and the exact source (repository@commit:path, table, row).
+
+A paper's cells are its published rows (plus, per table, our extra methods beside them). A cell we can
+produce becomes RunSpecs through `runner.plan`, so its runs are the very runs `bench run` makes with the
+same profile and seeds (same keys: finished runs are reused). Ours is set beside a published value only
+when both were computed by the same protocol; otherwise the cell says "protocol differs (theirs X, ours
+Y)". A cell we cannot produce says why: method not implemented, dataset not available, metric not
+implemented. Marks: § secondary source, ° our records ran a shortened protocol, ¶ published with a tuned
+setting our runs do not use, ‡ test-selected, † partial guarantee; each with its footnote in every format.
 """
 
 from __future__ import annotations
@@ -25,12 +32,25 @@ import pandas as pd
 
 from bench import data, registry, runner
 from bench.errors import BenchError
-from bench.metrics import METRICS, select_metrics
-from bench.report import FOOTNOTES, PARTIAL_MARK, TEST_SELECTED_MARK, load_frame
+from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
+from bench.metrics.protocols import PROTOCOLS
+from bench.report import FOOTNOTES, PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
 from bench.runner import RunSpec
 from bench.store import Store, read_json
 
-COLUMNS = ("paper", "method", "dataset", "epsilon", "delta", "metric", "protocol", "value", "source")
+COLUMNS = (
+    "paper", "method", "setting", "dataset", "epsilon", "delta", "metric", "protocol", "source_kind", "value", "source",
+)  # fmt: skip
+SOURCE_KINDS = ("primary", "secondary")
+OTHER = "other:"  # a protocol we do not implement: other:<name>
+SECONDARY_MARK = "§"
+SETTING_MARK = "¶"
+PAPER_FOOTNOTES = FOOTNOTES | {
+    SECONDARY_MARK: "secondary source: the published value comes from a summary of the paper, not from the "
+    "paper or its code; not checked against a primary source.",
+    SETTING_MARK: "published with a tuned setting (see the setting column) that our runs do not use: same "
+    "protocol, another configuration of the method.",
+}
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 _TABLE_KEYS = {
     "name": str,
@@ -40,12 +60,10 @@ _TABLE_KEYS = {
     "datasets": list,
     "eps": list,
     "delta": float,
-    "protocol": str,
-    "test_selected": bool,
     "metrics": dict,
     "note": str,
 }
-_REQUIRED = ("name", "caption", "methods", "datasets", "eps", "protocol", "metrics")
+_REQUIRED = ("name", "caption", "methods", "datasets", "eps", "metrics")
 
 # Cell statuses, in the words the table prints.
 OK = "ok"
@@ -55,6 +73,7 @@ NO_METRIC = "metric not implemented"
 NOT_RUN = "not run"
 NOT_SCORED = "not scored (rerun with --run to score it)"
 FAILED = "failed (over budget)"
+PROTOCOL_DIFFERS = "protocol differs"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,9 +88,7 @@ class Table:
     datasets: tuple[str, ...]
     eps: tuple[float, ...]
     delta: float | None = None  # None: not stated; bench's default δ is used
-    protocol: str = ""
-    test_selected: bool = False
-    metrics: dict[str, str] = field(default_factory=dict)  # published name -> ours ("" = none)
+    metrics: dict[str, str] = field(default_factory=dict)  # published name -> our default ("" = none)
     note: str = ""
 
 
@@ -89,11 +106,13 @@ class Published:
 
     paper: str
     method: str
+    setting: str  # the paper's tuned setting of the method ("fid", "acc"), "" where it published one
     dataset: str
     epsilon: float
     delta: float | None
     metric: str
-    protocol: str
+    protocol: str  # ours (bench.metrics.protocols, "dpdm" for FID too) or "other:<name>"
+    source_kind: str  # "primary" or "secondary"
     value: float | None
     source: str
 
@@ -105,7 +124,7 @@ class Cell:
     table: Table
     row: Published
     ours: str  # our metric name, "" where we have no equivalent
-    status: str | None  # None: reproducible; else why not (NOT_IMPLEMENTED, ...)
+    status: str | None  # None: reproducible; else why not (NOT_IMPLEMENTED, PROTOCOL_DIFFERS, ...)
     keys: tuple[str, ...] = ()  # run keys of the planned RunSpecs (one per seed)
 
 
@@ -177,8 +196,6 @@ def _table(paper: str, i: int, raw: Any) -> Table:
         datasets=tuple(t["datasets"]),
         eps=tuple(_positive(e, f"{where}: eps") for e in t["eps"]),
         delta=delta,
-        protocol=t["protocol"],
-        test_selected=t.get("test_selected", False),
         metrics=dict(t["metrics"]),
         note=t.get("note", ""),
     )
@@ -229,18 +246,22 @@ def table_of(papers: dict[str, Paper], row: Published) -> Table:
     if row.paper not in papers:
         raise BenchError(f"published row {row.paper}/{row.method}: paper {row.paper!r} is not in papers.toml")
     for t in papers[row.paper].tables:
-        if (
-            row.method in t.methods
-            and row.dataset in t.datasets
-            and row.epsilon in t.eps
-            and row.metric in t.metrics
-            and row.protocol == t.protocol
-        ):
+        if row.method in t.methods and row.dataset in t.datasets and row.epsilon in t.eps and row.metric in t.metrics:
             return t
     raise BenchError(
-        f"published row {row.paper}/{row.method}/{row.dataset}/ε={row.epsilon:g}/{row.metric}"
-        f"/{row.protocol or '-'}: no table of {row.paper} in papers.toml has this method, dataset, ε, metric "
-        "and protocol"
+        f"published row {row.paper}/{row.method}/{row.dataset}/ε={row.epsilon:g}/{row.metric}: no table of "
+        f"{row.paper} in papers.toml has this method, dataset, ε and metric"
+    )
+
+
+def check_protocol(protocol: str) -> str:
+    """A published row's protocol: one of ours, or other:<name> (BenchError otherwise)."""
+    ours = sorted({*PROTOCOLS, metric_protocol("fid_inception") or ""} - {""})
+    name = protocol.removeprefix(OTHER)
+    if protocol in ours or (protocol.startswith(OTHER) and _NAME.match(name)):
+        return protocol
+    raise BenchError(
+        f"protocol {protocol!r} is neither one of ours ({', '.join(ours)}) nor other:<lowercase-kebab name>"
     )
 
 
@@ -268,24 +289,29 @@ def parse_published(text: str, papers: dict[str, Paper], where: str = "published
             raise BenchError(f"{at}: value must be a finite number, got {raw['value']}")
         if not raw["source"].strip():
             raise BenchError(f"{at}: source is empty (say where the number comes from)")
+        if raw["source_kind"].strip() not in SOURCE_KINDS:
+            raise BenchError(f"{at}: source_kind must be one of {', '.join(SOURCE_KINDS)}, got {raw['source_kind']!r}")
         row = Published(
             paper=raw["paper"].strip(),
             method=raw["method"].strip(),
+            setting=raw["setting"].strip(),
             dataset=raw["dataset"].strip(),
             epsilon=eps,
             delta=delta,
             metric=raw["metric"].strip(),
             protocol=raw["protocol"].strip(),
+            source_kind=raw["source_kind"].strip(),
             value=value,
             source=raw["source"].strip(),
         )
         try:
+            check_protocol(row.protocol)
             table = table_of(papers, row)
         except BenchError as e:
             raise BenchError(f"{at}: {e}") from None
         if table.delta is not None and delta is not None and delta != table.delta:
             raise BenchError(f"{at}: δ = {delta:g}, but table {row.paper}/{table.name} has δ = {table.delta:g}")
-        ident = (row.paper, row.method, row.dataset, row.epsilon, row.metric, row.protocol)
+        ident = (row.paper, row.method, row.setting, row.dataset, row.epsilon, row.metric, row.protocol)
         if ident in seen:
             raise BenchError(f"{at}: duplicate of an earlier row ({', '.join(map(str, ident))})")
         seen.add(ident)
@@ -331,16 +357,32 @@ def paper_cells(paper: Paper, papers: dict[str, Paper], published: list[Publishe
                 extra = Published(
                     paper=paper.id,
                     method=method,
+                    setting="",
                     dataset=ds,
                     epsilon=eps,
                     delta=t.delta,
                     metric=metric,
-                    protocol=t.protocol,
+                    protocol=metric_protocol(t.metrics[metric]) or "",  # ours: the protocol of our default metric
+                    source_kind="",
                     value=None,
                     source="",
                 )
                 out.append((t, extra))
     return out
+
+
+def our_metric(table: Table, row: Published) -> tuple[str, str | None]:
+    """Our metric for a cell and, when we cannot set it beside the published value, why not."""
+    default = table.metrics[row.metric]
+    if row.protocol.startswith(OTHER):
+        if not default:
+            return "", NO_METRIC
+        ours = metric_protocol(default) or f"bench's {default}"
+        return default, f"{PROTOCOL_DIFFERS} (theirs {row.protocol}, ours {ours})"
+    if row.protocol in ("", metric_protocol(default)) and default:
+        return default, None
+    mapped = published_metric(row.metric, row.protocol)
+    return (mapped, None) if mapped else ("", f"{NO_METRIC} (protocol {row.protocol} has no {row.metric})")
 
 
 def plan_paper(
@@ -361,15 +403,9 @@ def plan_paper(
     specs: dict[str, RunSpec] = {}
     planned: dict[tuple[str, str, float, float | None], tuple[str, ...]] = {}
     for table, row in paper_cells(paper, papers, published):
-        ours = table.metrics[row.metric]
+        ours, why = our_metric(table, row)
         status = (
-            NOT_IMPLEMENTED
-            if row.method not in methods
-            else NO_DATASET
-            if row.dataset not in data.DATASETS
-            else NO_METRIC
-            if not ours
-            else None
+            NOT_IMPLEMENTED if row.method not in methods else NO_DATASET if row.dataset not in data.DATASETS else why
         )
         keys: tuple[str, ...] = ()
         if status is None:
@@ -441,10 +477,11 @@ def _note(info: Any) -> str:
 
 def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str] | None = None) -> pd.DataFrame:
     """One row per cell: published value, ours (mean, std, n over generator × classifier seeds, as the
-    report pools them), ours − published, status.
+    report pools them), ours − published, status, and the marks of both sides.
 
-    `missing_data` maps a dataset that failed to load to the reason (its cells: dataset not available).
-    A plan with runs to report needs a `store` with runs in it (BenchError otherwise).
+    Ours is set beside the published value only when our records ran the row's protocol. `missing_data`
+    maps a dataset that failed to load to the reason (its cells: dataset not available). A plan with runs
+    to report needs a `store` with runs in it (BenchError otherwise).
     """
     missing_data = missing_data or {}
     frame, run_status = pd.DataFrame(), {}
@@ -458,10 +495,13 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
         if "done" in run_status.values():
             frame = load_frame(store)
             frame = frame[frame["key"].isin({s.key for s in plan.specs})]
+    configs = {s.key: s.config for s in plan.specs}
     rows = []
     for c in plan.cells:
         r = c.row
-        status, mean, std, n, partial, selected = c.status, math.nan, math.nan, 0, False, c.table.test_selected
+        status, mean, std, n, partial = c.status, math.nan, math.nan, 0, False
+        ours_protocol, shortened, setting_differs = metric_protocol(c.ours) if c.ours else None, {}, False
+        selected = bool(r.protocol in PROTOCOLS and PROTOCOLS[r.protocol].test_selected)
         if status is None and r.dataset in missing_data:
             status = f"{NO_DATASET}: {missing_data[r.dataset]}"
         if status is None:
@@ -471,12 +511,17 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
             else:
                 mine = frame[frame["key"].isin(done) & (frame["metric"] == c.ours)]
                 partial = bool((frame[frame["key"].isin(done)]["guarantee"] == "partial").any())
-                selected = selected or any(
-                    json.loads(i).get("test_selected", False) for i in mine["info"] if isinstance(i, str)
-                )
+                infos = [json.loads(i) for i in mine["info"] if isinstance(i, str)]
+                selected = selected or any(i.get("test_selected", False) for i in infos)
+                ran = {i["protocol"] for i in infos if i.get("protocol")}
+                shortened = {k: v for i in infos for k, v in (i.get("shortened") or {}).items()}
+                ours_setting = {str(configs[k].get("sampler_preset") or "") for k in done}
+                setting_differs = bool(r.setting) and ours_setting != {r.setting}
                 values = pd.Series(_pooled(mine), dtype=float)
                 if mine.empty:
                     status = NOT_SCORED
+                elif r.protocol and ran and ran != {r.protocol}:
+                    status = f"{PROTOCOL_DIFFERS} (theirs {r.protocol}, ours {', '.join(sorted(ran))})"
                 elif values.empty:
                     status = next((n for n in map(_note, mine["info"]) if n), "n/a")
                 else:
@@ -489,14 +534,30 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
                 "dataset": r.dataset,
                 "epsilon": r.epsilon,
                 "method": r.method + (PARTIAL_MARK if partial else ""),
+                "setting": r.setting,
                 "metric": r.metric,
+                "protocol": r.protocol,
                 "ours_metric": (c.ours + (TEST_SELECTED_MARK if selected else "")) if c.ours else "",
+                "ours_protocol": ours_protocol or "",
                 "published": math.nan if r.value is None else r.value,
                 "ours_mean": mean,
                 "ours_std": std,
                 "n": n,
                 "diff": mean - r.value if r.value is not None and n else math.nan,
                 "status": status,
+                "shortened": "; ".join(f"{k} {a}→{b}" for k, (a, b) in shortened.items()) if n else "",
+                "marks": "".join(
+                    mark
+                    for mark, on in (
+                        (SECONDARY_MARK, r.source_kind == "secondary"),
+                        (SHORTENED_MARK, bool(shortened) and n > 0),
+                        (SETTING_MARK, setting_differs and n > 0),
+                        (TEST_SELECTED_MARK, selected and n > 0),
+                        (PARTIAL_MARK, partial),
+                    )
+                    if on
+                ),  # fmt: skip
+                "source_kind": r.source_kind,
                 "source": r.source,
             }
         )
@@ -506,9 +567,16 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
 def _ours(row: pd.Series) -> str:
     if not row["n"]:
         return "—"
+    marks = "".join(m for m in (SHORTENED_MARK, SETTING_MARK) if m in row["marks"])
     if row["n"] == 1:
-        return f"{row['ours_mean']:.2f} (n=1)"
-    return f"{row['ours_mean']:.2f} ± {row['ours_std']:.2f} (n={row['n']})"
+        return f"{row['ours_mean']:.2f}{marks} (n=1)"
+    return f"{row['ours_mean']:.2f}{marks} ± {row['ours_std']:.2f} (n={row['n']})"
+
+
+def _published(row: pd.Series) -> str:
+    if math.isnan(row["published"]):
+        return "—"
+    return f"{row['published']:g}" + (SECONDARY_MARK if SECONDARY_MARK in row["marks"] else "")
 
 
 def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
@@ -520,9 +588,15 @@ def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
 
 
 def _status_note(row: pd.Series) -> str:
+    notes = []
     if row["status"] == OK:
-        return "ours only (no published value)" if math.isnan(row["published"]) else ""
-    return str(row["status"])
+        if math.isnan(row["published"]):
+            notes.append("ours only (no published value)")
+    else:
+        notes.append(str(row["status"]))
+    if row["shortened"]:
+        notes.append(f"shortened: {row['shortened']}")
+    return "; ".join(notes)
 
 
 def to_markdown(plan: PaperPlan, frame: pd.DataFrame) -> str:
@@ -541,8 +615,10 @@ def to_markdown(plan: PaperPlan, frame: pd.DataFrame) -> str:
                     row["dataset"],
                     f"{row['epsilon']:g}",
                     row["method"],
+                    row["setting"] or "—",
                     metric,
-                    "—" if math.isnan(row["published"]) else f"{row['published']:g}",
+                    row["protocol"] or "—",
+                    _published(row),
                     _ours(row),
                     "—" if math.isnan(row["diff"]) else f"{row['diff']:+.2f}",
                     _status_note(row),
@@ -551,13 +627,18 @@ def to_markdown(plan: PaperPlan, frame: pd.DataFrame) -> str:
             )
         delta = f"δ = {t.delta:g}" if t.delta is not None else "δ: bench's default"
         out += ["", f"## {t.name}: {t.caption} ({delta})", ""]
-        out += _markdown(
-            ["dataset", "ε", "method", "metric", "published", "ours", "ours − published", "note", "src"], body
-        )
+        header = ["dataset", "ε", "method", "setting", "metric", "protocol", "published", "ours", "ours − published",
+                  "note", "src"]  # fmt: skip
+        out += _markdown(header, body)
         out.append("")
         out += [f"[{i}] {s}" for i, s in enumerate(sources, start=1)]
-        used = "".join(sub["method"]) + "".join(sub["ours_metric"])
-        out += [f"{mark} {text}" for mark, text in FOOTNOTES.items() if mark in used]
+        out += footnotes(sub)
         if t.note:
             out.append(f"note: {t.note}")
     return "\n".join(out)
+
+
+def footnotes(frame: pd.DataFrame) -> list[str]:
+    """The footnote of every mark the cells of `frame` carry."""
+    used = "".join(frame["marks"]) + "".join(frame["method"]) + "".join(frame["ours_metric"])
+    return [f"{mark} {text}" for mark, text in PAPER_FOOTNOTES.items() if mark in used]

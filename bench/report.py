@@ -25,11 +25,14 @@ from bench.store import Store, read_json
 
 PARTIAL_MARK = "†"
 TEST_SELECTED_MARK = "‡"
+SHORTENED_MARK = "°"
 FOOTNOTES = {
     PARTIAL_MARK: "partial guarantee: part of the method touches private data outside a DP mechanism "
     "(see the run's privacy.json, `non_private`); its ε does not cover the whole pipeline.",
     TEST_SELECTED_MARK: "test-selected: best real test accuracy over epochs (DataLens/DPGEN protocol); "
     "optimistic, shown only for comparison with published tables.",
+    SHORTENED_MARK: "shortened protocol: fewer epochs or samples than the reference code (each record's "
+    "`shortened` lists [reference, used]); not comparable with a published cell as it stands.",
 }
 REAL_LABEL = "real data"
 FORMATS = ("md", "csv", "tex")
@@ -99,8 +102,8 @@ def load_frame(store: Store, keys: set[str] | None = None, metrics: Collection[s
 
 
 def _metric_label(metric: str, info: dict[str, Any]) -> str:
-    how = info.get("extractor") or info.get("protocol")
-    mark = TEST_SELECTED_MARK if info.get("test_selected") else ""
+    how = info.get("protocol") or info.get("extractor")
+    mark = (TEST_SELECTED_MARK if info.get("test_selected") else "") + (SHORTENED_MARK if info.get("shortened") else "")
     return f"{metric}{mark} [{how}]" if how else f"{metric}{mark}"
 
 
@@ -294,7 +297,7 @@ def build_report(
     out.mkdir(parents=True, exist_ok=True)
     _write(summary, out / "summary", notes, formats, index=False, caption="Summary")
     for metric_label in sorted(df["metric_label"].dropna().unique()):
-        metric = metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK)
+        metric = metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK + SHORTENED_MARK)
         table, numbers = metric_table(df, metric_label)
         _write(table, out / metric, [f"metric: {metric_label}", *notes], formats, index=True,
                caption=f"{metric_label}: mean ± std (n = generator × classifier seeds)",
@@ -325,7 +328,8 @@ _TEX = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
     "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
     "σ": r"$\sigma$", "δ": r"$\delta$", "∞": r"$\infty$", "—": "---", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
-    "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$",
+    "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$", "§": r"\S{}", "¶": r"\P{}", "°": r"$^\circ$",
+    "→": r"$\to$",
 }  # fmt: skip
 
 

@@ -30,7 +30,7 @@ from bench.errors import BenchError
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, default_delta, epsilon, privacy_card, verify
 from bench.store import Store, load_torch, read_json, save_torch, write_json
 
-RESULT_VERSION = 1  # bump when a change of the harness changes results, so old keys are not reused
+RESULT_VERSION = 2  # bump when a change of the harness changes results, so old keys are not reused
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -144,7 +144,10 @@ def plan(
     """Expand and validate the whole grid before anything runs: a bad value fails here, not mid-grid."""
     prof = cfgmod.load_profile(profile)
     method_sets, eval_sets = cfgmod.parse_sets(sets)
-    eval_table = dict(prof.get("eval", {})) | eval_sets
+    eval_table = dict(prof.get("eval", {}))
+    for k, v in eval_sets.items():  # --set eval.dpdm.epochs=5 changes one field of the profile's [eval.dpdm]
+        base = eval_table.get(k)
+        eval_table[k] = base | v if isinstance(v, dict) and isinstance(base, dict) else v
     from bench.metrics import EvalSettings, select_metrics
 
     n_gen = eval_table.pop("n_gen", EvalPlan().n_gen)
@@ -155,6 +158,8 @@ def plan(
         if not isinstance(profile_metrics, list):
             raise BenchError(f"eval.metrics must be a list of metric names, got {profile_metrics!r}")
         profile_metrics = select_metrics(profile_metrics)
+    # [eval.dpdm] and the like: the settings of one downstream protocol
+    eval_table["protocols"] = {k: eval_table.pop(k) for k in list(eval_table) if isinstance(eval_table[k], dict)}
     settings = cfgmod.build_dataclass(EvalSettings, eval_table, "eval")
     plan_eval = EvalPlan(n_gen=n_gen, settings=cfgmod.to_jsonable(settings), metrics=profile_metrics)
     specs = []
@@ -368,7 +373,7 @@ class Runner:
         training set (cached per dataset and classifier seed: downstream.real_reference). Returns
         "skipped" or "done".
         """
-        from bench.metrics import EvalSettings, accuracy_classifiers, evaluate, select_metrics
+        from bench.metrics import EvalSettings, accuracy_metrics, evaluate, select_metrics
         from bench.metrics.downstream import classifier_seeds, over_seeds, real_reference
 
         key = real_key(dataset, eval_plan)
@@ -386,12 +391,12 @@ class Runner:
         train, test = self.dataset(dataset, "train"), self.dataset(dataset, "test")
         settings = EvalSettings(**eval_plan.settings)
         wanted = select_metrics(self.metrics or eval_plan.metrics)
-        classifiers = accuracy_classifiers(wanted)
+        accuracy = accuracy_metrics(wanted)
         costs: dict[str, Any] = {}
         with _timed(costs, "score"):
             n = min(eval_plan.n_gen, len(test))
             index = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))[:n].sort().values
-            fidelity = [m for m in wanted if m not in {f"acc_{c}" for c in classifiers}]
+            fidelity = [m for m in wanted if m not in accuracy]
             metrics = (
                 evaluate(test.images[index], test.labels[index], dataset=dataset, train=train, test=test, seed=0,
                          settings=settings, device=self.device, metrics=fidelity,
@@ -400,12 +405,11 @@ class Runner:
                 else {}
             )  # fmt: skip
             metrics = {name: rec | {"reference_images": f"{n} real test images"} for name, rec in metrics.items()}
-            if classifiers:
+            if accuracy:
                 metrics |= over_seeds(
                     [
-                        real_reference(train, test, dataset=dataset, seed=s, classifiers=classifiers,
-                                       epochs=settings.epochs, batch_size=settings.batch_size,
-                                       val_fraction=settings.val_fraction, device=self.device)
+                        real_reference(train, test, dataset=dataset, seed=s, metrics=accuracy,
+                                       settings=settings.protocols, device=self.device)
                         for s in classifier_seeds(0, settings.classifier_seeds)
                     ]
                 )  # fmt: skip

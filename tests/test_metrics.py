@@ -6,6 +6,7 @@ import torch
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from bench import data
+from bench.errors import BenchError
 from bench.metrics import METRICS, EvalSettings, evaluate, features
 from bench.metrics.features import EXTRACTOR_NAME, DomainFeatureExtractor, domain_extractor, extract_features
 from bench.metrics.fidelity import frechet_distance, reference_cache_name
@@ -13,7 +14,11 @@ from bench.metrics.grid import LABEL_WIDTH, PAD, grid_scale, save_sample_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXTRACTOR_EPOCHS = 2
-SETTINGS = EvalSettings(epochs=2, extractor_epochs=EXTRACTOR_EPOCHS, feature_batch_size=128)
+SETTINGS = EvalSettings(
+    extractor_epochs=EXTRACTOR_EPOCHS,
+    feature_batch_size=128,
+    protocols={"dpdm": {"epochs": 2}, "datalens": {"epochs": 2}, "sklearn": {"classifiers": ["gaussian_nb"]}},
+)
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +130,16 @@ def test_evaluate_records(train, test_split):
 
 
 def test_eval_settings_validate():
-    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
-        EvalSettings(epochs=0)
-    with pytest.raises(ValueError, match="val_fraction"):
-        EvalSettings(val_fraction=1.0)
+    with pytest.raises(ValueError, match="classifier_seeds must be >= 1, got 0"):
+        EvalSettings(classifier_seeds=0)
+    with pytest.raises(ValueError, match="fidelity_samples must be >= 1"):
+        EvalSettings(fidelity_samples=0)
+    with pytest.raises(BenchError, match=r"eval\.dpdm: epochs must be >= 1, got 0"):
+        EvalSettings(protocols={"dpdm": {"epochs": 0}})
+    with pytest.raises(BenchError, match="unknown protocol 'keras'; protocols: dpdm, datalens, sklearn"):
+        EvalSettings(protocols={"keras": {}})
+    with pytest.raises(BenchError, match=r"eval\.sklearn: classifiers: unknown classifier 'svm'"):
+        EvalSettings(protocols={"sklearn": {"classifiers": ["svm"]}})
 
 
 def test_sample_grid(tmp_path, train):

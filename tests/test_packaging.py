@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,6 +12,12 @@ ROOT = Path(__file__).parent.parent
 
 
 def test_wheel_maps_method_folders_into_bench(tmp_path: Path) -> None:
+    # build from a copy: setuptools would otherwise reuse a stale build/ folder of the checkout, whose old
+    # files hide a package missing from pyproject.toml
+    src = tmp_path / "src"
+    shutil.copytree(
+        ROOT, src, ignore=shutil.ignore_patterns(".venv", "build", "results", "reports", ".git", "*.egg-info")
+    )
     subprocess.run(
         [
             sys.executable,
@@ -22,7 +29,7 @@ def test_wheel_maps_method_folders_into_bench(tmp_path: Path) -> None:
             "--no-build-isolation",
             "-w",
             str(tmp_path),
-            str(ROOT),
+            str(src),
         ],
         check=True,
         capture_output=True,
@@ -42,6 +49,10 @@ def test_wheel_maps_method_folders_into_bench(tmp_path: Path) -> None:
         "bench/nets/unet.py",
     ):
         assert required in names, required
+    # every module of the source tree is in the wheel (a sub-package missing from pyproject's list is not)
+    for folder, package in (("bench", "bench"), ("methods", "bench/methods"), ("baselines", "bench/baselines")):
+        for path in (ROOT / folder).rglob("*.py"):
+            assert f"{package}/{path.relative_to(ROOT / folder).as_posix()}" in names, path
     top = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
     assert top == {"bench"}, f"generic top-level names would collide with other projects: {top}"
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))

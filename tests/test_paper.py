@@ -4,6 +4,7 @@ bad input as one-line errors."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import re
@@ -11,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -18,7 +20,7 @@ from bench import data, paper, registry, runner
 from bench.contract import ImageDataset
 from bench.data import SyntheticDataset
 from bench.errors import BenchError
-from bench.report import FOOTNOTES, PARTIAL_MARK, TEST_SELECTED_MARK, load_frame
+from bench.report import PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
 from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.test_cli import assert_one_line_error
@@ -35,9 +37,7 @@ methods = ["dpdm", "partial-means", "overspend", "no-such-method"]
 datasets = ["synthetic", "no-such-data", "absent-data"]
 eps = [1, 10]
 delta = 1e-5
-protocol = "datalens"
-test_selected = true
-metrics = { acc_cnn = "acc_cnn_datalens", acc_mean3 = "" }
+metrics = { acc_cnn = "acc_cnn_datalens", acc_logreg = "acc_logreg", acc_mean3 = "" }
 
 [[papers.toy-paper.tables]]
 name = "fid"
@@ -46,20 +46,25 @@ methods = ["no-such-method"]
 extra_methods = ["dpdm"]
 datasets = ["synthetic"]
 eps = [10]
-protocol = ""
 metrics = { fd = "fd_domain" }
 """
-TOY_ROWS = """paper,method,dataset,epsilon,delta,metric,protocol,value,source
-toy-paper,dpdm,synthetic,1,1e-5,acc_cnn,datalens,40.0,"toy table (a)"
-toy-paper,dpdm,synthetic,10,1e-5,acc_cnn,datalens,55.5,"toy table (a)"
-toy-paper,partial-means,synthetic,10,1e-5,acc_cnn,datalens,70.0,"toy table (a)"
-toy-paper,overspend,synthetic,10,1e-5,acc_cnn,datalens,12.0,"toy table (a)"
-toy-paper,no-such-method,synthetic,10,1e-5,acc_cnn,datalens,60.0,"toy table (a)"
-toy-paper,dpdm,no-such-data,10,1e-5,acc_cnn,datalens,50.0,"toy table (a)"
-toy-paper,dpdm,absent-data,10,1e-5,acc_cnn,datalens,52.0,"toy table (a)"
-toy-paper,dpdm,synthetic,10,1e-5,acc_mean3,datalens,45.0,"toy table (a)"
-toy-paper,no-such-method,synthetic,10,,fd,,3.5,"toy table (b)"
+HEADER = "paper,method,setting,dataset,epsilon,delta,metric,protocol,source_kind,value,source\n"
+TOY_ROWS = (
+    HEADER
+    + """toy-paper,dpdm,,synthetic,1,1e-5,acc_cnn,datalens,primary,40.0,"toy table (a)"
+toy-paper,dpdm,,synthetic,10,1e-5,acc_cnn,datalens,secondary,55.5,"toy table (a), from a summary"
+toy-paper,dpdm,,synthetic,10,1e-5,acc_cnn,dpdm,primary,61.0,"toy table (a), its DPDM-protocol rows"
+toy-paper,dpdm,,synthetic,1,1e-5,acc_cnn,other:keras-cnn,primary,44.0,"toy table (a), another script"
+toy-paper,dpdm,acc,synthetic,10,1e-5,acc_logreg,dpdm,primary,66.0,"toy table (a), accuracy-tuned row"
+toy-paper,partial-means,,synthetic,10,1e-5,acc_cnn,datalens,primary,70.0,"toy table (a)"
+toy-paper,overspend,,synthetic,10,1e-5,acc_cnn,datalens,primary,12.0,"toy table (a)"
+toy-paper,no-such-method,,synthetic,10,1e-5,acc_cnn,datalens,primary,60.0,"toy table (a)"
+toy-paper,dpdm,,no-such-data,10,1e-5,acc_cnn,datalens,primary,50.0,"toy table (a)"
+toy-paper,dpdm,,absent-data,10,1e-5,acc_cnn,datalens,primary,52.0,"toy table (a)"
+toy-paper,dpdm,,synthetic,10,1e-5,acc_mean3,other:max3,primary,45.0,"toy table (a)"
+toy-paper,no-such-method,,synthetic,10,,fd,other:toy-fd,primary,3.5,"toy table (b)"
 """
+)
 PARTIAL_PLUGIN = '''
 from tests.plugins.good_plugin import NoisyMeans
 
@@ -135,22 +140,49 @@ def test_shipped_tables_load_and_cover_every_published_row() -> None:
         table = paper.table_of(papers, row)
         assert row.method in table.methods and row.dataset in table.datasets and row.epsilon in table.eps
     accuracy = next(t for t in papers["dpsad-eccv24"].tables if t.name == "accuracy")
-    assert accuracy.metrics == {"acc_cnn": "acc_cnn_datalens"} and accuracy.test_selected
+    assert accuracy.metrics == {"acc_cnn": "acc_cnn_datalens"}
     (table1,) = papers["dpdm-tmlr23"].tables
     assert table1.metrics["acc_cnn"] == "acc_cnn" and table1.delta == 1e-5
 
 
-def test_shipped_copy_matches_the_shared_reference() -> None:
-    shared = Path(__file__).parents[2] / "shared" / "reference" / "published_results.csv"
-    if not shared.is_file():
-        pytest.skip("no shared reference folder next to the checkout")
-    assert paper.REFERENCE_DIR.joinpath("published_results.csv").read_text() == shared.read_text()
+def test_published_csv_schema() -> None:
+    """Every row names its protocol (ours or other:<name>), its kind of source and the source itself."""
+    text = paper.REFERENCE_DIR.joinpath("published_results.csv").read_text()
+    raw = list(csv.DictReader(text.splitlines()))
+    assert tuple(raw[0]) == paper.COLUMNS
+    ours = {"dpdm", "datalens", "sklearn"}
+    for r in raw:
+        assert r["protocol"] in ours or re.fullmatch(r"other:[a-z0-9-]+", r["protocol"]), r
+        assert r["source_kind"] in ("primary", "secondary"), r
+        if r["source_kind"] == "primary":  # a primary source is a file at a commit of a repository, or a paper
+            assert re.search(r"[\w.-]+/[\w.-]+@[0-9a-f]{40}:\S+", r["source"]), r
+    rows = paper.load_published(paper.load_papers())
+    by = {(r.paper, r.method, r.setting, r.dataset, r.epsilon, r.metric): r for r in rows}
+    # DPDM Table 1 from its primary source: both tuned settings, DPDM's own protocol
+    t1 = [r for r in rows if r.paper == "dpdm-tmlr23" and r.method == "dpdm"]
+    assert len(t1) == 2 * 2 * 3 * 4 and {r.setting for r in t1} == {"fid", "acc"}
+    assert {r.protocol for r in t1} == {"dpdm"} and {r.source_kind for r in t1} == {"primary"}
+    assert by["dpdm-tmlr23", "dpdm", "fid", "fmnist", 10, "fid_inception"].value == 18.6
+    assert by["dpdm-tmlr23", "dpdm", "acc", "fmnist", 10, "acc_cnn"].value == 86.2
+    assert by["dpdm-tmlr23", "dpdm", "fid", "mnist", 0.2, "fid_inception"].value == 61.9
+    assert by["dpdm-tmlr23", "dpdm", "acc", "mnist", 0.2, "acc_cnn"].value == 86.3
+    # DP-SAD: every cell secondary; its DP-DM rows are DPDM's own protocol, its own cells DataLens's
+    sad = [r for r in rows if r.paper == "dpsad-eccv24"]
+    assert {r.source_kind for r in sad} == {"secondary"}
+    assert {r.protocol for r in sad if r.method == "dpdm"} == {"dpdm"}
+    assert {r.protocol for r in sad if r.method == "dpsad" and r.metric == "acc_cnn"} == {"datalens"}
+    # DPImageBench's accuracy is the best of three classifiers, a protocol we do not implement
+    assert {r.protocol for r in rows if r.metric == "acc_max3"} == {"other:dpimagebench-max3"}
+    # DP-Sinkhorn's Table 1: its own classifiers and FID against the test set, not DPDM's script
+    sink = [r for r in rows if r.paper == "dpsinkhorn-neurips21" and r.method in ("dpmerf", "dpsinkhorn")]
+    assert len(sink) == 16 and {r.protocol for r in sink} == {"other:dp-sinkhorn"}
+    assert by["dpsinkhorn-neurips21", "dpmerf", "", "fmnist", 10, "acc_logreg"].value == 75.5
 
 
 def test_list_shows_every_paper_and_table() -> None:
     r = bench("paper", "--list")
     assert r.exit_code == 0, r.output
-    for word in ("dpsad-eccv24", "dpdm-tmlr23", "dpimagebench-ccs25", "accuracy", "celeba64", "table1"):
+    for word in ("dpsad-eccv24", "dpdm-tmlr23", "dpsinkhorn-neurips21", "dpimagebench-ccs25", "accuracy", "table1"):
         assert word in r.stdout
 
 
@@ -183,7 +215,7 @@ def test_run_reproduces_the_toy_table(reproduced: dict) -> None:
     out = reproduced["out"]
     assert out.exit_code == 1, out.output  # the over-budget cell fails, as `bench run` does
     assert "exceeded its privacy budget" in out.stderr
-    assert f"scoring {reproduced['reused']} (reused run): fd_domain, acc_cnn_datalens" in out.stderr
+    assert f"scoring {reproduced['reused']} (reused run): fd_domain, acc_logreg, acc_cnn_datalens" in out.stderr
     assert "warning: absent-data: dataset not available, its cells are skipped" in out.stderr
     assert "| absent-data | 10 | dpdm |" in out.stdout
     assert "| dataset not available: absent-data: files not found in /nowhere |" in out.stdout
@@ -200,17 +232,23 @@ def test_cells_hold_our_values_the_published_ones_and_their_difference(toy: Path
     )
     table = paper.compare(plan, Store(results))
     frame = load_frame(Store(results))
-    status = {(r.table, r.method, r.epsilon, r.dataset, r.metric): r.status for r in table.itertuples()}
-    assert status["acc", "no-such-method", 10, "synthetic", "acc_cnn"] == paper.NOT_IMPLEMENTED
-    assert status["acc", "dpdm", 10, "no-such-data", "acc_cnn"] == paper.NO_DATASET
-    assert status["acc", "dpdm", 10, "absent-data", "acc_cnn"] == paper.NOT_RUN  # loaded only with --run
-    assert status["acc", "dpdm", 10, "synthetic", "acc_mean3"] == paper.NO_METRIC
-    assert status["acc", "overspend", 10, "synthetic", "acc_cnn"] == paper.FAILED
-    assert status["fid", "no-such-method", 10, "synthetic", "fd"] == paper.NOT_IMPLEMENTED
+    status = {(r.table, r.method, r.epsilon, r.dataset, r.metric, r.protocol): r.status for r in table.itertuples()}
+    assert status["acc", "no-such-method", 10, "synthetic", "acc_cnn", "datalens"] == paper.NOT_IMPLEMENTED
+    assert status["acc", "dpdm", 10, "no-such-data", "acc_cnn", "datalens"] == paper.NO_DATASET
+    assert status["acc", "dpdm", 10, "absent-data", "acc_cnn", "datalens"] == paper.NOT_RUN  # loaded only with --run
+    assert status["acc", "dpdm", 10, "synthetic", "acc_mean3", "other:max3"] == paper.NO_METRIC
+    assert status["acc", "overspend", 10, "synthetic", "acc_cnn", "datalens"] == paper.FAILED
+    assert status["fid", "no-such-method", 10, "synthetic", "fd", "other:toy-fd"] == paper.NOT_IMPLEMENTED
+    # another protocol's cell gets no value of ours beside it, and says which protocols differ
+    differs = table[table["protocol"] == "other:keras-cnn"].iloc[0]
+    assert differs["status"] == "protocol differs (theirs other:keras-cnn, ours datalens)"
+    assert differs["n"] == 0 and math.isnan(differs["ours_mean"]) and math.isnan(differs["diff"])
     ok = table[table["status"] == paper.OK]
-    assert len(ok) == 4  # dpdm ε = 1 and 10, partial-means, and dpdm beside the fid table
+    # dpdm ε = 1 and 10 (DataLens), dpdm ε = 10 (DPDM's CNN, DPDM's LogReg), partial-means, dpdm beside the fid table
+    assert len(ok) == 6
     for cell in ok.itertuples():
-        ours = "acc_cnn_datalens" if cell.table == "acc" else "fd_domain"
+        ours = cell.ours_metric.rstrip(TEST_SELECTED_MARK)
+        assert paper.metric_protocol(ours) in (cell.protocol, None)  # the same protocol as the published cell's
         method = cell.method.rstrip(PARTIAL_MARK)
         mine = frame[
             (frame["method"] == method) & (frame["target_epsilon"] == cell.epsilon) & (frame["metric"] == ours)
@@ -220,17 +258,33 @@ def test_cells_hold_our_values_the_published_ones_and_their_difference(toy: Path
         assert cell.ours_std == pytest.approx(mine["value"].std(ddof=1))
         if cell.table == "acc":
             assert cell.diff == pytest.approx(cell.ours_mean - cell.published)
-            assert cell.ours_metric == "acc_cnn_datalens" + TEST_SELECTED_MARK
+            assert SHORTENED_MARK in cell.marks and "epochs" in cell.shortened  # the tiny profile's 2 epochs
+            assert (TEST_SELECTED_MARK in cell.ours_metric) == (cell.protocol == "datalens")
         else:  # our extra method beside the table: no published value, no difference
             assert math.isnan(cell.published) and math.isnan(cell.diff)
     partial = table[table["method"] == "partial-means" + PARTIAL_MARK]
     assert len(partial) == 1 and partial["status"].iloc[0] == paper.OK
     text = reproduced["out"].stdout
-    assert f"{PARTIAL_MARK} {FOOTNOTES[PARTIAL_MARK]}" in text
-    assert f"{TEST_SELECTED_MARK} {FOOTNOTES[TEST_SELECTED_MARK]}" in text
-    dpdm10 = ok[(ok["method"] == "dpdm") & (ok["epsilon"] == 10) & (ok["table"] == "acc")].iloc[0]
-    line = f"| synthetic | 10 | dpdm | acc_cnn → acc_cnn_datalens{TEST_SELECTED_MARK} | 55.5 |"
-    assert f"{line} {dpdm10.ours_mean:.2f} ± {dpdm10.ours_std:.2f} (n=2) | {dpdm10['diff']:+.2f} |" in text
+    for mark in (PARTIAL_MARK, TEST_SELECTED_MARK, SHORTENED_MARK, paper.SECONDARY_MARK, paper.SETTING_MARK):
+        assert f"{mark} {paper.PAPER_FOOTNOTES[mark]}" in text, mark
+    dpdm10 = ok[(ok["method"] == "dpdm") & (ok["epsilon"] == 10) & (ok["protocol"] == "datalens")].iloc[0]
+    assert dpdm10.marks == paper.SECONDARY_MARK + SHORTENED_MARK + TEST_SELECTED_MARK
+    line = (
+        f"| synthetic | 10 | dpdm | — | acc_cnn → acc_cnn_datalens{TEST_SELECTED_MARK} | datalens | "
+        f"55.5{paper.SECONDARY_MARK} | {dpdm10.ours_mean:.2f}{SHORTENED_MARK} ± {dpdm10.ours_std:.2f} (n=2) | "
+        f"{dpdm10['diff']:+.2f} | shortened: epochs 600→2; n_train 100000→40 |"
+    )
+    assert line in text
+    # the same cell under DPDM's protocol is set beside our DPDM-protocol metric
+    assert "| synthetic | 10 | dpdm | — | acc_cnn → acc_cnn | dpdm | 61 |" in text
+    # a row published with a tuned setting our runs do not use carries ¶
+    tuned = ok[ok["setting"] == "acc"].iloc[0]
+    assert tuned.metric == "acc_logreg" and paper.SETTING_MARK in tuned.marks
+    assert f"{tuned.ours_mean:.2f}{SHORTENED_MARK}{paper.SETTING_MARK} ±" in text
+    # the CSV written by --out carries the marks, protocols and source kinds too
+    written = pd.read_csv(results / "tables" / "paper-toy-paper.csv", keep_default_na=False)
+    assert {"protocol", "ours_protocol", "source_kind", "marks", "shortened"} <= set(written.columns)
+    assert paper.SECONDARY_MARK in set("".join(written["marks"]))
 
 
 def test_without_run_the_table_comes_from_finished_runs(toy: Path, reproduced: dict) -> None:
@@ -249,18 +303,21 @@ def test_without_run_the_table_comes_from_finished_runs(toy: Path, reproduced: d
 
 def test_published_csv_bad_input_is_one_line() -> None:
     papers = paper.parse_papers(TOY_PAPERS)
-    header = "paper,method,dataset,epsilon,delta,metric,protocol,value,source\n"
+    row = "toy-paper,dpdm,,synthetic,10,,acc_cnn,datalens,primary,1,s\n"
     cases = {
         "paper,method,dataset,eps,delta,metric,protocol,value,source\n": "columns must be",
-        header + "toy-paper,dpdm,synthetic,x,,acc_cnn,datalens,1,s\n": "line 2",
-        header + "toy-paper,dpdm,synthetic,-1,,acc_cnn,datalens,1,s\n": "epsilon must be",
-        header + "toy-paper,dpdm,synthetic,10,2,acc_cnn,datalens,1,s\n": "delta must be",
-        header + "toy-paper,dpdm,synthetic,10,,acc_cnn,datalens,1,\n": "source is empty",
-        header + "nope,dpdm,synthetic,10,,acc_cnn,datalens,1,s\n": "paper 'nope' is not in papers.toml",
-        header + "toy-paper,dpdm,synthetic,3,,acc_cnn,datalens,1,s\n": "no table of toy-paper",
-        header + "toy-paper,dpdm,synthetic,10,1e-6,acc_cnn,datalens,1,s\n": "has δ = 1e-05",
-        header + "toy-paper,dpdm,synthetic,10,,acc_cnn,datalens,1,s\n" * 2: "duplicate",
-        header + "toy-paper,dpdm,synthetic,10,,acc_cnn,datalens,1\n": "expected 9 fields",
+        HEADER + row.replace(",10,", ",x,"): "line 2",
+        HEADER + row.replace(",10,", ",-1,"): "epsilon must be",
+        HEADER + row.replace(",10,,", ",10,2,"): "delta must be",
+        HEADER + row.replace(",1,s", ",1,"): "source is empty",
+        HEADER + row.replace("primary", "tertiary"): "source_kind must be one of primary, secondary",
+        HEADER + row.replace("datalens", "keras"): "protocol 'keras' is neither one of ours",
+        HEADER + row.replace("datalens", "other:"): "protocol 'other:' is neither",
+        HEADER + row.replace("toy-paper", "nope"): "paper 'nope' is not in papers.toml",
+        HEADER + row.replace(",10,", ",3,"): "no table of toy-paper",
+        HEADER + row.replace(",10,,", ",10,1e-6,"): "has δ = 1e-05",
+        HEADER + row * 2: "duplicate",
+        HEADER + row.replace(",1,s", ",1"): "expected 11 fields",
     }
     for text, message in cases.items():
         with pytest.raises(BenchError, match=re.escape(message)) as e:
@@ -272,7 +329,7 @@ def test_papers_toml_bad_input_is_one_line() -> None:
     cases = {
         "[papers.x]\ntitle = 1\n": "describes no table",
         "[other]\n": "only [papers.ID]",
-        TOY_PAPERS.replace('protocol = ""', 'protocol = ""\ncolour = "red"'): "unknown key 'colour'",
+        TOY_PAPERS.replace("eps = [10]", 'eps = [10]\ncolour = "red"'): "unknown key 'colour'",
         TOY_PAPERS.replace('fd = "fd_domain"', 'fd = "fid_magic"'): "'fid_magic', not one of ours",
         TOY_PAPERS.replace("eps = [10]", "eps = [0]"): "finite number > 0",
         TOY_PAPERS.replace("delta = 1e-5", "delta = 2"): "delta must be in (0, 1)",

@@ -64,7 +64,9 @@ def test_marks_and_footnotes_everywhere(report: tuple[Path, str]) -> None:
         text = (out / name).read_text()
         assert "partial-means†" in text and "† partial guarantee" in text, name
     assert "‡ test-selected" in (out / "acc_cnn_datalens.md").read_text()
-    assert "acc_cnn_datalens‡ [datalens]" in (out / "summary.md").read_text()
+    assert "acc_cnn_datalens‡° [datalens]" in (out / "summary.md").read_text()
+    assert "° shortened protocol" in (out / "summary.md").read_text()
+    assert r"$^\circ$ shortened protocol" in (out / "acc_cnn_datalens.tex").read_text()
     tex = (out / "acc_cnn_datalens.tex").read_text()
     assert r"partial-means$^\dagger$" in tex and r"$^\ddagger$ test-selected" in tex
 

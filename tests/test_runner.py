@@ -73,7 +73,8 @@ def test_real_data_row_is_computed_once_per_dataset(grid: Path) -> None:
     assert fd["value"] < min(model_fd)
     # the classifiers trained on the whole real training set, under the same protocol
     acc = met["acc_cnn"]
-    assert acc["reference"] == "real train" and acc["n_train"] + acc["n_val"] == 2000
+    assert acc["reference_data"] == "real train split" and acc["n_train"] + acc["n_eval"] == 2000
+    assert acc["protocol"] == "dpdm" and acc["shortened"]["n_train"] == [60000, acc["n_train"]]
     assert acc["per_seed"] == [acc["value"]] and acc["classifier_seeds"] == [0]
     r = bench("score", str(d))
     assert r.exit_code == 2 and "real-data reference row" in r.stderr
@@ -136,7 +137,8 @@ def test_report_has_checked_eps_column_and_writes_tables(grid: Path, tmp_path: P
     assert (tmp_path / "rep" / "acc_cnn.csv").is_file()
     (real,) = [ln.split(" | ") for ln in r.stdout.splitlines() if ln.startswith("| real data")]
     assert real[2:7] == ["∞", "—", "—", "—", "—"]  # ε target, ε recomputed, δ, accountant, guarantee
-    assert "acc_cnn_datalens‡ [datalens]" in r.stdout and "‡ test-selected" in r.stdout
+    assert "acc_cnn_datalens‡° [datalens]" in r.stdout and "‡ test-selected" in r.stdout
+    assert "° shortened protocol" in r.stdout  # the tiny profile's 2 epochs and 40 samples
     assert "test-selected" in (tmp_path / "rep" / "acc_cnn_datalens.md").read_text()
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -19,9 +19,19 @@ from bench.errors import BenchError
 from bench.metrics.downstream import classifier_seeds, downstream_accuracy, over_seeds
 from bench.metrics.features import domain_extractor
 from bench.metrics.fidelity import domain_fidelity
-from bench.metrics.inception import inception_metrics
+from bench.metrics.inception import FID_PROTOCOL, fid_protocol_fields, inception_metrics
+from bench.metrics.protocols import METRIC_PROTOCOL, PROTOCOLS, default_settings, parse_settings
 
-__all__ = ["METRICS", "EvalSettings", "accuracy_classifiers", "check_samples", "evaluate", "select_metrics"]
+__all__ = [
+    "METRICS",
+    "EvalSettings",
+    "accuracy_metrics",
+    "check_samples",
+    "evaluate",
+    "metric_protocol",
+    "published_metric",
+    "select_metrics",
+]
 
 # Every metric `evaluate` computes, with how it is computed (shown by `bench list`). Metrics that one
 # library call computes together share a group: (group, the group's own name for it).
@@ -31,17 +41,22 @@ METRICS: dict[str, str] = {
     "kid_domain": "kernel inception distance on the same domain features",
     "precision_domain": "precision (k=3 manifolds) on the same domain features",
     "recall_domain": "recall (k=3 manifolds) on the same domain features",
-    "fid_inception": "standard FID: torch-fidelity inception-v3-compat features vs the real training set",
+    "fid_inception": "standard FID: torch-fidelity inception-v3-compat features vs the real training set "
+    "(protocol dpdm: DPDM's compute_fid; papers: 60,000 samples)",
     "kid_inception": "KID on Inception features",
     "is_inception": "Inception score",
     "precision_inception": "precision (k=3) on Inception features",
     "recall_inception": "recall (k=3) on Inception features",
-    "acc_logreg": "real test accuracy (%) of logistic regression trained on the samples (DPDM protocol: epoch "
-    "chosen on held-out samples)",
-    "acc_mlp": "real test accuracy (%) of an MLP trained on the samples (DPDM protocol)",
-    "acc_cnn": "real test accuracy (%) of a CNN trained on the samples (DPDM protocol)",
-    "acc_cnn_datalens": "best real test accuracy (%) over epochs of the DataLens/DPGEN CNN: test-selected, "
-    "for comparison with published tables only",
+    "acc_logreg": "real test accuracy (%) of logistic regression trained on the samples (protocol dpdm: DPDM's "
+    "script, epoch chosen on generated samples)",
+    "acc_mlp": "real test accuracy (%) of the MLP 784-100-10 trained on the samples (protocol dpdm)",
+    "acc_cnn": "real test accuracy (%) of DPDM's CNN (32/64/128 channels) trained on the samples (protocol dpdm)",
+    "acc_cnn_datalens": "best real test accuracy (%) over epochs of the DataLens CNN (protocol datalens): "
+    "test-selected, for comparison with published tables only",
+    "acc_logreg_sklearn": "real test accuracy (%) of scikit-learn's logistic regression (protocol sklearn: "
+    "DP-MERF's benchmark)",
+    "acc_mlp_sklearn": "real test accuracy (%) of scikit-learn's MLPClassifier (protocol sklearn)",
+    "acc_mean_sklearn": "mean real test accuracy (%) of DP-MERF's twelve classifiers (protocol sklearn)",
 }
 _GROUPS: dict[str, tuple[str, str]] = {
     "fd_domain": ("domain", "fd"),
@@ -53,15 +68,26 @@ _GROUPS: dict[str, tuple[str, str]] = {
     "is_inception": ("inception", "isc"),
     "precision_inception": ("inception", "prc"),
     "recall_inception": ("inception", "prc"),
-    "acc_logreg": ("accuracy", "logreg"),
-    "acc_mlp": ("accuracy", "mlp"),
-    "acc_cnn": ("accuracy", "cnn"),
-    "acc_cnn_datalens": ("accuracy", "cnn_datalens"),
+    **{metric: ("accuracy", metric) for metric in METRIC_PROTOCOL},
 }
 
 
-def accuracy_classifiers(wanted: Collection[str]) -> list[str]:
-    """The downstream classifiers (bench.metrics.downstream names) behind the wanted accuracy metrics."""
+def metric_protocol(metric: str) -> str | None:
+    """The protocol (reference code) our metric reproduces; None for bench's own metrics (domain, KID, ...)."""
+    if metric in METRIC_PROTOCOL:
+        return METRIC_PROTOCOL[metric][0]
+    return FID_PROTOCOL if metric == "fid_inception" else None
+
+
+def published_metric(published: str, protocol: str) -> str | None:
+    """Our metric that computes the published metric `published` under our protocol `protocol`, if any."""
+    if protocol == FID_PROTOCOL and published == "fid_inception":
+        return "fid_inception"
+    return PROTOCOLS[protocol].published.get(published) if protocol in PROTOCOLS else None
+
+
+def accuracy_metrics(wanted: Collection[str]) -> list[str]:
+    """The downstream accuracy metrics (bench.metrics.protocols) among the wanted metrics."""
     return _group(wanted, "accuracy")
 
 
@@ -72,19 +98,21 @@ def _group(wanted: Collection[str], group: str) -> list[str]:
 
 @dataclass(frozen=True, kw_only=True)
 class EvalSettings:
-    epochs: int = 50  # downstream CNN epochs (DPDM protocol, paper: 50)
-    batch_size: int = 128  # downstream CNN minibatch
-    val_fraction: float = 0.1  # share of the synthetic samples held out for epoch selection
     extractor_epochs: int = 5  # domain extractor training epochs; part of its cache key
     feature_batch_size: int = 256  # feature extraction batch (does not change the result)
     classifier_seeds: int = 1  # downstream classifiers trained per run, each with its own seed
+    fidelity_samples: int | None = None  # fidelity scores the first N samples (None: all); papers: 60,000
+    # per downstream protocol, its Settings (None fields: the reference's values); a profile's [eval.dpdm]
+    # table or `--set eval.dpdm.epochs=10` shortens one, and its records say so
+    protocols: dict[str, Any] = field(default_factory=default_settings)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "extractor_epochs", "feature_batch_size", "classifier_seeds"):
+        for name in ("extractor_epochs", "feature_batch_size", "classifier_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.fidelity_samples is not None and self.fidelity_samples < 1:
+            raise ValueError(f"fidelity_samples must be >= 1, got {self.fidelity_samples}")
+        object.__setattr__(self, "protocols", parse_settings(self.protocols))
 
 
 def select_metrics(names: Collection[str] | None) -> tuple[str, ...]:
@@ -142,23 +170,29 @@ def evaluate(
     n_gen = len(images)
     cuda = torch.device(device).type == "cuda"
     results: dict[str, dict[str, Any]] = {}
+    n_fid = min(n_gen, settings.fidelity_samples or n_gen)
+    fid_images = images[:n_fid]  # generation order: the first n of balanced labels are balanced
+    about = {"n_gen": n_fid, "labels": label_distribution(None if labels is None else labels[:n_fid]),
+             "quantisation": QUANTISATION}  # fmt: skip
     if domain := _group(wanted, "domain"):
         t0 = time.perf_counter()
         extractor = domain_extractor(train, dataset=dataset, epochs=settings.extractor_epochs, device=device)
         records = domain_fidelity(
-            images, train, extractor=extractor, metrics=domain, batch_size=settings.feature_batch_size, cuda=cuda
+            fid_images, train, extractor=extractor, metrics=domain, batch_size=settings.feature_batch_size, cuda=cuda
         )
-        results |= _timed_records(records, t0)
+        results |= _timed_records(records, t0, about)
     if inception := _group(wanted, "inception"):
         t0 = time.perf_counter()
         records = inception_metrics(
-            images, train, weights=inception_weights, metrics=inception, cuda=cuda, cache_name=f"{dataset}-train"
+            fid_images, train, weights=inception_weights, metrics=inception, cuda=cuda, cache_name=f"{dataset}-train"
         )
-        results |= _timed_records(records, t0)
-    if classifiers := _group(wanted, "accuracy"):
+        results |= _timed_records(records, t0, about)
+        if "fid_inception" in results:
+            results["fid_inception"] |= fid_protocol_fields(dataset, n_fid)
+    if accuracy := _group(wanted, "accuracy"):
         if labels is None:
-            for c in classifiers:
-                results[f"acc_{c}"] = {"value": None, "n_gen": n_gen, "note": "n/a: unconditional method"}
+            for m in accuracy:
+                results[m] = {"value": None, "n_gen": n_gen, "note": "n/a: unconditional method"}
         else:
             records = over_seeds(
                 [
@@ -166,21 +200,35 @@ def evaluate(
                         images,
                         labels,
                         test,
+                        dataset=dataset,
                         seed=classifier_seed,
-                        classifiers=classifiers,
-                        epochs=settings.epochs,
-                        batch_size=settings.batch_size,
-                        val_fraction=settings.val_fraction,
+                        metrics=accuracy,
+                        settings=settings.protocols,
                         device=device,
-                    )
+                    )  # fmt: skip
                     for classifier_seed in classifier_seeds(seed, settings.classifier_seeds)
                 ]
             )
-            results |= {name: rec | {"n_gen": n_gen} for name, rec in records.items()}
+            results |= {
+                name: rec | {"n_gen": n_gen, "labels": label_distribution(labels)} for name, rec in records.items()
+            }
     return {m: results[m] for m in wanted if m in results}
 
 
-def _timed_records(records: dict[str, dict[str, Any]], t0: float) -> dict[str, dict[str, Any]]:
-    """Stamp the seconds a group of metrics took on each of its records."""
+QUANTISATION = "uint8 as the method released it (bench's methods: round((x + 1) · 127.5))"
+
+
+def label_distribution(labels: Tensor | None) -> str:
+    """How the scored samples' labels are spread over the classes, in words."""
+    if labels is None:
+        return "unconditional (no labels)"
+    counts = torch.bincount(labels.long())
+    counts = counts[counts > 0]
+    lo, hi = int(counts.min()), int(counts.max())
+    return f"balanced: {lo} per class" if lo == hi else f"{len(counts)} classes, {lo}–{hi} per class"
+
+
+def _timed_records(records: dict[str, dict[str, Any]], t0: float, about: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Stamp the seconds a group of metrics took, and what was scored, on each of its records."""
     seconds = round(time.perf_counter() - t0, 3)
-    return {name: {**rec, "seconds": seconds} for name, rec in records.items()}
+    return {name: {**rec, **about, "seconds": seconds} for name, rec in records.items()}

@@ -74,16 +74,19 @@ def train_epoch(
     optimizer: torch.optim.Optimizer,
     *,
     batch_size: int,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
     prepare: Callable[[Tensor], Tensor] = to_input,
 ) -> None:
-    """One pass of cross-entropy training over uint8 `images` [N, C, H, W], in `generator`'s order.
+    """One pass of cross-entropy training over uint8 `images` [N, C, H, W], in a fresh random order drawn
+    from `generator`, or in the stored order when `generator` is None (a DataLoader without shuffle).
 
     `prepare` turns a uint8 batch (already on the model's device) into the model's float input.
     """
     device = next(model.parameters()).device
     model.train()
-    for idx in torch.randperm(len(images), generator=generator).split(batch_size):
+    n = len(images)
+    order = torch.arange(n) if generator is None else torch.randperm(n, generator=generator)
+    for idx in order.split(batch_size):
         x, y = prepare(images[idx].to(device)), labels[idx].to(device)
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()

@@ -5,6 +5,14 @@ repeated to 3 channels and torch-fidelity resizes them to 299×299. The weights 
 explicitly (`--inception-weights`), from $BENCH_INCEPTION_WEIGHTS, or from torch-fidelity's own download
 cache; they are never downloaded here. Without weights every Inception record says it is unavailable:
 no number from another extractor is ever reported under these names.
+
+`fid_inception` follows the DPDM protocol (its Table 1 FIDs): nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3
+utils/util.py `compute_fid` with the statistics of precompute_data_mnist_fid_statistics.py. There: the
+TF Inception 2015-12-05 pool features (StyleGAN3's `inception-2015-12-05.pkl`, grayscale repeated to 3
+channels) of the generated uint8 images, against the statistics of the whole TRAINING set, Fréchet
+distance. The paper's tables use 60,000 samples (its training-time FID uses 5,000). Deviations: features
+from torch-fidelity's port of the same TF graph (`inception-v3-compat`), not StyleGAN3's; labels balanced,
+not uniform at random; uint8 as the method quantises (the reference truncates x·255).
 """
 
 from __future__ import annotations
@@ -36,6 +44,26 @@ RECORD_NAMES = {
     "prc": ("precision_inception", "recall_inception"),
 }
 UNAVAILABLE = "unavailable: no Inception weights (pass --inception-weights)"
+FID_PROTOCOL = "dpdm"
+FID_REFERENCE = "nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3:utils/util.py"
+FID_SAMPLES = {"mnist": 60_000, "fmnist": 60_000}  # the papers' sample counts, per dataset we know them for
+FID_DEVIATIONS = (
+    "features from torch-fidelity's inception-v3-compat (a port of the TF 2015-12-05 graph); reference: "
+    "StyleGAN3's inception-2015-12-05.pkl, a port of the same graph",
+    "labels balanced (index mod classes); reference: uniform random labels",
+    "uint8 as the method quantises it; reference: truncation of x·255",
+)
+
+
+def fid_protocol_fields(dataset: str, n: int) -> dict[str, Any]:
+    """What fid_inception records say about their protocol: name, code, deviations, shortening."""
+    wanted = FID_SAMPLES.get(dataset)
+    return {
+        "protocol": FID_PROTOCOL,
+        "reference_code": FID_REFERENCE,
+        "deviations": list(FID_DEVIATIONS),
+        "shortened": {"n_gen": [wanted, n]} if wanted and n < wanted else {},
+    }
 
 
 def hub_weights_path() -> Path:
