@@ -390,7 +390,6 @@ def list_(plugin: Plugins = None) -> None:
         for name in data.DATASETS:
             typer.echo(f"  {name}")
         from bench.metrics import METRICS
-
         from bench.metrics.protocols import PROTOCOLS
 
         typer.echo("metrics:")
