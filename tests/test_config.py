@@ -67,3 +67,23 @@ def test_builtin_profiles_resolve_for_every_builtin_method() -> None:
 def test_unknown_profile() -> None:
     with pytest.raises(BenchError, match="unknown profile 'fast'; available: smoke, paper"):
         config.load_profile("fast")
+
+
+def test_protocol_settings_from_profile_and_set(tmp_path) -> None:
+    """[eval.dpdm] in a profile and --set eval.dpdm.<field> merge field by field into the run's settings."""
+    from bench import runner
+
+    profile = tmp_path / "p.toml"
+    profile.write_text("[eval]\nn_gen = 40\n[eval.dpdm]\nepochs = 3\nbatch_size = 64\n")
+    _, ev = config.parse_sets(["eval.dpdm.epochs=5", "eval.datalens.lr=0.1", "eval.n_gen=30"])
+    assert ev == {"dpdm": {"epochs": 5}, "datalens": {"lr": 0.1}, "n_gen": 30}
+    (spec,) = runner.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
+                          accountant="rdp", profile=str(profile), sets=["eval.dpdm.epochs=5"])  # fmt: skip
+    protocols = spec.eval.settings["protocols"]
+    assert protocols["dpdm"] == {"epochs": 5, "batch_size": 64, "lr": None, "n_train": None, "n_eval": None}
+    assert protocols["datalens"]["epochs"] is None  # untouched: the reference's value
+    other = runner.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
+                        accountant="rdp", profile=str(profile), sets=[])  # fmt: skip
+    assert other[0].key != spec.key  # protocol settings are part of the run key
+    with pytest.raises(BenchError, match="--set eval.n_gen.x: eval.n_gen is a setting, not a table"):
+        config.parse_sets(["eval.n_gen=3", "eval.n_gen.x=1"])

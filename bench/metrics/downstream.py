@@ -1,9 +1,12 @@
 """Downstream classification utility: train classifiers on synthetic labelled images, test on real data.
 
 Each accuracy metric belongs to one protocol (bench.metrics.protocols), which reproduces one reference
-script: `dpdm` (acc_logreg, acc_mlp, acc_cnn; the epoch is chosen on generated samples, no private data
-selects anything), `datalens` (acc_cnn_datalens: best real test accuracy over epochs, test-selected and
-marked so) and `sklearn` (DP-MERF's scikit-learn benchmark). This module checks the inputs, runs the
+script: `dpdm` (nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3:train_downstream_classifiers.py;
+acc_logreg, acc_mlp, acc_cnn; the epoch is chosen on generated samples, no private data selects anything),
+`datalens` (AI-secure/DataLens@72d0f2fe89aeee2e5a043c17b3de09e0023f94a6:evaluation/; acc_cnn_datalens:
+best real test accuracy over epochs, test-selected and marked so) and `sklearn`
+(ParkLabML/DP-MERF@e4ae72dfba3941dec2ae3ffa7025afedeeb858cd:code_balanced/synth_data_benchmark.py).
+This module checks the inputs, runs the
 protocols once per classifier seed, pools the seeds, and caches the "real data" row (`real_reference`).
 
 Every record depends only on its metric, the data, the protocol settings and the seed (initialisation,

@@ -78,7 +78,8 @@ def train_epoch(
     prepare: Callable[[Tensor], Tensor] = to_input,
 ) -> None:
     """One pass of cross-entropy training over uint8 `images` [N, C, H, W], in a fresh random order drawn
-    from `generator`, or in the stored order when `generator` is None (a DataLoader without shuffle).
+    from `generator`, or in the stored order when `generator` is None (a DataLoader without shuffle, as
+    nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3:train_downstream_classifiers.py reads its samples).
 
     `prepare` turns a uint8 batch (already on the model's device) into the model's float input.
     """
