@@ -134,7 +134,7 @@ def test_eval_settings_validate():
         EvalSettings(classifier_seeds=0)
     with pytest.raises(ValueError, match="fidelity_samples must be >= 1"):
         EvalSettings(fidelity_samples=0)
-    with pytest.raises(BenchError, match=r"eval\.dpdm: epochs must be >= 1, got 0"):
+    with pytest.raises(BenchError, match=r"eval\.dpdm: epochs must be > 0, got 0"):
         EvalSettings(protocols={"dpdm": {"epochs": 0}})
     with pytest.raises(BenchError, match="unknown protocol 'keras'; protocols: dpdm, datalens, sklearn"):
         EvalSettings(protocols={"keras": {}})

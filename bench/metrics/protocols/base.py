@@ -75,6 +75,14 @@ class Protocol(ABC):
         return None
 
 
+def check_positive(settings: Any, *names: str) -> None:
+    """Settings.__post_init__: every named field that is set (not None) must be > 0 (ValueError naming it)."""
+    for name in names:
+        v = getattr(settings, name)
+        if v is not None and not v > 0:
+            raise ValueError(f"{name} must be > 0, got {v}")
+
+
 def resolve_settings(
     protocol: Protocol, overrides: Any, *, dataset: str, shape: tuple[int, int, int], num_classes: int
 ) -> tuple[dict[str, Any], dict[str, list[Any]]]:

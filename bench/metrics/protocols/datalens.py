@@ -59,12 +59,7 @@ class Settings:
     n_train: int | None = None  # [100000] synthetic samples
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "n_train"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"{name} must be >= 1, got {v}")
-        if self.lr is not None and not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        base.check_positive(self, "epochs", "batch_size", "lr", "n_train")
 
 
 class DataLensCNN(nn.Module):

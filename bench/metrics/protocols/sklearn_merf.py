@@ -109,8 +109,7 @@ class Settings:
     classifiers: tuple[str, ...] | None = None  # [all twelve] the classifiers behind the mean
 
     def __post_init__(self) -> None:
-        if self.n_train is not None and self.n_train < 1:
-            raise ValueError(f"n_train must be >= 1, got {self.n_train}")
+        base.check_positive(self, "n_train")
         if self.classifiers is not None:
             unknown = [c for c in self.classifiers if c not in CLASSIFIERS]
             if unknown or not self.classifiers:
