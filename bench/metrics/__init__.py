@@ -205,7 +205,7 @@ def evaluate(
                         metrics=accuracy,
                         settings=settings.protocols,
                         device=device,
-                    )  # fmt: skip
+                    )
                     for classifier_seed in classifier_seeds(seed, settings.classifier_seeds)
                 ]
             )
