@@ -135,12 +135,11 @@ class PaperPlan:
     specs: tuple[RunSpec, ...]  # unique by key, in cell order
     metrics: tuple[str, ...]  # our metrics the cells need
 
-    def run_metrics(self) -> tuple[str, ...] | None:
-        """Metric set for new runs: the profile's default set plus the table's (None: the profile scores all)."""
+    def run_metrics(self) -> tuple[str, ...]:
+        """Metric set for new runs: the table's, plus the profile's default set when it names one (a profile
+        that scores everything, as the paper profile, would spend hours on protocols the table never shows)."""
         profile_set = self.specs[0].eval.metrics if self.specs else None
-        if profile_set is None:
-            return None
-        return select_metrics(set(profile_set) | set(self.metrics))
+        return select_metrics(set(profile_set or ()) | set(self.metrics))
 
 
 REFERENCE_DIR: Traversable = resources.files("bench").joinpath("reference")  # papers.toml + the CSV
@@ -515,7 +514,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
                 selected = selected or any(i.get("test_selected", False) for i in infos)
                 ran = {i["protocol"] for i in infos if i.get("protocol")}
                 shortened = {k: v for i in infos for k, v in (i.get("shortened") or {}).items()}
-                ours_setting = {str(configs[k].get("sampler_preset") or "") for k in done}
+                ours_setting = {_setting(configs[k]) for k in done}
                 setting_differs = bool(r.setting) and ours_setting != {r.setting}
                 values = pd.Series(_pooled(mine), dtype=float)
                 if mine.empty:
@@ -562,6 +561,14 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
             }
         )
     return pd.DataFrame(rows)
+
+
+SETTING_KEYS = ("sampler_preset", "adjacency")  # config fields whose value names a published setting
+
+
+def _setting(config: dict[str, Any]) -> str:
+    """The published setting a run's config reproduces ("" when it names none)."""
+    return next((str(config[k]) for k in SETTING_KEYS if config.get(k)), "")
 
 
 def _ours(row: pd.Series) -> str:

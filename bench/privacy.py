@@ -166,6 +166,7 @@ class Stage:
     count: int = 0  # number of compositions; gaussian and laplace only
     max_grad_norm: float | None = None  # clipping bound C (informational: σ is already relative to it)
     expected_batch_size: float | None = None  # q · N; poisson_gaussian only, informational
+    sensitivity: str = ""  # what σ is relative to, and under which adjacency, where it is not obvious
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -232,6 +233,8 @@ class Stage:
         for key in ("max_grad_norm", "expected_batch_size"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
+        if self.sensitivity:
+            out["sensitivity"] = self.sensitivity
         return out
 
     @classmethod
@@ -251,6 +254,7 @@ _STAGE_KEYS = {
     "count",
     "max_grad_norm",
     "expected_batch_size",
+    "sensitivity",
 }
 
 

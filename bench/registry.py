@@ -24,6 +24,7 @@ BUILTINS: dict[str, str] = {
     "ddpm": "bench.baselines.ddpm:DDPM",
     "dpgan": "bench.baselines.dpgan:DPGAN",
     "pategan": "bench.baselines.pategan:PATEGAN",
+    "dpmerf": "bench.baselines.dpmerf:DPMERF",
     "dpsad": "bench.methods.dpsad:DPSAD",
     "dpsad-e2e": "bench.methods.dpsad:DPSADE2E",
 }
