@@ -286,3 +286,17 @@ def test_images_too_small_for_the_datalens_cnn_small_ones_padded_for_dpdms(test_
     r = downstream_accuracy(tiny.images, tiny.labels, tiny, dataset="synthetic", seed=0, metrics=["acc_cnn"],
                             settings={"dpdm": dpdm.Settings(epochs=1)})["acc_cnn"]  # fmt: skip
     assert "6×6 images padded with black to at least 22×22 for the CNN" in r["deviations"]
+
+
+def test_real_reference_trains_a_shared_classifier_once(small, test_split, monkeypatch, tmp_path):
+    """acc_logreg_sklearn and acc_mean_sklearn share the LogReg fit: the real-data row trains it once."""
+    monkeypatch.setenv("BENCH_CACHE", str(tmp_path))
+    built = []
+    make = sklearn_merf.CLASSIFIERS["logistic_reg"]
+    monkeypatch.setitem(sklearn_merf.CLASSIFIERS, "logistic_reg", lambda seed, k: built.append(seed) or make(seed, k))
+    settings = {"sklearn": sklearn_merf.Settings(classifiers=("logistic_reg", "gaussian_nb"))}
+    out = real_reference(small, test_split, dataset="synthetic", seed=0, settings=settings,
+                         metrics=("acc_logreg_sklearn", "acc_mean_sklearn"))  # fmt: skip
+    assert (
+        built == [0] and out["acc_mean_sklearn"]["per_classifier"]["logistic_reg"] == out["acc_logreg_sklearn"]["value"]
+    )

@@ -78,22 +78,23 @@ def real_reference(
     settings = protocols.default_settings() | dict(settings or {})
     data_key = f"{dataset}-{fingerprint(train)}-{fingerprint(test)}"
     folder = cache_root() / "downstream"
-    results: dict[str, dict[str, Any]] = {}
+    paths = {}
     for name in names:
         protocol = protocols.PROTOCOLS[protocols.METRIC_PROTOCOL[name][0]]
         how = json.dumps([protocol.name, protocol.version, repr(settings[protocol.name])]).encode()
-        path = folder / f"{data_key}-{name}-{hashlib.sha256(how).hexdigest()[:12]}-s{seed}-v{VERSION}.json"
-        record = _load(path)
-        if record is None:
-            record = downstream_accuracy(train.images, train.labels, test, dataset=dataset, seed=seed,
-                                         metrics=[name], settings=settings, device=device)[name]  # fmt: skip
-            record["reference_data"] = "real train split"
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
+        paths[name] = folder / f"{data_key}-{name}-{hashlib.sha256(how).hexdigest()[:12]}-s{seed}-v{VERSION}.json"
+    results = {name: _load(path) for name, path in paths.items()}
+    missing = [name for name, record in results.items() if record is None]
+    if missing:  # in one call: classifiers two metrics share (sklearn's LogReg and its mean) train once
+        fresh = downstream_accuracy(train.images, train.labels, test, dataset=dataset, seed=seed, metrics=missing,
+                                    settings=settings, device=device)  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        for name in missing:
+            record = results[name] = fresh[name] | {"reference_data": "real train split"}
+            tmp = paths[name].with_suffix(f".tmp{os.getpid()}")
             tmp.write_text(json.dumps(record, indent=1))
-            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
-        results[name] = record
-    return results
+            os.replace(tmp, paths[name])  # atomic: a concurrent reader never sees half a file
+    return {name: record for name, record in results.items() if record is not None}
 
 
 def classifier_seeds(run_seed: int, count: int) -> list[int]:
