@@ -25,6 +25,7 @@ BUILTINS: dict[str, str] = {
     "dpgan": "bench.baselines.dpgan:DPGAN",
     "pategan": "bench.baselines.pategan:PATEGAN",
     "dpmerf": "bench.baselines.dpmerf:DPMERF",
+    "dphp": "bench.baselines.dphp:DPHP",
     "dpsad": "bench.methods.dpsad:DPSAD",
     "dpsad-e2e": "bench.methods.dpsad:DPSADE2E",
 }
