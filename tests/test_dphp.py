@@ -16,22 +16,11 @@ from bench import config
 from bench.contract import DataSpec, ImageDataset, NullProgress
 from bench.errors import BenchError
 from bench.privacy import Budget, calibrate, epsilon
-from tests.conftest import InterruptAt
+from tests.conftest import TINY_PROFILE, InterruptAt
 
 CPU = torch.device("cpu")
 pytestmark = pytest.mark.usefixtures("one_thread")
-# The tiny settings (tests/profiles/tiny.toml's [dphp] once registered): 2 epochs of 10 steps on the synthetic set.
-TINY: dict[str, Any] = {
-    "order_sum": 10,
-    "order_prod": 5,
-    "kernel_length_sum": 0.15,
-    "kernel_length_prod": 0.15,
-    "gamma": 10.0,
-    "generator": "fc",
-    "batch_size": 200,
-    "epochs": 2,
-    "gen_hidden": [32, 32],
-}
+TINY: dict[str, Any] = config.load_profile(TINY_PROFILE)["dphp"]  # 2 epochs of 10 steps on the synthetic set
 
 
 def make(train, eps: float = 10.0, **sets: Any) -> tuple[DPHP, Budget]:
