@@ -75,6 +75,7 @@ from torch import Tensor, nn
 from bench.contract import DataSpec, ImageDataset, Progress
 from bench.errors import BenchError
 from bench.nets import seeded_init
+from bench.nets.kernel_gen import ConvCondGen, FCCondGen, GeneratorTraining, sample_images
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate
 
 EMBED_BATCH = 5000  # records per histogram pass of the data embeddings (memory only, not the result)
@@ -209,56 +210,12 @@ def gaussian_release(s: Tensor, sigma: float, generator: torch.Generator) -> Ten
 # ------------------------------------------------------------------------------------------------ generators
 
 
-class FCCondGen(nn.Module):
-    """The reference's dense conditional generator: (z, onehot(y)) → image in [0, 1]."""
-
-    def __init__(self, spec: DataSpec, cfg: Config) -> None:
-        super().__init__()
-        h1, h2 = cfg.gen_hidden
-        self.shape = (spec.channels, spec.height, spec.width)
-        self.num_classes = spec.num_classes
-        self.net = nn.Sequential(
-            nn.Linear(cfg.d_code + spec.num_classes, h1), nn.BatchNorm1d(h1), nn.ReLU(),
-            nn.Linear(h1, h2), nn.BatchNorm1d(h2), nn.ReLU(),
-            nn.Linear(h2, spec.channels * spec.height * spec.width), nn.Sigmoid(),
-        )  # fmt: skip
-
-    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
-        """z float [B, d_code], labels int64 [B] → float [B, C, H, W] in [0, 1]."""
-        x = self.net(torch.cat([z, F.one_hot(labels, self.num_classes).float()], dim=1))
-        return x.view(-1, *self.shape)
-
-
-class ConvCondGen(nn.Module):
-    """The reference's convolutional conditional generator (DP-MERF's, dense width gen_hidden[0])."""
-
-    def __init__(self, spec: DataSpec, cfg: Config) -> None:
-        super().__init__()
-        c1, c2 = cfg.gen_channels
-        if spec.height % 4 or spec.width % 4:
-            raise BenchError(f"dphp's conv generator needs sides divisible by 4, got {spec.height}×{spec.width}")
-        self.h0, self.w0, self.c1 = spec.height // 4, spec.width // 4, c1
-        self.num_classes = spec.num_classes
-        self.fc1 = nn.Linear(cfg.d_code + spec.num_classes, cfg.gen_hidden[0])
-        self.bn1 = nn.BatchNorm1d(cfg.gen_hidden[0])
-        self.fc2 = nn.Linear(cfg.gen_hidden[0], c1 * self.h0 * self.w0)
-        self.bn2 = nn.BatchNorm1d(c1 * self.h0 * self.w0)
-        pad = cfg.kernel_size // 2
-        self.conv1 = nn.Conv2d(c1, c2, cfg.kernel_size, padding=pad)
-        self.conv2 = nn.Conv2d(c2, spec.channels, cfg.kernel_size, padding=pad)
-
-    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
-        """z float [B, d_code], labels int64 [B] → float [B, C, H, W] in [0, 1]."""
-        x = torch.cat([z, F.one_hot(labels, self.num_classes).float()], dim=1)
-        x = self.bn2(self.fc2(F.relu(self.bn1(self.fc1(x)))))  # no ReLU after the second layer, as the reference
-        x = x.view(-1, self.c1, self.h0, self.w0)
-        x = F.relu(self.conv1(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)))
-        x = self.conv2(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
-        return torch.sigmoid(x)  # UpsamplingBilinear2d is bilinear with align_corners=True
-
-
 def build_generator(spec: DataSpec, cfg: Config) -> nn.Module:
-    return FCCondGen(spec, cfg) if cfg.generator == "fc" else ConvCondGen(spec, cfg)
+    """FCCondGen('500,500') or ConvCondGen with a first dense layer of gen_hidden[0] (bench.nets.kernel_gen)."""
+    if cfg.generator == "fc":
+        return FCCondGen(spec, d_code=cfg.d_code, hidden=cfg.gen_hidden)
+    return ConvCondGen(spec, d_code=cfg.d_code, hidden=cfg.gen_hidden[0], channels=cfg.gen_channels,
+                       kernel_size=cfg.kernel_size, owner="dphp")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- method
@@ -331,25 +288,23 @@ class DPHP:
         total = cfg.epochs * steps_per_epoch
         with seeded_init(generator):  # initial weights from the run's seed
             self.gen = build_generator(self.spec, cfg).to(device)
-        optimizer = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_decay)
+        training = GeneratorTraining(self.gen, lr=cfg.lr, lr_decay=cfg.lr_decay, owner=self.name)
         step = 0
         if (state := progress.resume()) is not None:  # every release is in the checkpoint: none is drawn twice
             self.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             generator.set_state(state["generator"])
-            step = state["step"]
+            step = training.resume(state)
         else:
             s = sum_embedding(train, rho_sum, cfg.order_sum, device)
             self.noisy_sum = (gaussian_release(s, sigma_sum, generator) / n).float()  # n public: post-processing
             self.prod_dims, self.noisy_prod = [], []
         progress.start(total, "dphp generator (post-processing of noisy sum- and product-kernel embeddings)")
         progress.advance(step)
-        assert self.noisy_sum is not None
-        gen, pixels, classes = self.gen, train.images[0].numel(), self.spec.num_classes
-        gen.train()
-        while step < total:
+        gen, noisy_sum, pixels, classes = self.gen, self.noisy_sum, train.images[0].numel(), self.spec.num_classes
+        gamma = cfg.gamma
+        assert noisy_sum is not None and gamma is not None
+
+        def loss_at(step: int) -> Tensor:
             if len(self.noisy_prod) == step // steps_per_epoch:  # a new epoch: its product-kernel release
                 dims = torch.randperm(pixels, generator=generator)[: cfg.prod_dimension]  # data-independent
                 s = prod_embedding(train, dims, rho_prod, cfg.order_prod, device)
@@ -364,25 +319,10 @@ class DPHP:
             synth_sum = torch.matmul(onehot.T, phi) / math.sqrt(pixels)  # [C+1, classes, P]
             phi_prod = hermite_features(x[:, dims], rho_prod, cfg.order_prod).permute(1, 2, 0)  # [B, D, C+1]
             synth_prod = outer_features(phi_prod).T @ onehot  # [(C+1)^D, classes]
-            loss = ((noisy_prod - synth_prod) ** 2).sum() + cfg.gamma * ((self.noisy_sum - synth_sum) ** 2).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step % steps_per_epoch == 0:
-                scheduler.step()
-            if not torch.isfinite(loss):
-                raise BenchError(f"dphp: the loss is not finite at step {step} (lower lr?)")
-            progress.advance()
-            progress.checkpoint(
-                lambda step=step: {  # type: ignore[misc]  # the default binds this step's value
-                    "model": self.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "step": step,
-                }
-            )
+            return ((noisy_prod - synth_prod) ** 2).sum() + gamma * ((noisy_sum - synth_sum) ** 2).sum()
+
+        training.run(step=step, total=total, steps_per_epoch=steps_per_epoch, loss_at=loss_at, progress=progress,
+                     state=lambda: {"model": self.state_dict(), "generator": generator.get_state()})  # fmt: skip
         ledger = PrivacyLedger()
         for stage in release_stages(sigma_sum, sigma_prod, len(self.noisy_prod)):  # what was drawn is charged
             ledger.add(stage)
@@ -390,18 +330,10 @@ class DPHP:
 
     # ---------------------------------------------------------------------------------------- sample
 
-    @torch.no_grad()
     def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
         """uint8 [n, C, H, W] for int64 `labels` [n], from the generator in evaluation mode."""
-        if labels is None:
-            raise BenchError("dphp is class-conditional: it needs labels")
-        gen = self._generator()
-        gen.eval()
-        out = [torch.zeros((0, self.spec.channels, self.spec.height, self.spec.width), dtype=torch.uint8)]
-        for y in labels.split(1000):
-            z = torch.randn(len(y), self.config.d_code, generator=generator).to(self.device)
-            out.append((gen(z, y.to(self.device)) * 255.0).round().to(torch.uint8).cpu())
-        return torch.cat(out)
+        return sample_images(self._generator(), labels, spec=self.spec, d_code=self.config.d_code,
+                             generator=generator, device=self.device, owner=self.name)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ state
 

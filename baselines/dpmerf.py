@@ -11,9 +11,9 @@ What the reference does, read from the code:
   √5000 on the flattened pixels in [0, 1], so ‖φ(x)‖ = 1; per record φ(x) ⊗ e_y (d_rff × classes).
 - One release, before training: μ̃ = (1/n) Σᵢ φ(xᵢ) ⊗ e_yᵢ + N(0, (2σ/n)² I): the MEAN's sensitivity under
   replace-one adjacency (2/n), σ set by hand (`-noise 5.0` for ε = 1, 25 for 0.2, autodp RDP at δ = 1e-5).
-- Generator ConvCondGen: [z ~ N(0, I₅), onehot(y)] → Linear(15, 200) → BatchNorm → ReLU → Linear(200,
-  16·7·7) → BatchNorm (no ReLU) → (16, 7, 7) → bilinear ×2 → Conv(16, 8, 5, pad 2) → ReLU → bilinear ×2 →
-  Conv(8, 1, 5, pad 2) → sigmoid.
+- Generator ConvCondGen (bench.nets.kernel_gen): [z ~ N(0, I₅), onehot(y)] → Linear(15, 200) → BatchNorm →
+  ReLU → Linear(200, 16·7·7) → BatchNorm (no ReLU) → (16, 7, 7) → bilinear ×2 → Conv(16, 8, 5, pad 2) → ReLU →
+  bilinear ×2 → Conv(8, 1, 5, pad 2) → sigmoid.
 - Loss: ‖μ̃ − (1/B) Σⱼ φ(gⱼ) ⊗ e_lⱼ‖²_F with labels lⱼ uniform at random; Adam(lr 0.01), StepLR(γ 0.9) per
   epoch, batch 100, 5 epochs of n/100 steps. The generator never sees private data: post-processing.
 - Samples: the generator in evaluation mode (BatchNorm's running statistics), balanced labels.
@@ -49,6 +49,7 @@ from torch import Tensor, nn
 from bench.contract import DataSpec, ImageDataset, Progress
 from bench.errors import BenchError
 from bench.nets import seeded_init
+from bench.nets.kernel_gen import ConvCondGen, GeneratorTraining, sample_images
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate
 
 EMBED_BATCH = 2000  # records per matrix product of the embedding pass (memory only, not the result)
@@ -109,34 +110,6 @@ def sum_embedding(data: ImageDataset, w: Tensor, device: torch.device) -> Tensor
     return s.float()
 
 
-class ConvCondGen(nn.Module):
-    """The reference's conditional generator: (z, onehot(y)) → image in [0, 1]."""
-
-    def __init__(self, spec: DataSpec, cfg: Config) -> None:
-        super().__init__()
-        c1, c2 = cfg.gen_channels
-        if spec.height % 4 or spec.width % 4:
-            raise BenchError(f"dpmerf's generator needs sides divisible by 4, got {spec.height}×{spec.width}")
-        self.h0, self.w0, self.c1 = spec.height // 4, spec.width // 4, c1
-        self.num_classes, self.d_code = spec.num_classes, cfg.d_code
-        self.fc1 = nn.Linear(cfg.d_code + spec.num_classes, cfg.gen_hidden)
-        self.bn1 = nn.BatchNorm1d(cfg.gen_hidden)
-        self.fc2 = nn.Linear(cfg.gen_hidden, c1 * self.h0 * self.w0)
-        self.bn2 = nn.BatchNorm1d(c1 * self.h0 * self.w0)
-        pad = cfg.kernel_size // 2
-        self.conv1 = nn.Conv2d(c1, c2, cfg.kernel_size, padding=pad)
-        self.conv2 = nn.Conv2d(c2, spec.channels, cfg.kernel_size, padding=pad)
-
-    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
-        """z float [B, d_code], labels int64 [B] → float [B, C, H, W] in [0, 1]."""
-        x = torch.cat([z, F.one_hot(labels, self.num_classes).float()], dim=1)
-        x = self.bn2(self.fc2(F.relu(self.bn1(self.fc1(x)))))  # no ReLU after the second layer, as the reference
-        x = x.view(-1, self.c1, self.h0, self.w0)
-        x = F.relu(self.conv1(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True)))
-        x = self.conv2(F.interpolate(x, scale_factor=2, mode="bilinear", align_corners=True))
-        return torch.sigmoid(x)  # UpsamplingBilinear2d is bilinear with align_corners=True
-
-
 class DPMERF:
     name: ClassVar[str] = "dpmerf"
     Config: ClassVar[type] = Config
@@ -147,12 +120,17 @@ class DPMERF:
     def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
         self.config: Config = config
         self.spec, self.device = spec, device
-        self.gen = ConvCondGen(spec, config).to(device)
+        self.gen = self._build()
         self.w: Tensor | None = None  # frequencies [d/2, P]
         self.noisy_mean: Tensor | None = None  # the released μ̃ [d, classes]: all the generator ever sees
 
     def released_model(self) -> nn.Module:
         return self.gen
+
+    def _build(self) -> nn.Module:
+        cfg = self.config
+        return ConvCondGen(self.spec, d_code=cfg.d_code, hidden=cfg.gen_hidden, channels=cfg.gen_channels,
+                           kernel_size=cfg.kernel_size, owner=self.name).to(self.device)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------- fit
 
@@ -180,70 +158,44 @@ class DPMERF:
         steps_per_epoch = max(1, n // cfg.batch_size)
         total = cfg.epochs * steps_per_epoch
         with seeded_init(generator):  # initial weights from the run's seed
-            self.gen = ConvCondGen(self.spec, cfg).to(self.device)
-        optimizer = torch.optim.Adam(self.gen.parameters(), lr=cfg.lr)
-        scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=cfg.lr_decay)
+            self.gen = self._build()
+        training = GeneratorTraining(self.gen, lr=cfg.lr, lr_decay=cfg.lr_decay, owner=self.name)
         step = 0
         if (state := progress.resume()) is not None:  # the release is in the checkpoint: never drawn twice
             self.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
             generator.set_state(state["generator"])
-            step = state["step"]
+            step = training.resume(state)
         else:
             pixels = self.spec.channels * self.spec.height * self.spec.width
-            self.w = (torch.randn(cfg.d_rff // 2, pixels, generator=generator) / math.sqrt(cfg.rff_sigma2)).to(
-                self.device
-            )
+            freqs = torch.randn(cfg.d_rff // 2, pixels, generator=generator) / math.sqrt(cfg.rff_sigma2)
+            self.w = freqs.to(self.device)
             s = sum_embedding(train, self.w, self.device)
             noise = sigma * torch.randn(tuple(s.shape), generator=generator).to(self.device)  # the one release
             self.noisy_mean = (s + noise) / n  # n public: post-processing
         progress.start(total, "dpmerf generator (post-processing of one noisy embedding)")
         progress.advance(step)
-        assert self.w is not None and self.noisy_mean is not None
-        self.gen.train()
-        while step < total:
+        w, noisy_mean, classes = self.w, self.noisy_mean, self.spec.num_classes
+        assert w is not None and noisy_mean is not None
+
+        def loss_at(step: int) -> Tensor:
             z = torch.randn(cfg.batch_size, cfg.d_code, generator=generator).to(self.device)
-            labels = torch.randint(0, self.spec.num_classes, (cfg.batch_size,), generator=generator).to(self.device)
-            phi = features(self.gen(z, labels).flatten(1), self.w)  # [B, d]
-            synth = phi.T @ F.one_hot(labels, self.spec.num_classes).float() / cfg.batch_size  # mean embedding
-            loss = ((self.noisy_mean - synth) ** 2).sum()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            step += 1
-            if step % steps_per_epoch == 0:
-                scheduler.step()
-            if not torch.isfinite(loss):
-                raise BenchError(f"dpmerf: the loss is not finite at step {step} (lower lr?)")
-            progress.advance()
-            progress.checkpoint(
-                lambda step=step: {  # type: ignore[misc]  # the default binds this step's value
-                    "model": self.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "generator": generator.get_state(),
-                    "step": step,
-                }
-            )
+            labels = torch.randint(0, classes, (cfg.batch_size,), generator=generator).to(self.device)
+            phi = features(self.gen(z, labels).flatten(1), w)  # [B, d]
+            synth = phi.T @ F.one_hot(labels, classes).float() / cfg.batch_size  # the batch's mean embedding
+            return ((noisy_mean - synth) ** 2).sum()
+
+        training.run(step=step, total=total, steps_per_epoch=steps_per_epoch, loss_at=loss_at, progress=progress,
+                     state=lambda: {"model": self.state_dict(), "generator": generator.get_state()})  # fmt: skip
         ledger = PrivacyLedger()
         ledger.add(release_stage(sigma))
         return ledger
 
     # ---------------------------------------------------------------------------------------- sample
 
-    @torch.no_grad()
     def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
         """uint8 [n, C, H, W] for int64 `labels` [n], from the generator in evaluation mode."""
-        if labels is None:
-            raise BenchError("dpmerf is class-conditional: it needs labels")
-        self.gen.eval()
-        out = []
-        for y in labels.split(1000):
-            z = torch.randn(len(y), self.config.d_code, generator=generator).to(self.device)
-            out.append((self.gen(z, y.to(self.device)) * 255.0).round().to(torch.uint8).cpu())
-        return torch.cat(out) if out else torch.zeros((0, self.spec.channels, self.spec.height, self.spec.width),
-                                                      dtype=torch.uint8)  # fmt: skip
+        return sample_images(self.gen, labels, spec=self.spec, d_code=self.config.d_code, generator=generator,
+                             device=self.device, owner=self.name)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------ state
 
