@@ -7,6 +7,11 @@ reference's value for this dataset" (`reference_settings`). A profile may set a 
 to save time: the record then says `shortened` with each changed field as [reference, used], and
 `bench paper` marks it. Using fewer synthetic samples than the reference because the run generated fewer
 is a shortening too.
+
+`fit_torch` is the epoch loop both torch protocols share: train, score, keep the first best epoch, as
+nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3:train_downstream_classifiers.py `train_model`
+(`if acc > best_acc`) and Keras's `max(val_acc)` in AI-secure/DataLens@72d0f2fe89aeee2e5a043c17b3de09e0023f94a6
+evaluation/train-classifier-fmnist.py.
 """
 
 from __future__ import annotations
