@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
@@ -134,7 +133,7 @@ def record(
     value: float,
     per_class: list[float | None],
     seed: int,
-    started: float,
+    seconds: float,
     **fields: Any,
 ) -> Record:
     """The record of one classifier: the value, the protocol and reference, and what the protocol reports."""
@@ -150,7 +149,7 @@ def record(
         "per_class": per_class,
         "classifier_seed": seed,
         **fields,
-        "seconds": time.perf_counter() - started,
+        "seconds": seconds,
     }
 
 

@@ -162,7 +162,7 @@ class DataLensProtocol(base.Protocol):
                 value=100.0 * base.accuracy(pred, test.labels),
                 per_class=base.per_class(pred, test.labels, test.num_classes),
                 seed=seed,
-                started=t0,
+                seconds=time.perf_counter() - t0,
                 selected_epoch=epoch,
                 curve=curve,
                 parameters=base.count_parameters(model),

@@ -207,7 +207,8 @@ class DPDMProtocol(base.Protocol):
             pred = base.predict(model, test.images, prep)  # the test split is looked at once, after selection
             out[name] = base.record(
                 self, name, value=100.0 * base.accuracy(pred, test.labels),
-                per_class=base.per_class(pred, test.labels, test.num_classes), seed=seed, started=t0,
+                per_class=base.per_class(pred, test.labels, test.num_classes), seed=seed,
+                seconds=time.perf_counter() - t0,
                 selected_epoch=epoch, curve=curve, parameters=base.count_parameters(model),
                 optimizer=f"Adam(lr={settings['lr']:g})", epochs=settings["epochs"],
                 batch_size=settings["batch_size"], n_train=used["n_train"], n_eval=used["n_eval"],

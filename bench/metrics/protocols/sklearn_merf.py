@@ -203,7 +203,7 @@ class SklearnProtocol(base.Protocol):
             ]
             out[name] = base.record(
                 self, name, value=sum(accuracy[c] for c in behind) / len(behind), per_class=mean_per_class,
-                seed=seed, started=time.perf_counter() - sum(seconds[c] for c in behind),
+                seed=seed, seconds=sum(seconds[c] for c in behind),
                 per_classifier={c: accuracy[c] for c in behind}, parameters=None, optimizer=None, epochs=None,
                 batch_size=None, **common,
             )  # fmt: skip
