@@ -6,43 +6,28 @@ It is the upper bound every table shows under the DP rows; its card says guarant
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import ClassVar
 
 import torch
 
 from bench.contract import ImageDataset, Progress
-from bench.diffusion import (
-    ConditionalDenoiser,
-    Schedule,
-    batch_denoising_loss,
-    to_model_range,
-)
+from bench.diffusion import ConditionalDenoiser, DiffusionConfig, to_model_range
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger
 
 
 @dataclass(frozen=True, kw_only=True)
-class Config:
-    base_channels: int = 32  # UNet width at full resolution
-    channel_mults: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level
-    num_res_blocks: int = 2  # residual blocks per level
-    groups: int = 8  # GroupNorm groups (same net as dpdm)
-    T: int = 1000  # diffusion steps, linear β schedule
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
+class Config(DiffusionConfig):
     batch_size: int = 128  # shuffled minibatches
     epochs: float = 50.0
     lr: float = 2e-4  # Adam
-    ema_decay: float = 0.999
-    sampler: Literal["ddim", "ddpm"] = "ddim"
-    sample_steps: int = 50
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.batch_size < 1 or self.epochs <= 0 or self.lr <= 0:
             raise ValueError(
                 f"need batch_size ≥ 1, epochs > 0, lr > 0; got {self.batch_size}, {self.epochs}, {self.lr}"
             )
-        Schedule(self.T, self.beta_start, self.beta_end)
 
 
 class DDPM(ConditionalDenoiser):
@@ -72,14 +57,12 @@ class DDPM(ConditionalDenoiser):
             step, perm = state["step"], state["perm"]
         progress.start(steps, "ddpm (non-private)")
         progress.advance(step)
-        shape = x_all.shape[1:]
         while step < steps:
             if step % per_epoch == 0:
                 perm = torch.randperm(n, generator=generator)
             idx = perm[(step % per_epoch) * bs : (step % per_epoch + 1) * bs].to(self.device)
-            t = torch.randint(0, cfg.T, (len(idx),), generator=generator).to(self.device)
-            noise = torch.randn((len(idx), *shape), generator=generator).to(self.device)
-            loss = batch_denoising_loss(self.net, x_all[idx], y_all[idx], t, noise, self.alpha_bar)
+            y, level, noise = self.training_draws(y_all[idx], 1, generator)  # one draw per example
+            loss = self.batch_loss(self.net, x_all[idx], y, level[:, 0], noise[:, 0])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

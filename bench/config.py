@@ -153,8 +153,15 @@ def resolve(
     epsilon: float,
     sets: dict[str, Any],
 ) -> tuple[Any, list[str]]:
-    """The resolved, validated Config instance for one run, and notes to record."""
+    """The resolved, validated Config instance for one run, and notes to record.
+
+    A Config with a `preset_fields(preset, dataset, epsilon)` classmethod (DPDM's sampler presets) expands a
+    non-empty `sampler_preset` into its fields, over the profile's values and under explicit `--set` ones.
+    """
     overrides, notes = method_overrides(profile, method, dataset, epsilon)
+    preset = sets.get("sampler_preset", overrides.get("sampler_preset"))
+    if preset and hasattr(config_cls, "preset_fields"):
+        overrides |= config_cls.preset_fields(preset, dataset, epsilon)
     overrides |= sets
     return build_dataclass(config_cls, overrides, method), notes
 

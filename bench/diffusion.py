@@ -8,14 +8,28 @@ Images live in [−1, 1] inside the model and uint8 0..255 outside.
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from bench.contract import device_generator
+from bench.edm import (
+    PARAMETERIZATIONS,
+    SIGMA_DATA,
+    SIGMA_SAMPLERS,
+    NoiseLevels,
+    Preconditioning,
+    SamplerSettings,
+    drop_labels,
+    guided,
+)
+from bench.edm import batch_loss as edm_batch_loss
+from bench.edm import multiplicity_loss as edm_multiplicity_loss
+from bench.edm import sample as sample_sigma
 from bench.errors import BenchError
 
 if TYPE_CHECKING:
@@ -174,18 +188,31 @@ def sample_images(
 
 
 class EMA:
-    """Exponential moving average of a model's parameters (a post-processing of DP iterates)."""
+    """Exponential moving average of a model's parameters (a post-processing of DP iterates).
 
-    def __init__(self, model: nn.Module, decay: float) -> None:
+    With `warmup`, the n-th update uses min(decay, (1 + n)/(10 + n)), as DPDM's model/ema.py
+    (nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3, `use_num_updates=True`): early iterates are not
+    frozen into the average by a decay meant for hundreds of thousands of steps. `updates` counts the updates
+    (saved with the model: a resumed run continues the same schedule).
+    """
+
+    def __init__(self, model: nn.Module, decay: float, *, warmup: bool = False) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
-        self.decay = decay
+        self.decay, self.warmup, self.updates = decay, warmup, 0
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def current_decay(self) -> float:
+        """The decay the next update uses."""
+        n = self.updates + 1
+        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        decay = self.current_decay()
+        self.updates += 1
         for e, p in zip(self.model.parameters(), model.parameters(), strict=True):
-            e.lerp_(p.detach(), 1.0 - self.decay)
+            e.lerp_(p.detach(), 1.0 - decay)
 
 
 def make_unet(config: object, *, channels: int, num_classes: int) -> nn.Module:
@@ -210,12 +237,145 @@ def check_resolution(height: int, width: int, channel_mults: tuple[int, ...]) ->
         raise ValueError(f"image size {height}×{width} is not divisible by {factor} (channel_mults={channel_mults})")
 
 
-class ConditionalDenoiser:
-    """What every class-conditional DDPM method shares: its UNet + EMA, sampling, saving.
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig:
+    """The diffusion fields DPDM and its non-private twin `ddpm` share, defaulting to DPDM's reference configs
+    (nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3:configs/{mnist,fmnist}_28/train_eps_{1.0,10.0}.yaml
+    and sample_eps_*.yaml; ε = 0.2 uses parameterization "v"): network, parameterization, label dropout,
+    guidance, sampler and EMA. See bench.edm for the formulas and bench.nets.ncsnpp for the network."""
 
-    A subclass defines `name`, `Config` (with the UNet, schedule, EMA and sampler fields) and `fit`;
-    `fit` calls `self._build()` under `bench.nets.seeded_init(generator)` so that initial weights follow
-    the run's seed. The released model is the EMA network.
+    network: Literal["ncsnpp", "unet"] = "ncsnpp"  # DPDM's NCSN++/DDPM++ network, or our small DDPM UNet
+    base_channels: int = 32  # width at full resolution (NCSN++ nf)
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # one entry per resolution level (28 -> 14 -> 7)
+    num_res_blocks: int = 2  # residual blocks per level
+    attention_resolutions: tuple[int, ...] = (7,)  # ncsnpp: self-attention at these feature-map sides
+    dropout: float = 0.0
+    groups: int = 8  # unet only: GroupNorm groups (ncsnpp uses min(channels // 4, 32), as the reference)
+    parameterization: Literal["edm", "v", "eps"] = "edm"  # Karras et al.; v: DPDM's ε = 0.2 configs; eps: DDPM
+    sigma_data: float = SIGMA_DATA  # edm: σ_d (DPDM: √(1/3))
+    p_mean: float = -1.2  # edm: ln σ ~ N(p_mean, p_std²) in training
+    p_std: float = 1.2
+    logsnr_min: float = -9.0  # v: training log-SNR range
+    logsnr_max: float = 13.0
+    T: int = 1000  # eps: diffusion steps, linear β schedule
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    label_dropout: float = 0.1  # P(label -> "no label") in training, for classifier-free guidance
+    guidance: float = 0.0  # classifier-free guidance weight w at sampling (reference configs: 0)
+    sampler: Literal["ddim", "ddpm", "edm-heun", "edm-stochastic"] = "ddim"  # eps: ddim, ddpm; else not ddpm
+    sample_steps: int = 50  # noise levels (edm/v) or DDIM steps (eps)
+    sigma_min: float = 0.002  # edm/v sampler: σ levels (Karras et al.'s ρ-schedule)
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    s_churn: float = 0.0  # edm-stochastic: noise added back per step (γ = min(s_churn / steps, 1))
+    s_min: float = 0.0  # ... on levels σ in [s_min, s_max]
+    s_max: float | None = None  # None: no upper limit
+    s_noise: float = 1.0
+    sampler_preset: Literal["", "fid", "acc"] = ""  # the paper's tuned sampler of its (FID) / (Acc) rows
+    ema_decay: float = 0.999  # EMA of the iterates (reference 0.999), the released model
+    ema_warmup: bool = True  # the reference's min(decay, (1 + n)/(10 + n)) for update n
+
+    def __post_init__(self) -> None:
+        _choice("network", self.network, ("ncsnpp", "unet"))
+        _choice("parameterization", self.parameterization, PARAMETERIZATIONS)
+        samplers = ("ddim", "ddpm") if self.parameterization == "eps" else SIGMA_SAMPLERS
+        _choice("sampler_preset", self.sampler_preset, ("", "fid", "acc"))
+        if self.sampler not in samplers:
+            raise ValueError(
+                f"sampler {self.sampler!r} does not fit parameterization {self.parameterization!r}; "
+                f"choose one of {', '.join(samplers)}"
+            )
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if self.guidance > 0 and self.label_dropout == 0:
+            raise ValueError("guidance > 0 needs label_dropout > 0 (the unconditional model is never trained)")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        Schedule(self.T, self.beta_start, self.beta_end)  # validates T and β
+        Preconditioning("edm" if self.parameterization == "eps" else self.parameterization, self.sigma_data)
+        NoiseLevels("edm", self.p_mean, self.p_std, self.logsnr_min, self.logsnr_max)
+        if self.parameterization == "eps":
+            if not 1 <= self.sample_steps <= self.T:
+                raise ValueError(f"sample_steps must be in 1..T = {self.T}, got {self.sample_steps}")
+        else:
+            self.sampler_settings()
+
+    @classmethod
+    def preset_fields(cls, preset: str, dataset: str, epsilon: float) -> dict[str, Any]:
+        """bench.config.resolve's hook: the fields `sampler_preset` sets for this run's (dataset, ε)."""
+        return sampler_preset_fields(preset, dataset, epsilon)
+
+    def sampler_settings(self) -> SamplerSettings:
+        return SamplerSettings(
+            sampler=self.sampler, steps=self.sample_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
+            rho=self.rho, s_churn=self.s_churn, s_min=self.s_min,
+            s_max=math.inf if self.s_max is None else self.s_max, s_noise=self.s_noise,
+        )  # fmt: skip
+
+
+# The DPDM paper's two tuned samplers per cell, behind its Table 1 rows "DPDM (FID)" and "DPDM (Acc)" (paper:
+# Sec. 5.1, "the two settings (FID) and (Acc) are based on the same DM, differing only in sampler setting", its
+# Tables 13-14, which we could not read). Values: 2019ChenGong/DPImageBench@565f8d7e2e0d2faaec43108971db3269519579af:
+# configs/DPDM/{mnist,fmnist}_28_eps{1.0,10.0}.yaml (sampler_fid, sampler_acc), a secondary source; its MNIST ε = 1
+# FID setting equals the one the authors print in nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3:README.md.
+# All: the EDM stochastic ("Churn") sampler, 1000 levels, S_max 50, S_noise 1, σ 0.002..80, ρ 7. No source gives
+# the ε = 0.2 settings: those presets are refused.
+_CHURN = {"sampler": "edm-stochastic", "sample_steps": 1000, "s_max": 50.0, "s_noise": 1.0}
+SAMPLER_PRESETS: dict[tuple[str, float, str], dict[str, Any]] = {
+    ("mnist", 1.0, "fid"): _CHURN | {"s_churn": 100.0, "s_min": 0.05, "guidance": 0.0},
+    ("mnist", 1.0, "acc"): _CHURN | {"s_churn": 10.0, "s_min": 0.1, "guidance": 0.0},
+    ("mnist", 10.0, "fid"): _CHURN | {"s_churn": 50.0, "s_min": 0.05, "guidance": 0.25},
+    ("mnist", 10.0, "acc"): _CHURN | {"s_churn": 10.0, "s_min": 0.025, "guidance": 0.0},
+    ("fmnist", 1.0, "fid"): _CHURN | {"s_churn": 50.0, "s_min": 0.025, "guidance": 1.0},
+    ("fmnist", 1.0, "acc"): _CHURN | {"s_churn": 10.0, "s_min": 0.025, "guidance": 0.0},
+    ("fmnist", 10.0, "fid"): _CHURN | {"s_churn": 50.0, "s_min": 0.025, "guidance": 1.0},
+    ("fmnist", 10.0, "acc"): _CHURN | {"s_churn": 10.0, "s_min": 0.025, "guidance": 0.0},
+}
+
+
+def sampler_preset_fields(preset: str, dataset: str, epsilon: float) -> dict[str, Any]:
+    """The fields a `sampler_preset` sets for (dataset, ε); a one-line error where no source gives them."""
+    if preset not in ("fid", "acc"):
+        raise BenchError(f"sampler_preset must be 'fid' or 'acc', got {preset!r}")
+    try:
+        return dict(SAMPLER_PRESETS[(dataset, float(epsilon), preset)])
+    except KeyError:
+        have = sorted({f"{d} ε={e:g}" for d, e, _ in SAMPLER_PRESETS})
+        raise BenchError(
+            f"no published '{preset}' sampler preset for {dataset} at ε={epsilon:g} (known: {', '.join(have)})"
+        ) from None
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+
+
+def make_network(config: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:
+    """The denoiser network a DiffusionConfig names (our UNet for configs without a `network` field)."""
+    if getattr(config, "network", "unet") == "unet":
+        return make_unet(config, channels=channels, num_classes=num_classes)
+    from bench.nets.ncsnpp import NCSNpp, NCSNppConfig
+
+    return NCSNpp(
+        NCSNppConfig(
+            in_channels=channels, image_size=image_size, nf=config.base_channels, ch_mult=tuple(config.channel_mults),
+            num_res_blocks=config.num_res_blocks, attention_resolutions=tuple(config.attention_resolutions),
+            dropout=config.dropout, num_classes=num_classes,
+        )
+    )  # fmt: skip
+
+
+class ConditionalDenoiser:
+    """What every class-conditional diffusion method shares: its network + EMA, its training draws and loss,
+    sampling, saving.
+
+    A subclass defines `name`, `Config` (the UNet, schedule, EMA and sampler fields, or a DiffusionConfig) and
+    `fit`; `fit` calls `self._build()` under `bench.nets.seeded_init(generator)` so that initial weights follow
+    the run's seed. The released model is the EMA network. A config without a `parameterization` field is
+    DDPM's ε-prediction on our UNet (DP-SAD's).
     """
 
     name: ClassVar[str]
@@ -227,39 +387,78 @@ class ConditionalDenoiser:
         except ValueError as e:
             raise BenchError(f"{self.name}: {e}") from None
         self.config, self.spec, self.device = config, spec, device
+        self.parameterization: str = getattr(config, "parameterization", "eps")
         self.schedule = Schedule(config.T, config.beta_start, config.beta_end)
         self.alpha_bar = self.schedule.alpha_bar(device)
+        if self.parameterization != "eps":
+            self.pre = Preconditioning(self.parameterization, config.sigma_data)
+            self.levels = NoiseLevels(
+                self.parameterization, config.p_mean, config.p_std, config.logsnr_min, config.logsnr_max
+            )
         self._build()
 
     def _build(self) -> None:
-        spec = self.spec
-        self.net = make_unet(self.config, channels=spec.channels, num_classes=spec.num_classes).to(self.device)
-        self.ema = EMA(self.net, self.config.ema_decay)
+        spec, cfg = self.spec, self.config
+        self.net = make_network(cfg, channels=spec.channels, image_size=spec.height, num_classes=spec.num_classes)
+        self.net = self.net.to(self.device)
+        self.ema = EMA(self.net, cfg.ema_decay, warmup=getattr(cfg, "ema_warmup", False))
+
+    # ------------------------------------------------------------------------------------- training
+
+    def training_draws(self, y: Tensor, K: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """The random inputs of one training step, drawn outside the loss from `generator`: labels after
+        label dropout [B], noise levels [B, K] (timesteps for eps, σ otherwise) and noise [B, K, C, H, W]."""
+        B, shape = y.shape[0], (self.spec.channels, self.spec.height, self.spec.width)
+        g, dev = generator.device, self.device  # drawn where the generator lives, then moved
+        y = drop_labels(y, getattr(self.config, "label_dropout", 0.0), self.spec.num_classes, generator)
+        if self.parameterization == "eps":
+            t, noise = draw_noise_multiplicity(B, K, shape, self.config.T, generator, g)
+            return y, t.to(dev), noise.to(dev)
+        sigma = self.levels.draw((B, K), generator, g)
+        return y, sigma.to(dev), torch.randn((B, K, *shape), generator=generator, device=g).to(dev)
+
+    def example_loss(self, model: Any, x0: Tensor, y: Tensor, level: Tensor, noise: Tensor) -> Tensor:
+        """ONE example's loss over its K draws (DP-SGD's per-example loss): x0 [C, H, W], level [K]."""
+        if self.parameterization == "eps":
+            return multiplicity_loss(model, x0, y, level, noise, self.alpha_bar)
+        return edm_multiplicity_loss(self.pre, model, x0, y, level, noise)
+
+    def batch_loss(self, model: Any, x0: Tensor, y: Tensor, level: Tensor, noise: Tensor) -> Tensor:
+        """The mean loss of a batch with one draw each: x0, noise [B, C, H, W], level [B]."""
+        if self.parameterization == "eps":
+            return batch_denoising_loss(model, x0, y, level, noise, self.alpha_bar)
+        return edm_batch_loss(self.pre, model, x0, y, level, noise)
+
+    # ------------------------------------------------------------------------------------- sampling
 
     def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
         """uint8 [n, C, H, W] from the EMA network, conditioned on int64 `labels` [n]."""
         if labels is None:
             raise BenchError(f"{self.name} is class-conditional: sample() needs labels")
-        cfg = self.config
-        return sample_images(
-            self.ema.model,
-            n,
-            shape=(self.spec.channels, self.spec.height, self.spec.width),
-            labels=labels,
-            schedule=self.schedule,
-            sampler=cfg.sampler,
-            steps=cfg.sample_steps,
-            generator=generator,
-            device=self.device,
-        )
+        cfg, shape = self.config, (self.spec.channels, self.spec.height, self.spec.width)
+        weight, classes = getattr(cfg, "guidance", 0.0), self.spec.num_classes
+        if self.parameterization == "eps":
+            return sample_images(
+                guided(self.ema.model, weight, classes), n, shape=shape, labels=labels, schedule=self.schedule,
+                sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator, device=self.device,
+            )  # fmt: skip
+        net, settings = self.ema.model, cfg.sampler_settings()
+        denoiser = guided(lambda x, s, y: self.pre.denoise(net, x, s, y), weight, classes)
+        gen = device_generator(generator, self.device)
+        out = [torch.zeros((0, *shape), dtype=torch.uint8)]
+        for y in labels.split(500):
+            x = sample_sigma(denoiser, (len(y), *shape), y.to(self.device), settings, gen, self.device)
+            out.append(to_uint8(x).cpu())
+        return torch.cat(out)
 
     def released_model(self) -> nn.Module:
         """The network that is released (its parameter count is a cost figure)."""
         return self.ema.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"net": self.net.state_dict(), "ema": self.ema.model.state_dict()}
+        return {"net": self.net.state_dict(), "ema": self.ema.model.state_dict(), "ema_updates": self.ema.updates}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.net.load_state_dict(state["net"])
         self.ema.model.load_state_dict(state["ema"])
+        self.ema.updates = int(state.get("ema_updates", 0))

@@ -370,7 +370,8 @@ class Runner:
 
         Fidelity: `n_gen` real test images (a fixed seeded subset) against the training set, the floor a
         generator can reach at that sample count. Accuracy: the same classifiers trained on the whole real
-        training set (cached per dataset and classifier seed: downstream.real_reference). Returns
+        training set, or with `eval.real_train = "n_gen"` on a seeded subset of `n_gen` real training images
+        (cached per dataset, training images and classifier seed: downstream.real_reference). Returns
         "skipped" or "done".
         """
         from bench.metrics import EvalSettings, accuracy_metrics, evaluate, select_metrics
@@ -406,13 +407,21 @@ class Runner:
             )  # fmt: skip
             metrics = {name: rec | {"reference_images": f"{n} real test images"} for name, rec in metrics.items()}
             if accuracy:
-                metrics |= over_seeds(
-                    [
-                        real_reference(train, test, dataset=dataset, seed=s, metrics=accuracy,
-                                       settings=settings.protocols, device=self.device)
-                        for s in classifier_seeds(0, settings.classifier_seeds)
-                    ]
-                )  # fmt: skip
+                real_train, described = train, f"the real train split ({len(train)} images)"
+                if settings.real_train == "n_gen" and eval_plan.n_gen < len(train):
+                    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(1))[: eval_plan.n_gen]
+                    real_train = train.subset(pick.sort().values)
+                    described = f"{eval_plan.n_gen} real train images (a seeded subset; eval.real_train = n_gen)"
+                metrics |= {
+                    name: record | {"reference_data": described}
+                    for name, record in over_seeds(
+                        [
+                            real_reference(real_train, test, dataset=dataset, seed=s, metrics=accuracy,
+                                           settings=settings.protocols, device=self.device)
+                            for s in classifier_seeds(0, settings.classifier_seeds)
+                        ]
+                    ).items()
+                }  # fmt: skip
         metrics = {m: metrics[m] for m in wanted if m in metrics}
         cost = costs | {"peak_rss_mib": round(_peak_rss_mib(), 1), "device": str(self.device)}
         write_json(run_dir / "metrics.json", {"key": key, "metrics": metrics, "cost": cost})

@@ -37,6 +37,7 @@ def test_eps_without_a_tuned_entry_warns_and_records() -> None:
         ({"epochs": "abc"}, "expected a number"),
         ({"batch_size": 1.5}, "expected an integer"),
         ({"sampler": "euler"}, "not one of"),
+        ({"sampler": "ddpm"}, "does not fit parameterization"),
         ({"channel_mults": 3}, "expected a list"),
         ({"lr": -1.0}, "lr must be > 0"),
     ],

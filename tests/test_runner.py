@@ -73,11 +73,25 @@ def test_real_data_row_is_computed_once_per_dataset(grid: Path) -> None:
     assert fd["value"] < min(model_fd)
     # the classifiers trained on the whole real training set, under the same protocol
     acc = met["acc_cnn"]
-    assert acc["reference_data"] == "real train split" and acc["n_train"] + acc["n_eval"] == 2000
+    assert acc["reference_data"] == "the real train split (2000 images)" and acc["n_train"] + acc["n_eval"] == 2000
     assert acc["protocol"] == "dpdm" and acc["shortened"]["n_train"] == [60000, acc["n_train"]]
     assert acc["per_seed"] == [acc["value"]] and acc["classifier_seeds"] == [0]
     r = bench("score", str(d))
     assert r.exit_code == 2 and "real-data reference row" in r.stderr
+
+
+def test_real_data_row_can_train_on_as_many_real_images_as_samples(tmp_path: Path) -> None:
+    """eval.real_train = "n_gen": the real row's classifiers see a seeded subset of n_gen real training images
+    (the synthetic rows' training-set size), and the record says so."""
+    r = bench(*RUN, "--methods", "ddpm", "--eps", "1", "--metrics", "acc_logreg", "--set", "eval.real_train=n_gen",
+              "--results", str(tmp_path))  # fmt: skip
+    assert r.exit_code == 0, r.output
+    (d,) = real_dirs(tmp_path)
+    acc = json.loads((d / "metrics.json").read_text())["metrics"]["acc_logreg"]
+    assert acc["n_train"] + acc["n_eval"] == 40
+    assert acc["reference_data"].startswith("40 real train images")
+    r = bench(*RUN, "--methods", "ddpm", "--eps", "1", "--set", "eval.real_train=all", "--results", str(tmp_path))
+    assert r.exit_code == 2 and "real_train must be 'split' or 'n_gen'" in r.stderr
 
 
 def test_privacy_cards_are_recomputable(grid: Path) -> None:

@@ -102,6 +102,10 @@ class EvalSettings:
     feature_batch_size: int = 256  # feature extraction batch (does not change the result)
     classifier_seeds: int = 1  # downstream classifiers trained per run, each with its own seed
     fidelity_samples: int | None = None  # fidelity scores the first N samples (None: all); papers: 60,000
+    # what the real-data row's classifiers train on: "split" (the whole real training split, as the papers'
+    # real rows) or "n_gen" (a seeded random subset as large as each run's samples: the same training-set
+    # size as the synthetic rows, a fair ceiling for a shortened protocol)
+    real_train: str = "split"
     # per downstream protocol, its Settings (None fields: the reference's values); a profile's [eval.dpdm]
     # table or `--set eval.dpdm.epochs=10` shortens one, and its records say so
     protocols: dict[str, Any] = field(default_factory=default_settings)
@@ -112,6 +116,8 @@ class EvalSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.fidelity_samples is not None and self.fidelity_samples < 1:
             raise ValueError(f"fidelity_samples must be >= 1, got {self.fidelity_samples}")
+        if self.real_train not in ("split", "n_gen"):
+            raise ValueError(f"real_train must be 'split' or 'n_gen', got {self.real_train!r}")
         object.__setattr__(self, "protocols", parse_settings(self.protocols))
 
 
