@@ -42,6 +42,7 @@ equal its outputs among all the others').
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import warnings
@@ -276,6 +277,7 @@ class DPSGD(ChargedSteps):
         generator: torch.Generator,
         mode: str = "auto",
         max_physical_batch_size: int | None = None,
+        autocast_dtype: torch.dtype | None = None,
     ) -> None:
         if not (isinstance(noise_multiplier, int | float) and 0.0 <= noise_multiplier < math.inf):
             raise ValueError(f"noise_multiplier must be a finite number >= 0, got {noise_multiplier!r}")
@@ -289,6 +291,8 @@ class DPSGD(ChargedSteps):
             raise ValueError(f"max_physical_batch_size must be >= 1 or None, got {max_physical_batch_size!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if autocast_dtype is not None and mode in ("hooks", "ghost"):
+            raise ValueError(f"autocast runs with modes 'folded' and 'functorch' only, not {mode!r}")
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
             raise ValueError("BatchNorm mixes the examples of a batch; use GroupNorm (PRIVACY.md rule 8)")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -300,6 +304,9 @@ class DPSGD(ChargedSteps):
         self.expected_batch_size = self.sample_rate * num_records  # q·N: the divisor, whatever B is
         self.generator = generator
         self.max_physical_batch_size = max_physical_batch_size  # examples per backward; None: all at once
+        # mixed precision for the model's forward and backward only: per-example gradients (the folded hooks cast
+        # activations and backprops to float32), their norms, the clipping and the noise stay float32
+        self.autocast_dtype = autocast_dtype
         self._names, self.params = [n for n, _ in named], [p for _, p in named]
         if generator.device.type != self.params[0].device.type:
             raise ValueError(f"generator is on {generator.device}, parameters on {self.params[0].device}")
@@ -383,11 +390,18 @@ class DPSGD(ChargedSteps):
             return sums, norms, factors, torch.cat([part[3] for part in parts])
         if self.mode == "ghost":
             return self._ghost(batch, B)
-        grads, losses = self._per_example_grads(*batch)
+        with self._autocast():
+            grads, losses = self._per_example_grads(*batch)
+        grads = [g.float() for g in grads]
         norms = per_example_norms(grads)
         factors = clip_factors(norms, self.max_grad_norm)
         sums = [torch.tensordot(factors.to(g.dtype), g, dims=1) for g in grads]
         return sums, norms, factors, losses
+
+    def _autocast(self) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.params[0].device.type, dtype=self.autocast_dtype)
 
     def _per_example_grads(self, *batch: Tensor) -> tuple[list[Tensor], Tensor]:
         """Per-example gradients [B, *p.shape] for each trainable parameter, and losses [B]. Internal."""
@@ -431,7 +445,8 @@ class DPSGD(ChargedSteps):
                 out = out.detach().requires_grad_().clone()  # not a leaf: later in-place ops allowed
 
             def backward_hook(g: Tensor) -> None:
-                per_example = _FOLDED[type(m)](m, a, g.detach(), B)
+                acts = a.float() if a.is_floating_point() else a  # float32 under autocast; indices stay integers
+                per_example = _FOLDED[type(m)](m, acts, g.detach().float(), B)
                 for name, i in self._layers[m]:
                     acc[i] = acc[i] + per_example[name] if i in acc else per_example[name]
 

@@ -474,6 +474,7 @@ class Runner:
         save_sample_grid(images, labels, run_dir / "samples.png", class_names=data.class_names(spec.dataset))
         released = getattr(method, "released_model", None)  # optional member of the contract
         costs["released_parameters"] = sum(p.numel() for p in released().parameters()) if released else None
+        costs["precision"] = getattr(method, "precision", "fp32")  # what the training forward/backward ran in
         self._score(spec, images, labels, run_dir, costs, previous={})
 
     def _score(

@@ -6,6 +6,7 @@ import copy
 import math
 from collections.abc import Callable
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -23,7 +24,7 @@ ROW_MODES = [("folded", 2), ("functorch", 2), ("hooks", 2), ("ghost", 1)]  # gho
 
 def dpdm_loss(model_call: Callable[..., Tensor], x: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> Tensor:
     """DPDM-like: x [C,H,W], y [], t [K], noise [K,C,H,W] -> the denoising loss averaged over K draws."""
-    a = ALPHA_BAR[t].view(-1, 1, 1, 1)
+    a = ALPHA_BAR.to(t.device)[t].view(-1, 1, 1, 1)
     x_t = a.sqrt() * x + (1 - a).sqrt() * noise
     return (model_call(x_t, t, y.expand(t.shape[0])) - noise).pow(2).mean()
 
@@ -409,3 +410,56 @@ def test_batchnorm_and_ragged_batches_are_refused() -> None:
     x, y, t, noise = make_batch(3, 2)
     with pytest.raises(ValueError, match="batch size"):
         dp.step(x, y[:2], t, noise)
+
+
+# ------------------------------------------------------------------------------- mixed precision
+
+
+@pytest.mark.parametrize("mode", ["folded", "functorch"])
+def test_bf16_autocast_keeps_per_example_gradients_norms_and_clipping_in_float32(mode: str) -> None:
+    """Autocast changes the forward and backward only: per-example gradients come back float32, close to the
+    float32 ones (bf16's 8-bit mantissa), and every clipped norm is still at most C."""
+    model, batch = make_unet(), make_batch(3, 1)
+    ref = reference_grads(model, dpdm_loss, batch)
+    dp = make_dp(model, mode=mode, max_grad_norm=0.05, autocast_dtype=torch.bfloat16)
+    with dp._autocast():
+        grads, _ = dp._per_example_grads(*batch)
+    assert all(g.dtype == torch.float32 for g in grads) or mode == "functorch"
+    sums, norms, factors, _ = dp._clipped_sum(*batch)
+    assert all(s.dtype == torch.float32 for s in sums) and norms.dtype == torch.float32
+    torch.testing.assert_close(norms, per_example_norms(ref), rtol=0.05, atol=1e-4)
+    assert float((norms * factors).max()) <= 0.05 * (1 + 1e-5)
+
+
+def test_autocast_is_refused_by_the_opacus_modes() -> None:
+    with pytest.raises(ValueError, match="autocast runs with modes 'folded' and 'functorch' only"):
+        make_dp(make_unet(), mode="hooks", autocast_dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+def test_a_dp_step_on_cuda_equals_the_cpu_step(dtype: torch.dtype | None) -> None:
+    """The same batch, weights and noise draw: the CUDA step's parameters equal the CPU step's within tolerance
+    (bf16: within its precision), and both charge the same stage to the ledger."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    batch = make_batch(8, 2)
+    noise = [torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) for i, p in
+             enumerate(make_unet().parameters())]  # fmt: skip
+
+    def fixed_noise(sums: list[Tensor], *, noise_std: float, generator: torch.Generator) -> list[Tensor]:
+        return [s + noise_std * n.to(s.device) for s, n in zip(sums, noise, strict=True)]
+
+    results = {}
+    for device in ("cpu", "cuda"):
+        model = make_unet().to(device)
+        dp = DPSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), per_example_loss=dpdm_loss,
+                   noise_multiplier=1.0, max_grad_norm=0.1, sample_rate=0.5, num_records=16,
+                   generator=torch.Generator(device=device).manual_seed(0), mode="folded",
+                   autocast_dtype=dtype if device == "cuda" else None)  # fmt: skip
+        with patch.object(dpsgd, "add_noise", fixed_noise):
+            dp.step(*(b.to(device) for b in batch))
+        results[device] = (params_of(model).cpu(), dp.stage("m").to_dict())
+    tol = 1e-4 if dtype is None else 2e-2
+    torch.testing.assert_close(results["cuda"][0], results["cpu"][0], atol=tol, rtol=tol)
+    assert results["cuda"][1] == results["cpu"][1]
