@@ -33,13 +33,7 @@ def zero_loss(model_call: Callable[..., Tensor], x: Tensor, y: Tensor, t: Tensor
     return 0.0 * dpdm_loss(model_call, x, y, t, noise)  # every gradient is exactly zero
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    """Tiny tensors: one thread is faster and immune to the stalls of a busy shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def make_batch(B: int, K: int, seed: int = 0) -> tuple[Tensor, ...]:

@@ -49,12 +49,7 @@ TINY = NCSNppConfig(
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread is faster
 
 
 def make(config: NCSNppConfig = TINY, seed: int = 0) -> NCSNpp:
