@@ -15,8 +15,9 @@ Accountants (all give upper bounds on ε, under add/remove-one adjacency):
   relative ~3e-5 at q = 0.04, σ = 1.5, 2250 steps);
 - "pld": privacy loss distributions (Koskela et al. 2020; Doroshenko et al. 2022), pessimistic
   discretisation, so the result stays an upper bound;
-- "prv": privacy random variables (Gopi, Lee, Wutschitz 2021) through opacus; Poisson-sampled
-  Gaussian stages only. Its ε is the upper end of the numerical error bracket.
+- "prv": privacy random variables (Gopi, Lee, Wutschitz 2021) through opacus; Gaussian stages only
+  (Poisson-sampled, and plain Gaussian releases as q = 1). Its ε is the upper end of the numerical error
+  bracket.
 
 GDP (Dong, Roth, Su 2019) is refused: its CLT-based ε is an approximation, not an upper bound.
 """
@@ -361,13 +362,17 @@ def _prv_epsilon(stages: Sequence[Stage], delta: float) -> float:
     from opacus.accountants import PRVAccountant  # imports torch: only when prv is asked for
 
     for stage in stages:
-        if stage.mechanism != "poisson_gaussian":
+        if stage.mechanism == "laplace":
             raise BenchError(
-                f"accountant 'prv' supports poisson_gaussian stages only; stage {stage.name!r} is "
-                f"{stage.mechanism}: use rdp or pld"
+                f"accountant 'prv' supports Gaussian stages only; stage {stage.name!r} is laplace: use rdp or pld"
             )
     acc = PRVAccountant()
-    acc.history = [(s.noise_multiplier, s.sampling_rate, s.steps) for s in stages]
+    # a plain Gaussian release is the Poisson-subsampled Gaussian with q = 1, composed `count` times
+    acc.history = [
+        (s.noise_multiplier, s.sampling_rate, s.steps) if s.mechanism == "poisson_gaussian"
+        else (s.noise_multiplier, 1.0, s.count)
+        for s in stages
+    ]  # fmt: skip
     with np.errstate(divide="ignore"), warnings.catch_warnings():  # log(1 - q) at q = 1 is harmless
         warnings.simplefilter("ignore", RuntimeWarning)
         return float(acc.get_epsilon(delta))

@@ -182,12 +182,23 @@ def test_unknown_or_gdp_accountant_refused(name):
         assert "not an upper bound" in str(info.value)
 
 
-def test_prv_refuses_other_mechanisms():
+def test_prv_refuses_laplace():
     ledger = PrivacyLedger(
         stages=[sgd(0.01, 1.0, 10), Stage(name="votes", mechanism="laplace", noise_multiplier=5.0, count=3)]
     )
-    with pytest.raises(BenchError, match="poisson_gaussian"):
+    with pytest.raises(BenchError, match="Gaussian stages only; stage 'votes' is laplace"):
         privacy.epsilon(ledger, 1e-5, "prv")
+
+
+@pytest.mark.parametrize(("sigma", "count"), [(4.05, 1), (2.0, 3)])
+def test_prv_accounts_plain_gaussian_releases_as_pld_does(sigma: float, count: int):
+    """DP-MERF's one release and DP-HP's repeated ones: a Gaussian stage is the q = 1 case of PRV's
+    Poisson-subsampled Gaussian; its ε agrees with the PLD's (tight for the Gaussian) within PRV's error."""
+    ledger = PrivacyLedger(stages=[Stage(name="embedding", mechanism="gaussian", noise_multiplier=sigma, count=count)])
+    pld, prv = privacy.epsilon(ledger, 1e-5, "pld"), privacy.epsilon(ledger, 1e-5, "prv")
+    assert pld - 1e-3 <= prv <= pld + 0.02
+    mixed = PrivacyLedger(stages=[*ledger.stages, sgd(0.01, 1.0, 100)])
+    assert privacy.epsilon(mixed, 1e-5, "prv") > prv  # both stages are charged
 
 
 # ------------------------------------------------------------------------------------------- budget
