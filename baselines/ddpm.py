@@ -1,6 +1,13 @@
-"""The non-private reference: the same class-conditional DDPM as DPDM, trained without DP (ε = ∞).
+"""The non-private reference: the same class-conditional denoiser as DPDM, trained without DP (ε = ∞).
 
-It is the upper bound every table shows under the DP rows; its card says guarantee "none".
+It is the upper bound every table shows under the DP rows; its card says guarantee "none". Network,
+parameterization, label dropout, samplers and EMA are dpdm's (bench.diffusion.DiffusionConfig, reproducing
+nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3: model/ncsnpp.py, denoiser.py, score_losses.py,
+samplers.py, model/ema.py), so the gap to dpdm is the cost of DP on the same model. The reference has no
+non-private runner (runners/train_dpdm_base.py always wraps the model in opacus); ours is that loop without
+the privacy engine: shuffled minibatches (every record once per epoch, not Poisson batches), one draw of
+(σ, noise) per example, Adam on the mean loss. Deviations: batch size, epochs and learning rate are ours
+(profile: 128, 50, 2e-4), not published for a non-private DPDM.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""DDPM diffusion shared by every diffusion method: schedule, forward process, losses, samplers, EMA.
+"""Diffusion shared by every diffusion method: DDPM's schedule, forward process, losses and samplers (the
+"eps" parameterization, DP-SAD's), the EMA, and what dpdm and ddpm share (DiffusionConfig: network,
+parameterization, sampler; ConditionalDenoiser: training draws, losses and sampling for eps, or through
+bench.edm for the σ-space "edm" and "v" parameterizations).
 
 Notation follows Ho et al. 2020 (DDPM) and Song et al. 2021 (DDIM): β_t, α_t = 1 − β_t,
 ᾱ_t = ∏_{s≤t} α_s, x_t = sqrt(ᾱ_t)·x_0 + sqrt(1 − ᾱ_t)·ε, timesteps t ∈ {0..T−1} (0-based).
