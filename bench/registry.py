@@ -27,7 +27,7 @@ BUILTINS: dict[str, str] = {
     "dpmerf": "bench.baselines.dpmerf:DPMERF",
     "dphp": "bench.baselines.dphp:DPHP",
     "dpsad": "bench.methods.dpsad:DPSAD",
-    "dpsad-e2e": "bench.methods.dpsad:DPSADE2E",
+    "dpsad-e2e": "bench.methods.dpsad_e2e:DPSADE2E",
 }
 ENTRY_POINT_GROUP = "bench.methods"
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 import torch
-from bench.methods.dpsad import OutputClipStep
+from bench.methods.dpsad_common import OutputClipStep
 
 from bench import config, data, registry
 from bench.dpsgd import DPSGD

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from bench.methods.dpsad import DISC_NOT_DP, OUTPUT_CLIP_NOT_DP, TEACHER_NOT_DP, OutputClipStep
+from bench.methods.dpsad_common import DISC_NOT_DP, OUTPUT_CLIP_NOT_DP, TEACHER_NOT_DP, OutputClipStep
 
 from bench import config, registry
 from bench.contract import NullProgress
