@@ -32,9 +32,9 @@ import pandas as pd
 
 from bench import data, registry, runner
 from bench.errors import BenchError
+from bench.frame import FOOTNOTES, PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame, pooled
 from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
 from bench.metrics.protocols import PROTOCOLS
-from bench.report import FOOTNOTES, PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
 from bench.runner import RunSpec
 from bench.store import Store, read_json
 
@@ -463,7 +463,7 @@ def unscored(store: Store, specs: Iterable[RunSpec], metrics: Iterable[str]) -> 
 def _pooled(rows: pd.DataFrame) -> list[float]:
     """Every value behind (run, metric) rows: load_frame's `values` pools classifier seeds, as the tables do."""
     if "values" in rows:
-        return [float(v) for vs in rows["values"] for v in vs]
+        return [float(v) for v in pooled(rows["values"])]
     return [float(v) for v in rows["value"].dropna()]
 
 

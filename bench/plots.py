@@ -6,7 +6,7 @@
 - cost against quality: hours of the run's own compute (fit + sample, not the harness's scoring) on
   its device against a metric, one point per (method, ε).
 
-Every figure is built from `report.load_frame`'s frame (one row per (run, metric)), so what is drawn is
+Every figure is built from `frame.load_frame`'s frame (one row per (run, metric)), so what is drawn is
 what the tables print.
 """
 
@@ -26,8 +26,8 @@ from matplotlib.ticker import NullFormatter
 
 from bench import data
 from bench.errors import BenchError
+from bench.frame import REAL_LABEL, load_frame
 from bench.metrics import select_metrics
-from bench.report import REAL_LABEL, load_frame
 from bench.store import Store
 
 INF = "∞"
@@ -213,7 +213,7 @@ def write_plots(
 ) -> list[Path]:
     """Write every figure as PNG and PDF under `out_dir`; returns the files written.
 
-    `store_or_frame` is a results Store or `report.load_frame`'s frame. `metrics` names entries of
+    `store_or_frame` is a results Store or `frame.load_frame`'s frame. `metrics` names entries of
     bench.metrics.METRICS (None: every metric in the results); one without any value (all n/a) gets no
     figure. An unknown name is a BenchError. Files:
     metric_vs_eps_<metric>, cost_<metric>, samples_<dataset>_eps<ε>, each .png and .pdf.

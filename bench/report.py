@@ -1,4 +1,4 @@
-"""Tables from the results index: method × (dataset, ε), mean ± std over seeds, with the checked ε.
+"""Tables from the results frame (bench.frame): method × (dataset, ε), mean ± std over seeds, with the checked ε.
 
 The ε column is the harness's recomputation from each run's ledger (never the method's claim); a row
 whose guarantee is partial carries a mark and a footnote; the non-private reference shows ε = ∞; each
@@ -21,90 +21,21 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.frame import (
+    FOOTNOTES,
+    REAL_LABEL,
+    SHORTENED_MARK,
+    TEST_SELECTED_MARK,
+    eps_order,
+    load_frame,
+    mean_std,
+    pooled,
+)
+from bench.plots import write_plots
 from bench.store import Store, read_json
 
-PARTIAL_MARK = "†"
-TEST_SELECTED_MARK = "‡"
-SHORTENED_MARK = "°"
-FOOTNOTES = {
-    PARTIAL_MARK: "partial guarantee: part of the method touches private data outside a DP mechanism "
-    "(see the run's privacy.json, `non_private`); its ε does not cover the whole pipeline.",
-    TEST_SELECTED_MARK: "test-selected: best real test accuracy over epochs (DataLens/DPGEN protocol); "
-    "optimistic, shown only for comparison with published tables.",
-    SHORTENED_MARK: "shortened protocol: fewer epochs or samples than the reference code (each record's "
-    "`shortened` lists [reference, used]); not comparable with a published cell as it stands.",
-}
-REAL_LABEL = "real data"
 FORMATS = ("md", "csv", "tex")
 LOWER_IS_BETTER = ("fd_", "fid_", "kid_")  # metric name prefixes; every other metric: higher is better
-
-
-def _eps_label(e: float | None) -> str:
-    """The target ε of a run; a non-private run has none (NULL in the index): ∞."""
-    return "∞" if e is None or not math.isfinite(e) else f"{e:g}"
-
-
-def _eps_order(label: str) -> float:
-    return math.inf if label == "∞" else float(label)
-
-
-def _pooled(values: Iterable[list[float]]) -> list[float]:
-    return [v for vs in values for v in vs]
-
-
-def _fmt(values: Iterable[list[float]]) -> str:
-    v = pd.Series(_pooled(values), dtype=float)
-    if v.empty:
-        return "n/a"
-    if len(v) == 1:
-        return f"{v.iloc[0]:.2f} (n=1)"
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f} (n={len(v)})"
-
-
-def _info(raw: Any) -> dict[str, Any]:
-    return json.loads(raw) if isinstance(raw, str) else {}
-
-
-def _values(value: Any, info: dict[str, Any]) -> list[float]:
-    """Every value behind one (run, metric): its classifier seeds' values, else the value itself."""
-    per_seed = info.get("per_seed")
-    if isinstance(per_seed, list) and per_seed:
-        return [float(v) for v in per_seed if v is not None]
-    return [] if value is None or pd.isna(value) else [float(value)]
-
-
-def load_frame(store: Store, keys: set[str] | None = None, metrics: Collection[str] | None = None) -> pd.DataFrame:
-    """One row per (finished run, metric); `values` lists the values the run contributes to a cell."""
-    runs, metric_rows = store.rows()
-    if not runs:
-        raise BenchError(f"no runs in {store.root} (run `bench run` first)")
-    runs_df = pd.DataFrame(runs)
-    runs_df = runs_df[runs_df["status"] == "done"]
-    if keys is not None:
-        runs_df = runs_df[runs_df["key"].isin(keys)]
-    if runs_df.empty:
-        raise BenchError(f"no finished runs in {store.root}")
-    met_df = pd.DataFrame(metric_rows, columns=["key", "metric", "value", "info"])
-    if metrics is not None:
-        met_df = met_df[met_df["metric"].isin(set(metrics))]
-    df = runs_df.merge(met_df, on="key", how="left")
-    infos = [_info(raw) for raw in df["info"]]
-    df["values"] = [_values(v, i) for v, i in zip(df["value"], infos, strict=True)]
-    df["eps"] = df["target_epsilon"].map(_eps_label)
-    df["label"] = [
-        REAL_LABEL if m == "real" else m + (PARTIAL_MARK if g == "partial" else "")
-        for m, g in zip(df["method"], df["guarantee"], strict=True)
-    ]
-    df["metric_label"] = [
-        _metric_label(m, i) if isinstance(m, str) else None for m, i in zip(df["metric"], infos, strict=True)
-    ]
-    return df
-
-
-def _metric_label(metric: str, info: dict[str, Any]) -> str:
-    how = info.get("protocol") or info.get("extractor")
-    mark = (TEST_SELECTED_MARK if info.get("test_selected") else "") + (SHORTENED_MARK if info.get("shortened") else "")
-    return f"{metric}{mark} [{how}]" if how else f"{metric}{mark}"
 
 
 def _cost(runs: pd.DataFrame, key: str) -> list[float]:
@@ -121,7 +52,7 @@ def _sorted(rows: list[dict[str, Any]]) -> pd.DataFrame:
     out = pd.DataFrame(rows)
     if out.empty:
         return out
-    out["_e"] = out["ε target"].map(_eps_order)
+    out["_e"] = out["ε target"].map(eps_order)
     out["_r"] = out["method"] == REAL_LABEL  # the real-data row last within its dataset
     return out.sort_values(["dataset", "_r", "_e", "method"]).drop(columns=["_e", "_r"]).reset_index(drop=True)
 
@@ -150,7 +81,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
             "fit [s]": _fmt_cost(runs, "fit_s"),
         }
         for metric, m in g.dropna(subset=["metric_label"]).groupby("metric_label"):
-            row[metric] = _fmt(m["values"])
+            row[metric] = mean_std(m["values"])
         rows.append(row)
     return _sorted(rows)
 
@@ -161,10 +92,10 @@ def metric_table(df: pd.DataFrame, metric_label: str) -> tuple[pd.DataFrame, pd.
     cells: dict[tuple[str, str], dict[str, str]] = {}
     means: dict[tuple[str, str], dict[str, float]] = {}
     for (label, dataset, eps), g in sub.groupby(["label", "dataset", "eps"]):
-        values = _pooled(g["values"])
-        cells.setdefault((dataset, eps), {})[label] = _fmt(g["values"])
+        values = pooled(g["values"])
+        cells.setdefault((dataset, eps), {})[label] = mean_std(g["values"])
         means.setdefault((dataset, eps), {})[label] = sum(values) / len(values) if values else math.nan
-    cols = sorted(cells, key=lambda c: (c[0], _eps_order(c[1])))
+    cols = sorted(cells, key=lambda c: (c[0], eps_order(c[1])))
     names = {c: f"{c[0]} ε={c[1]}" for c in cols}
     table = pd.DataFrame({names[c]: cells[c] for c in cols})
     numbers = pd.DataFrame({names[c]: means[c] for c in cols}).reindex(table.index)
@@ -308,8 +239,6 @@ def build_report(
     _write(cost_table(df), out / "cost", [], formats, index=False, caption="Cost per run")
     written = f"tables ({', '.join(formats)}) written to {out}/"
     if plots:
-        from bench.plots import write_plots
-
         files = write_plots(df, out / "plots", metrics=metrics)
         written += f"; {len(files)} plot files to {out / 'plots'}/"
     echo(written)

@@ -14,8 +14,8 @@ from bench import config, registry
 from bench.contract import NullProgress
 from bench.diffusion import q_sample, to_model_range
 from bench.dpsgd import DPSGD
+from bench.frame import FOOTNOTES, PARTIAL_MARK
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, epsilon, privacy_card, verify
-from bench.report import FOOTNOTES, PARTIAL_MARK
 from tests.conftest import TINY_PROFILE, bench
 
 CPU = torch.device("cpu")

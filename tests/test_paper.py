@@ -20,7 +20,7 @@ from bench import data, paper, registry, runner
 from bench.contract import ImageDataset
 from bench.data import SyntheticDataset
 from bench.errors import BenchError
-from bench.report import PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
+from bench.frame import PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
 from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.test_cli import assert_one_line_error

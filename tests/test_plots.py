@@ -12,7 +12,7 @@ import pytest
 
 from bench import plots
 from bench.errors import BenchError
-from bench.report import REAL_LABEL, load_frame
+from bench.frame import REAL_LABEL, load_frame
 from bench.store import Store
 from tests.conftest import TINY_PROFILE, bench
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.report import REAL_LABEL, best_cells, load_frame, metric_table, to_latex
+from bench.frame import REAL_LABEL, load_frame
+from bench.report import best_cells, metric_table, to_latex
 from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 

@@ -1,0 +1,81 @@
+"""The import graph of the harness (every import, function-level ones included): no module cycles, except a
+package's __init__ with its own submodules (bench.metrics and bench.metrics.protocols re-export what their
+modules define; a leftover issue 13 names)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = {"bench": "bench", "methods": "bench.methods", "baselines": "bench.baselines"}
+
+
+def module_graph() -> dict[str, set[str]]:
+    files = {}
+    for folder, package in PACKAGES.items():
+        for path in (ROOT / folder).rglob("*.py"):
+            parts = [p for p in path.relative_to(ROOT / folder).with_suffix("").parts if p != "__init__"]
+            files[".".join([package, *parts])] = path
+    graph: dict[str, set[str]] = {}
+    for name, path in files.items():
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                deps |= {node.module} & files.keys()
+                deps |= {f"{node.module}.{a.name}" for a in node.names} & files.keys()
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names} & files.keys()
+        graph[name] = deps - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = set()
+            while True:
+                w = stack.pop()
+                component.add(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(component)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_graph_is_read() -> None:
+    graph = module_graph()
+    assert "bench.frame" in graph["bench.report"] and "bench.frame" in graph["bench.plots"]
+    assert "bench.methods.dpsad_common" in graph["bench.methods.dpsad"]
+
+
+def test_no_import_cycles_but_a_package_with_its_own_submodules() -> None:
+    for component in cycles(module_graph()):
+        package = min(component, key=len)  # the shortest name: the package whose __init__ is in the cycle
+        others = component - {package}
+        assert all(m.startswith(package + ".") for m in others), f"import cycle: {sorted(component)}"
+
+
+def test_the_check_catches_a_cycle() -> None:
+    graph = module_graph()
+    graph["bench.frame"] = graph["bench.frame"] | {"bench.report"}
+    assert any({"bench.frame", "bench.report"} <= c for c in cycles(graph))
