@@ -69,7 +69,7 @@ class DDPM(ConditionalDenoiser):
                 perm = torch.randperm(n, generator=generator)
             idx = perm[(step % per_epoch) * bs : (step % per_epoch + 1) * bs].to(self.device)
             y, level, noise = self.training_draws(y_all[idx], 1, generator)  # one draw per example
-            loss = self.batch_loss(self.net, x_all[idx], y, level[:, 0], noise[:, 0])
+            loss = self.batch_loss(self.net, x_all[idx], y, level, noise)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -30,7 +30,7 @@ from bench.edm import (
     drop_labels,
     guided,
 )
-from bench.edm import batch_loss as edm_batch_loss
+from bench.edm import loss as edm_loss
 from bench.edm import multiplicity_loss as edm_multiplicity_loss
 from bench.edm import sample as sample_sigma
 from bench.errors import BenchError
@@ -88,23 +88,19 @@ def draw_noise_multiplicity(
     return t, noise
 
 
+def denoising_loss(model: EpsModel, x0: Tensor, y: Tensor, t: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
+    """DDPM's ε-prediction loss, the mean over a batch of its K draws per example and pixels: x0 [B,C,H,W] in
+    [−1,1], y [B] int64, t [B,K], noise [B,K,C,H,W] -> scalar. The model runs once on the B·K rows."""
+    B, K = t.shape
+    x_t = q_sample(x0.unsqueeze(1).expand(B, K, *x0.shape[1:]), t, noise, alpha_bar)
+    return (model(x_t.flatten(0, 1), t.flatten(), y.repeat_interleave(K)) - noise.flatten(0, 1)).pow(2).mean()
+
+
 def multiplicity_loss(model: EpsModel, x0: Tensor, y: Tensor, t: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:
-    """Denoising loss of ONE example averaged over its K draws (DPDM's noise multiplicity).
-
-    x0 [C,H,W] in [−1,1], y [] int64, t [K], noise [K,C,H,W] -> scalar. The average over K comes
-    before any clipping, so K costs no privacy (Dockhorn et al. 2023, Sec. 3.2).
-    """
-    K = t.shape[0]
-    x_t = q_sample(x0.unsqueeze(0).expand(K, *x0.shape), t, noise, alpha_bar)
-    eps = model(x_t, t, y.expand(K))
-    return (eps - noise).pow(2).mean()
-
-
-def batch_denoising_loss(
-    model: EpsModel, x0: Tensor, y: Tensor | None, t: Tensor, noise: Tensor, alpha_bar: Tensor
-) -> Tensor:
-    """Mean denoising loss over a batch: x0 [B,C,H,W], t [B], noise [B,C,H,W]."""
-    return (model(q_sample(x0, t, noise, alpha_bar), t, y) - noise).pow(2).mean()
+    """`denoising_loss` of ONE example averaged over its K draws (DPDM's noise multiplicity): x0 [C,H,W], y [],
+    t [K], noise [K,C,H,W] -> scalar. The average over K comes before any clipping, so K costs no privacy
+    (Dockhorn et al. 2023, Sec. 3.2)."""
+    return denoising_loss(model, x0[None], y[None], t[None], noise[None], alpha_bar)
 
 
 @torch.no_grad()
@@ -427,10 +423,10 @@ class ConditionalDenoiser:
         return edm_multiplicity_loss(self.pre, model, x0, y, level, noise)
 
     def batch_loss(self, model: Any, x0: Tensor, y: Tensor, level: Tensor, noise: Tensor) -> Tensor:
-        """The mean loss of a batch with one draw each: x0, noise [B, C, H, W], level [B]."""
+        """The mean loss of a batch (non-private training): x0 [B, C, H, W], level [B, K], noise [B, K, C, H, W]."""
         if self.parameterization == "eps":
-            return batch_denoising_loss(model, x0, y, level, noise, self.alpha_bar)
-        return edm_batch_loss(self.pre, model, x0, y, level, noise)
+            return denoising_loss(model, x0, y, level, noise, self.alpha_bar)
+        return edm_loss(self.pre, model, x0, y, level, noise)
 
     # ------------------------------------------------------------------------------------- sampling
 

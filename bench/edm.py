@@ -127,24 +127,23 @@ def drop_labels(y: Tensor, p: float, num_classes: int, generator: torch.Generato
     return torch.where(drop, torch.full_like(y, num_classes), y)
 
 
+def loss(pre: Preconditioning, net: Network, x0: Tensor, y: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
+    """The weighted denoising loss, the mean over a batch of its K draws per example and pixels of
+    λ(σ)·(D(x0 + σ·n; σ, y) − x0)²: x0 [B, C, H, W] in [−1, 1], y [B] int64 (already label-dropped), σ [B, K],
+    noise [B, K, C, H, W] -> scalar. The network runs once on the B·K rows."""
+    B, K = sigma.shape
+    x = x0.unsqueeze(1).expand(B, K, *x0.shape[1:]).flatten(0, 1)
+    s = sigma.flatten()
+    d = pre.denoise(net, x + _col(s) * noise.flatten(0, 1), s, y.repeat_interleave(K))
+    return (_col(pre.weight(s)) * (d - x) ** 2).mean()
+
+
 def multiplicity_loss(
     pre: Preconditioning, net: Network, x0: Tensor, y: Tensor, sigma: Tensor, noise: Tensor
 ) -> Tensor:
-    """ONE example's loss averaged over its K draws (DPDM's noise multiplicity, before clipping).
-
-    x0 [C, H, W] in [−1, 1], y [] int64 (already label-dropped), σ [K], noise [K, C, H, W] -> scalar:
-    mean over k and pixels of λ(σ_k)·(D(x0 + σ_k·n_k; σ_k, y) − x0)².
-    """
-    K = sigma.shape[0]
-    x = x0.unsqueeze(0).expand(K, *x0.shape)
-    d = pre.denoise(net, x + _col(sigma) * noise, sigma, y.expand(K))
-    return (_col(pre.weight(sigma)) * (d - x) ** 2).mean()
-
-
-def batch_loss(pre: Preconditioning, net: Network, x0: Tensor, y: Tensor, sigma: Tensor, noise: Tensor) -> Tensor:
-    """The mean of `multiplicity_loss` over a batch with one draw each: x0, noise [B, C, H, W], σ [B]."""
-    d = pre.denoise(net, x0 + _col(sigma) * noise, sigma, y)
-    return (_col(pre.weight(sigma)) * (d - x0) ** 2).mean()
+    """`loss` of ONE example averaged over its K draws (DPDM's noise multiplicity, before clipping): x0 [C, H, W],
+    y [], σ [K], noise [K, C, H, W] -> scalar."""
+    return loss(pre, net, x0[None], y[None], sigma[None], noise[None])
 
 
 def guided(denoiser: Denoiser, weight: float, num_classes: int) -> Denoiser:

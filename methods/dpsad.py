@@ -61,15 +61,12 @@ from bench.methods.dpsad_common import (
     OutputClipStep,
     StudentFit,
     choice,
-    multiplicity_loss_batch,
     poisson_rate,
 )
 from torch import Tensor
 
 from bench.contract import ImageDataset, Progress
-from bench.diffusion import (
-    draw_noise_multiplicity,
-)
+from bench.diffusion import denoising_loss, draw_noise_multiplicity
 from bench.dpsgd import DPSGD
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate_sigma, epsilon
@@ -126,7 +123,7 @@ class DPSAD(DPSADBase):
                 fit.extra["perm"] = torch.randperm(n, generator=generator)
             idx = fit.extra["perm"][(k % per_epoch) * bs : (k % per_epoch + 1) * bs].to(self.device)
             t, noise = draw_noise_multiplicity(len(idx), 1, shape, cfg.T, fit.noise_gen, self.device)
-            loss = multiplicity_loss_batch(self.teacher, fit.x[idx], fit.y[idx], t, noise, self.alpha_bar)
+            loss = denoising_loss(self.teacher, fit.x[idx], fit.y[idx], t, noise, self.alpha_bar)
             fit.opt_t.zero_grad(set_to_none=True)
             loss.backward()
             fit.opt_t.step()

@@ -417,12 +417,3 @@ class StudentFit:
             student.step(x_r, r, y, m.output_grads(e_S, e_T, eps, x_r, r, y))
             m.ema.update(m.net)
             self.checkpoint(progress)
-
-
-def multiplicity_loss_batch(
-    model: nn.Module, x0: Tensor, y: Tensor, t: Tensor, noise: Tensor, alpha_bar: Tensor
-) -> Tensor:
-    """Mean denoising loss of a batch with K draws each: x0 [B, C, H, W], y [B], t [B, K], noise [B, K, C, H, W]."""
-    B, K = t.shape
-    x_t = q_sample(x0.unsqueeze(1).expand(B, K, *x0.shape[1:]), t, noise, alpha_bar)
-    return (model(x_t.flatten(0, 1), t.flatten(), y.repeat_interleave(K)) - noise.flatten(0, 1)).pow(2).mean()

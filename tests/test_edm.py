@@ -62,13 +62,13 @@ def test_training_noise_levels_follow_the_reference_distributions() -> None:
     assert float(logsnr.min()) < -8.5 and float(logsnr.max()) > 12  # the whole range is used
 
 
-def test_multiplicity_loss_is_the_mean_over_k_of_the_batch_loss() -> None:
+def test_multiplicity_loss_is_the_batch_loss_of_one_example() -> None:
     torch.manual_seed(0)
     pre, conv = edm.Preconditioning("edm"), torch.nn.Conv2d(1, 1, 3, padding=1)
     net = lambda a, c, y: conv(a) * (1 + c.reshape(-1, 1, 1, 1))  # noqa: E731
     x0, sigma, noise = torch.randn(1, 6, 6), torch.rand(4) * 3 + 0.1, torch.randn(4, 1, 6, 6)
     per_example = edm.multiplicity_loss(pre, net, x0, torch.tensor(2), sigma, noise)
-    batch = edm.batch_loss(pre, net, x0.expand(4, 1, 6, 6), torch.full((4,), 2), sigma, noise)
+    batch = edm.loss(pre, net, x0.expand(4, 1, 6, 6), torch.full((4,), 2), sigma[:, None], noise[:, None])
     assert torch.allclose(per_example, batch)
     d = pre.denoise(net, x0 + sigma[0] * noise[:1], sigma[:1], None)
     by_hand = torch.stack(
