@@ -21,6 +21,7 @@ from bench.contract import ImageDataset, Progress
 from bench.diffusion import ConditionalDenoiser, DiffusionConfig, to_model_range
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger
+from bench.training import ShuffledEpochs, plain_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -50,30 +51,23 @@ class DDPM(ConditionalDenoiser):
         cfg, n = self.config, len(train)
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
-        bs = min(cfg.batch_size, n)
-        per_epoch = max(1, n // bs)
-        steps = max(1, round(cfg.epochs * per_epoch))
+        epochs = ShuffledEpochs(n, cfg.batch_size, cfg.epochs)
         x_all = to_model_range(train.images).to(self.device)
         y_all = train.labels.to(self.device)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        step, perm = 0, torch.arange(n)  # all draws from the run's CPU generator, then moved
+        step, perm = 0, epochs.first_permutation()  # all draws from the run's CPU generator, then moved
         if (state := progress.resume()) is not None:
             self.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             generator.set_state(state["generator"])
             step, perm = state["step"], state["perm"]
-        progress.start(steps, "ddpm (non-private)")
+        progress.start(epochs.steps, "ddpm (non-private)")
         progress.advance(step)
-        while step < steps:
-            if step % per_epoch == 0:
-                perm = torch.randperm(n, generator=generator)
-            idx = perm[(step % per_epoch) * bs : (step % per_epoch + 1) * bs].to(self.device)
+        while step < epochs.steps:
+            idx, perm = epochs.batch(step, perm, generator)
+            idx = idx.to(self.device)
             y, level, noise = self.training_draws(y_all[idx], 1, generator)  # one draw per example
-            loss = self.batch_loss(self.net, x_all[idx], y, level, noise)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            self.ema.update(self.net)
+            plain_step(self.net, optimizer, self.batch_loss(self.net, x_all[idx], y, level, noise), self.ema)
             step += 1
             progress.advance()
             progress.checkpoint(

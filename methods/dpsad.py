@@ -70,6 +70,7 @@ from bench.diffusion import denoising_loss, draw_noise_multiplicity
 from bench.dpsgd import DPSGD
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate_sigma, epsilon
+from bench.training import ShuffledEpochs, plain_step
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -111,23 +112,20 @@ class DPSAD(DPSADBase):
                 self, fit.opt_s, sigma_eff=sigma_eff, C=cfg.max_grad_norm, q=q, n=n, generator=fit.noise_gen
             )
         fit.counters["student"] = student
-        bs, per_epoch, teacher_steps = self._teacher_schedule(n)
-        fit.extra.update(teacher_step=0, perm=torch.arange(n))
+        teacher_epochs = ShuffledEpochs(n, cfg.teacher_batch_size, cfg.teacher_epochs)
+        teacher_steps = teacher_epochs.steps
+        fit.extra.update(teacher_step=0, perm=teacher_epochs.first_permutation())
         fit.resume(progress)
         progress.start(teacher_steps + steps, f"dpsad teacher (non-private) + student σ_eff={sigma_eff:.4g}")
         progress.advance(fit.extra["teacher_step"] + student.steps)
 
         shape = (self.spec.channels, self.spec.height, self.spec.width)
         while (k := fit.extra["teacher_step"]) < teacher_steps:  # the teacher, without DP
-            if k % per_epoch == 0:
-                fit.extra["perm"] = torch.randperm(n, generator=generator)
-            idx = fit.extra["perm"][(k % per_epoch) * bs : (k % per_epoch + 1) * bs].to(self.device)
+            idx, fit.extra["perm"] = teacher_epochs.batch(k, fit.extra["perm"], generator)
+            idx = idx.to(self.device)
             t, noise = draw_noise_multiplicity(len(idx), 1, shape, cfg.T, fit.noise_gen, self.device)
             loss = denoising_loss(self.teacher, fit.x[idx], fit.y[idx], t, noise, self.alpha_bar)
-            fit.opt_t.zero_grad(set_to_none=True)
-            loss.backward()
-            fit.opt_t.step()
-            self.teacher_ema.update(self.teacher)
+            plain_step(self.teacher, fit.opt_t, loss, self.teacher_ema)
             fit.extra["teacher_step"] = k + 1
             fit.checkpoint(progress)
 
@@ -149,9 +147,3 @@ class DPSAD(DPSADBase):
         )
         ledger.claimed_epsilon = epsilon([claimed], budget.delta, budget.accountant)
         return ledger
-
-    def _teacher_schedule(self, n: int) -> tuple[int, int, int]:
-        """Shuffled minibatches: (batch size, steps per epoch, steps)."""
-        bs = min(self.config.teacher_batch_size, n)
-        per_epoch = max(1, n // bs)
-        return bs, per_epoch, max(1, round(self.config.teacher_epochs * per_epoch))
