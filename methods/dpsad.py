@@ -1,6 +1,8 @@
 """DP-SAD: stochastic adversarial distillation of diffusion models (Liu, Wang, Ge, ECCV 2024, arXiv 2408.14738).
 
-The paper's mechanism (see shared/METHODS.md, "DP-SAD"); its end-to-end DP variant is methods/dpsad_e2e.py,
+No public code of the paper exists (shared/METHODS.md), so there is no repository@commit to cite: this follows
+the paper's text, and every choice it leaves open is a config field with a comment. The paper's mechanism (see
+shared/METHODS.md, "DP-SAD"); its end-to-end DP variant is methods/dpsad_e2e.py,
 and what both share (networks, the distillation loss, the student step, sampling) is methods/dpsad_common.py.
 
 A class-conditional DDPM teacher ε_ψ (linear β, T = 500) is trained on
