@@ -89,6 +89,10 @@ def _check_weights(path: str | None) -> None:
         check_inception_weights(resolved)
 
 
+def _err(line: str) -> None:
+    typer.echo(line, err=True)
+
+
 def _seed_list(text: str) -> list[int]:
     from bench.runner import parse_list
 
@@ -98,39 +102,6 @@ def _seed_list(text: str) -> list[int]:
             raise BenchError(f"--seeds: {s!r} is not an integer")
         seeds.append(int(s))
     return seeds
-
-
-def _run_grid(r: Any, specs: list[Any], results: Path) -> list[tuple[Any, str]]:
-    """Run `specs` with runner `r`, with the grid's progress bars; (spec, "done" | "skipped" | "failed")."""
-    from bench.ui import GridUI
-
-    for ds in dict.fromkeys(s.dataset for s in specs):  # missing data fails here, before any training
-        r.dataset(ds, "train"), r.dataset(ds, "test")
-    with GridUI(len(specs)) as ui:
-        r.ui = ui
-        outcomes = []
-        for spec in specs:
-            outcomes.append((spec, r.run(spec)))
-            ui.grid_advance(spec, outcomes[-1][1])
-    counts = {o: sum(x == o for _, x in outcomes) for o in ("done", "skipped", "failed")}
-    typer.echo(
-        f"{counts['done']} run(s) done, {counts['skipped']} already finished, {counts['failed']} failed; "
-        f"results in {results}",
-        err=True,
-    )
-    return outcomes
-
-
-def _real_rows(r: Any, specs: list[Any]) -> set[str]:
-    """Compute (or reuse) the real-data row of each dataset and evaluation plan of the grid; their keys."""
-    from bench.runner import real_key
-
-    rows = {real_key(s.dataset, s.eval): s for s in specs}
-    for spec in rows.values():
-        outcome = r.run_real(spec.dataset, spec.eval, profile=spec.profile)
-        typer.echo(f"real-data row of {spec.dataset}: {'already finished' if outcome == 'skipped' else outcome}",
-                   err=True)  # fmt: skip
-    return set(rows)
 
 
 @app.command()
@@ -204,16 +175,12 @@ def run(
             metrics=metric_names,
             inception_weights=inception_weights,
         )
-        outcomes = _run_grid(r, specs, results)
-        failed = [s for s, o in outcomes if o == "failed"]
-        done = sum(o == "done" for _, o in outcomes)
-        skipped = sum(o == "skipped" for _, o in outcomes)
-        if done + skipped:
-            real = set() if no_real else _real_rows(r, [s for s, o in outcomes if o != "failed"])
+        grid = runner.run_grid(r, specs, real=not no_real, echo=_err, results=results)
+        if grid.count("done") + grid.count("skipped"):
             from bench.report import build_report
 
-            build_report(store, out=None, keys={spec.key for spec in specs} | real, echo=typer.echo)
-        if failed:
+            build_report(store, out=None, keys={spec.key for spec in specs} | grid.real_keys, echo=typer.echo)
+        if failed := grid.failed:
             for spec in failed:
                 typer.echo(f"error: run {spec.key} exceeded its privacy budget and was left out of the table", err=True)
             raise typer.Exit(1)
@@ -346,18 +313,9 @@ def paper(
                 metrics=plan.run_metrics(),
                 inception_weights=inception_weights,
             )
-            for ds in dict.fromkeys(s.dataset for s in plan.specs):
-                try:
-                    r.dataset(ds, "train"), r.dataset(ds, "test")
-                except BenchError as e:
-                    missing_data[ds] = str(e)
-                    typer.echo(f"warning: {ds}: dataset not available, its cells are skipped: {e}", err=True)
-            specs = [s for s in plan.specs if s.dataset not in missing_data]
-            failed = [spec for spec, outcome in _run_grid(r, specs, results) if outcome == "failed"]
-            for key, missing in papers_.unscored(store, specs, plan.metrics).items():
-                typer.echo(f"scoring {key} (reused run): {', '.join(missing)}", err=True)
-                r.metrics = missing
-                r.score(store.run_dir(key))
+            grid = runner.run_grid(r, list(plan.specs), real=False, skip_missing_data=True, echo=_err, results=results)
+            missing_data, failed = grid.missing_data, grid.failed
+            papers_.score_reused(r, [s for s, _ in grid.outcomes], plan.metrics, echo=_err)
         frame = papers_.compare(plan, store, missing_data=missing_data)
         text = papers_.to_markdown(plan, frame)
         typer.echo(text)

@@ -442,6 +442,13 @@ def plan_text(plan: PaperPlan) -> str:
     return "\n".join(lines)
 
 
+def score_reused(r: Any, specs: Iterable[RunSpec], metrics: Iterable[str], *, echo: Any) -> None:
+    """Score the metrics a table needs on finished runs that were scored with another set (reused runs)."""
+    for key, missing in unscored(r.store, specs, metrics).items():
+        echo(f"scoring {key} (reused run): {', '.join(missing)}")
+        r.score(r.store.run_dir(key), metrics=missing)
+
+
 def unscored(store: Store, specs: Iterable[RunSpec], metrics: Iterable[str]) -> dict[str, tuple[str, ...]]:
     """Finished runs (key -> metrics) that lack some of `metrics`: reused runs scored with another set."""
     out = {}

@@ -513,8 +513,15 @@ class Runner:
         self.store.record_run(spec.key, status="done", cost=json.dumps(cost))
         self.log(run_dir, "scored: " + ", ".join(f"{k}={v.get('value')}" for k, v in metrics.items()))
 
-    def score(self, run_dir: Path) -> dict[str, Any]:
-        """Re-score a finished run's saved samples.npz (no retraining); returns the new metrics."""
+    def score(self, run_dir: Path, metrics: tuple[str, ...] | None = None) -> dict[str, Any]:
+        """Re-score a finished run's saved samples.npz (no retraining); returns the new metrics. `metrics`:
+        these instead of the runner's own selection."""
+        if metrics is not None:
+            chosen, self.metrics = self.metrics, metrics
+            try:
+                return self.score(run_dir)
+            finally:
+                self.metrics = chosen
         from bench.metrics import check_samples
 
         cfg_path, samples_path = run_dir / "config.json", run_dir / "samples.npz"
@@ -541,3 +548,79 @@ class Runner:
         if self.ui is None:
             return (lambda total, desc: None), (lambda n: None)
         return self.ui.run_callbacks(spec)
+
+
+# ---------------------------------------------------------------------------------------------------
+# A grid: check the data, execute the cells, then the real-data rows
+# ---------------------------------------------------------------------------------------------------
+
+
+class LocalExecutor:
+    """Runs the cells one after another in this process (the seam a many-GPU executor replaces)."""
+
+    def run(self, runner: Runner, specs: list[RunSpec], advance: Callable[[RunSpec, str], None]) -> list[str]:
+        outcomes = []
+        for spec in specs:
+            outcomes.append(runner.run(spec))
+            advance(spec, outcomes[-1])
+        return outcomes
+
+
+@dataclass
+class GridOutcome:
+    """What a grid did: each cell's outcome ("done", "skipped", "failed"), the real-data rows' keys, and the
+    datasets left out because their data is missing (with the reason)."""
+
+    outcomes: list[tuple[RunSpec, str]]
+    real_keys: set[str] = field(default_factory=set)
+    missing_data: dict[str, str] = field(default_factory=dict)
+
+    def count(self, outcome: str) -> int:
+        return sum(o == outcome for _, o in self.outcomes)
+
+    @property
+    def failed(self) -> list[RunSpec]:
+        return [spec for spec, o in self.outcomes if o == "failed"]
+
+
+def run_grid(
+    r: Runner,
+    specs: list[RunSpec],
+    *,
+    real: bool = True,
+    skip_missing_data: bool = False,
+    executor: LocalExecutor | None = None,
+    echo: Callable[[str], None] = lambda line: None,
+    results: Path | None = None,
+) -> GridOutcome:
+    """Execute a planned grid: the data of every dataset is loaded first (missing data fails before any training,
+    or, with `skip_missing_data`, leaves that dataset's cells out), the cells run through `executor` with the
+    grid's progress bars, then each dataset's real-data row (`real`) unless every cell failed. `echo` gets the
+    one-line messages the command prints."""
+    from bench.ui import GridUI
+
+    missing: dict[str, str] = {}
+    for ds in dict.fromkeys(s.dataset for s in specs):
+        try:
+            r.dataset(ds, "train"), r.dataset(ds, "test")
+        except BenchError as e:
+            if not skip_missing_data:
+                raise
+            missing[ds] = str(e)
+            echo(f"warning: {ds}: dataset not available, its cells are skipped: {e}")
+    specs = [s for s in specs if s.dataset not in missing]
+    with GridUI(len(specs)) as ui:
+        r.ui = ui
+        outcomes = (executor or LocalExecutor()).run(r, specs, ui.grid_advance)
+    result = GridOutcome(list(zip(specs, outcomes, strict=True)), missing_data=missing)
+    echo(
+        f"{result.count('done')} run(s) done, {result.count('skipped')} already finished, "
+        f"{result.count('failed')} failed; results in {results if results is not None else r.store.root}"
+    )
+    if real and result.count("done") + result.count("skipped"):
+        rows = {real_key(s.dataset, s.eval): s for s, o in result.outcomes if o != "failed"}
+        for spec in rows.values():
+            outcome = r.run_real(spec.dataset, spec.eval, profile=spec.profile)
+            echo(f"real-data row of {spec.dataset}: {'already finished' if outcome == 'skipped' else outcome}")
+        result.real_keys = set(rows)
+    return result

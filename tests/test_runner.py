@@ -240,3 +240,31 @@ def test_sigkill_mid_training_resumes_with_the_same_dp_steps(tmp_path: Path) -> 
     a = np.load(next((whole / "runs").glob("*/samples.npz")))["images"]
     b = np.load(next((killed / "runs").glob("*/samples.npz")))["images"]
     assert np.array_equal(a, b), "a resumed run must continue the same random stream"
+
+
+def test_a_grid_runs_from_the_library_without_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """runner.run_grid is what `bench run` calls: a notebook gets the same cells, real-data rows and messages;
+    a dataset whose data is missing is skipped (with its reason) only when asked to."""
+    from bench import runner
+    from bench.errors import BenchError
+
+    specs = runner.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
+                        accountant="rdp", profile=str(TINY_PROFILE), sets=["eval.n_gen=20"])  # fmt: skip
+    r = runner.Runner(Store(tmp_path), device=torch.device("cpu"), metrics=("fd_domain",))
+    lines: list[str] = []
+    grid = runner.run_grid(r, specs, echo=lines.append)
+    assert [o for _, o in grid.outcomes] == ["done"] and len(grid.real_keys) == 1 and not grid.failed
+    assert lines[0].startswith("1 run(s) done, 0 already finished, 0 failed")
+    assert lines[1] == "real-data row of synthetic: done"
+    again = runner.run_grid(r, specs, echo=lines.append)
+    assert [o for _, o in again.outcomes] == ["skipped"] and again.real_keys == grid.real_keys
+
+    def no_data(name: str, split: str) -> None:
+        raise BenchError(f"{name}: not found")
+
+    monkeypatch.setattr(r, "dataset", no_data)
+    with pytest.raises(BenchError, match="synthetic: not found"):
+        runner.run_grid(r, specs)
+    skipped = runner.run_grid(r, specs, skip_missing_data=True, echo=lines.append)
+    assert skipped.outcomes == [] and skipped.missing_data == {"synthetic": "synthetic: not found"}
+    assert lines[-1].startswith("0 run(s) done") and "dataset not available" in lines[-2]
