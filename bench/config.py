@@ -30,6 +30,12 @@ from bench.errors import BenchError
 PROFILES = ("smoke", "paper")
 
 
+def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    """A config field restricted to named values: a ValueError naming the field and the choices."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
 def load_profile(profile: str) -> dict[str, Any]:
     """The TOML table of a named profile (bench/profiles/NAME.toml) or of a path to a .toml file."""
     if profile.endswith(".toml"):

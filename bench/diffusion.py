@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
+from bench.config import choice
 from bench.contract import device_generator
 from bench.edm import (
     PARAMETERIZATIONS,
@@ -275,10 +276,10 @@ class DiffusionConfig:
     ema_warmup: bool = True  # the reference's min(decay, (1 + n)/(10 + n)) for update n
 
     def __post_init__(self) -> None:
-        _choice("network", self.network, ("ncsnpp", "unet"))
-        _choice("parameterization", self.parameterization, PARAMETERIZATIONS)
+        choice("network", self.network, ("ncsnpp", "unet"))
+        choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         samplers = ("ddim", "ddpm") if self.parameterization == "eps" else SIGMA_SAMPLERS
-        _choice("sampler_preset", self.sampler_preset, ("", "fid", "acc"))
+        choice("sampler_preset", self.sampler_preset, ("", "fid", "acc"))
         if self.sampler not in samplers:
             raise ValueError(
                 f"sampler {self.sampler!r} does not fit parameterization {self.parameterization!r}; "
@@ -345,11 +346,6 @@ def sampler_preset_fields(preset: str, dataset: str, epsilon: float) -> dict[str
         raise BenchError(
             f"no published '{preset}' sampler preset for {dataset} at ε={epsilon:g} (known: {', '.join(have)})"
         ) from None
-
-
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def make_network(config: Any, *, channels: int, image_size: int, num_classes: int) -> nn.Module:

@@ -485,8 +485,10 @@ class Runner:
         run_dir: Path,
         costs: dict[str, Any],
         previous: dict[str, Any],
+        wanted: tuple[str, ...] | None = None,
     ) -> None:
-        """Score samples, merge with earlier records of other metrics, write metrics.json last."""
+        """Score samples (`wanted`, else the runner's selection, else the plan's), merge with earlier records of
+        other metrics, write metrics.json last."""
         from bench.metrics import EvalSettings, evaluate
 
         train, test = self.dataset(spec.dataset, "train"), self.dataset(spec.dataset, "test")
@@ -501,7 +503,7 @@ class Runner:
                 seed=spec.seed,
                 settings=settings,
                 device=self.device,
-                metrics=self.metrics or spec.eval.metrics,
+                metrics=wanted or self.metrics or spec.eval.metrics,
                 inception_weights=self.inception_weights,
             )
         metrics = previous | metrics
@@ -516,12 +518,6 @@ class Runner:
     def score(self, run_dir: Path, metrics: tuple[str, ...] | None = None) -> dict[str, Any]:
         """Re-score a finished run's saved samples.npz (no retraining); returns the new metrics. `metrics`:
         these instead of the runner's own selection."""
-        if metrics is not None:
-            chosen, self.metrics = self.metrics, metrics
-            try:
-                return self.score(run_dir)
-            finally:
-                self.metrics = chosen
         from bench.metrics import check_samples
 
         cfg_path, samples_path = run_dir / "config.json", run_dir / "samples.npz"
@@ -541,7 +537,8 @@ class Runner:
         labels = labels.long()
         old = read_json(run_dir / "metrics.json") if (run_dir / "metrics.json").is_file() else {}
         costs = dict(old.get("cost", {}))
-        self._score(spec, images, labels if conditional else None, run_dir, costs, previous=old.get("metrics", {}))
+        self._score(spec, images, labels if conditional else None, run_dir, costs, previous=old.get("metrics", {}),
+                    wanted=metrics)  # fmt: skip
         return read_json(run_dir / "metrics.json")["metrics"]
 
     def _bar_callbacks(self, spec: RunSpec) -> tuple[Callable[[int, str], None], Callable[[int], None]]:

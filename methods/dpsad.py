@@ -62,11 +62,11 @@ from bench.methods.dpsad_common import (
     DPSADBase,
     OutputClipStep,
     StudentFit,
-    choice,
     poisson_rate,
 )
 from torch import Tensor
 
+from bench.config import choice
 from bench.contract import ImageDataset, Progress
 from bench.diffusion import denoising_loss, draw_noise_multiplicity
 from bench.dpsgd import DPSGD

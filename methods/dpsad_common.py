@@ -1,7 +1,7 @@
 """What the two DP-SAD methods share (methods/dpsad.py, methods/dpsad_e2e.py): the configuration both extend,
 the networks (student and teacher UNets, the row-independent discriminator), the distillation loss and its
 surrogate, the student's DP step (parameter clipping through bench.dpsgd, or output clipping), the fit state,
-sampling, and the declarations of what is not DP.
+sampling, and the declarations of what is not DP. No public code of the paper exists (see methods/dpsad.py).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bench.config import choice
 from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import (
     EMA,
@@ -99,11 +100,6 @@ class CommonConfig:
         choice("sampler", self.sampler, ("ddpm", "ddim"))
         choice("dp_mode", self.dp_mode, MODES)
         Schedule(self.T, self.beta_start, self.beta_end)  # validates T ≥ 2 and β
-
-
-def choice(key: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
 class Discriminator(nn.Module):
@@ -283,21 +279,20 @@ class DPSADBase(ConditionalDenoiser):
 
     # -------------------------------------------------------------------------------------- pieces of fit
 
+    def _dp(
+        self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Callable[..., Tensor], *, sigma: float,
+        C: float, q: float, n: int, gen: torch.Generator,
+    ) -> DPSGD:  # fmt: skip
+        """A DP-SGD step on one of the networks, with the run's per-example mode and physical batch."""
+        return DPSGD(model, optimizer, per_example_loss=loss, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q,
+                     num_records=n, generator=gen, mode=self.config.dp_mode,
+                     max_physical_batch_size=self.config.physical_batch_size)  # fmt: skip
+
     def _student_dp(
         self, optimizer: torch.optim.Optimizer, sigma_eff: float, q: float, n: int, gen: torch.Generator
     ) -> DPSGD:
-        return DPSGD(
-            self.net,
-            optimizer,
-            per_example_loss=surrogate_loss,
-            noise_multiplier=sigma_eff,
-            max_grad_norm=self.config.max_grad_norm,
-            sample_rate=q,
-            num_records=n,
-            generator=gen,
-            mode=self.config.dp_mode,
-            max_physical_batch_size=self.config.physical_batch_size,
-        )
+        return self._dp(self.net, optimizer, surrogate_loss, sigma=sigma_eff, C=self.config.max_grad_norm, q=q, n=n,
+                        gen=gen)  # fmt: skip
 
     def _noise_gen(self, generator: torch.Generator) -> torch.Generator:
         return device_generator(generator, self.device)

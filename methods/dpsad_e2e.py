@@ -1,5 +1,6 @@
 """DP-SAD made end-to-end DP (`dpsad-e2e`): the algorithm of methods/dpsad.py (Liu, Wang, Ge, ECCV 2024) with
-every stage that touches private data a DP mechanism in one ledger (see shared/METHODS.md, "DP-SAD").
+every stage that touches private data a DP mechanism in one ledger (see shared/METHODS.md, "DP-SAD"). No public
+code of the paper exists, so no repository is cited; the variant is ours.
 
 The teacher is trained with DP-SGD (Poisson
 sampling, noise multiplicity K, as DPDM); the discriminator either with DP-SGD on its own Poisson
@@ -23,12 +24,12 @@ from bench.methods.dpsad_common import (
     CommonConfig,
     DPSADBase,
     StudentFit,
-    choice,
     disc_loss,
     poisson_rate,
 )
 from torch import Tensor
 
+from bench.config import choice
 from bench.contract import ImageDataset, Progress
 from bench.diffusion import (
     draw_noise_multiplicity,
@@ -36,7 +37,7 @@ from bench.diffusion import (
     sample_images,
     to_model_range,
 )
-from bench.dpsgd import DPSGD, poisson_stream
+from bench.dpsgd import poisson_stream
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, calibrate_sigma
 
@@ -107,33 +108,21 @@ class DPSADE2E(DPSADBase):
 
         fit = StudentFit(self, train, generator)
         dp = {
-            "teacher": DPSGD(
+            "teacher": self._dp(
                 self.teacher,
                 fit.opt_t,
-                per_example_loss=self._teacher_loss,
-                noise_multiplier=sigmas["teacher"],
-                max_grad_norm=cfg.teacher_max_grad_norm,
-                sample_rate=q_t,
-                num_records=n,
-                generator=fit.noise_gen,
-                mode=cfg.dp_mode,
-                max_physical_batch_size=cfg.physical_batch_size,
-            ),
+                self._teacher_loss,
+                sigma=sigmas["teacher"],
+                C=cfg.teacher_max_grad_norm,
+                q=q_t,
+                n=n,
+                gen=fit.noise_gen,
+            ),  # fmt: skip
             "student": self._student_dp(fit.opt_s, sigmas["student"], q_s, n, fit.noise_gen),
         }
         if dp_disc:
-            dp["discriminator"] = DPSGD(
-                self.disc,
-                fit.opt_d,
-                per_example_loss=disc_loss,
-                noise_multiplier=sigmas["discriminator"],
-                max_grad_norm=cfg.disc_max_grad_norm,
-                sample_rate=q_d,
-                num_records=n,
-                generator=fit.noise_gen,
-                mode=cfg.dp_mode,
-                max_physical_batch_size=cfg.physical_batch_size,
-            )
+            dp["discriminator"] = self._dp(self.disc, fit.opt_d, disc_loss, sigma=sigmas["discriminator"],
+                                           C=cfg.disc_max_grad_norm, q=q_d, n=n, gen=fit.noise_gen)  # fmt: skip
         fit.counters.update(dp)
         fit.extra.update(pool=None, pool_labels=None)
         fit.resume(progress)

@@ -27,7 +27,7 @@ def test_edm_coefficients_are_karras_table_1_with_dpdm_sigma_data() -> None:
         assert float(b) == pytest.approx(s * SD / math.sqrt(s**2 + SD**2))
         assert float(c) == pytest.approx(1 / math.sqrt(s**2 + SD**2))
         assert float(d) == pytest.approx(math.log(s) / 4)
-    # the network's target has unit variance at every σ: c_skip² σ_d² + c_out²... Karras et al. Eq. 7 & 8
+    # Karras et al. Eq. 7-8: the network's input has unit variance, and λ(σ)·c_out(σ)² = 1 (effective weight 1)
     assert torch.allclose(c_in**2 * (SD**2 + sigma**2), torch.ones_like(sigma))
     assert torch.allclose(pre.weight(sigma) * c_out**2, torch.ones_like(sigma))
 
