@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+from torch import Tensor
 
 from bench.contract import ImageDataset, Progress
 from bench.diffusion import ConditionalDenoiser, DiffusionConfig, to_model_range
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger
-from bench.training import ShuffledEpochs, plain_step
+from bench.training import FitState, ShuffledEpochs, plain_step, plain_steps
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,30 +56,17 @@ class DDPM(ConditionalDenoiser):
         x_all = to_model_range(train.images).to(self.device)
         y_all = train.labels.to(self.device)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        step, perm = 0, epochs.first_permutation()  # all draws from the run's CPU generator, then moved
-        if (state := progress.resume()) is not None:
-            self.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["generator"])
-            step, perm = state["step"], state["perm"]
-        progress.start(epochs.steps, "ddpm (non-private)")
-        progress.advance(step)
-        while step < epochs.steps:
-            idx, perm = epochs.batch(step, perm, generator)
-            idx = idx.to(self.device)
+        # every draw from the run's CPU generator, then moved
+        values = {"step": 0, "perm": epochs.first_permutation()}
+        fit = FitState(progress, generator, generator, {"model": self, "optimizer": optimizer}, values)
+        fit.resume()
+        fit.start(epochs.steps, "ddpm (non-private)", fit.values["step"])
+
+        def step(idx: Tensor) -> None:
             y, level, noise = self.training_draws(y_all[idx], 1, generator)  # one draw per example
             plain_step(self.net, optimizer, self.batch_loss(self.net, x_all[idx], y, level, noise), self.ema)
-            step += 1
-            progress.advance()
-            progress.checkpoint(
-                lambda step=step, perm=perm: {  # type: ignore[misc]  # defaults bind this step's values
-                    "model": self.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "generator": generator.get_state(),
-                    "step": step,
-                    "perm": perm,
-                }
-            )
+
+        plain_steps(fit, epochs, self.device, step)
         ledger = PrivacyLedger()
         ledger.mark_non_private("trained on the private training set without DP (non-private reference)")
         return ledger

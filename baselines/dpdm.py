@@ -33,13 +33,14 @@ from dataclasses import dataclass
 from typing import ClassVar, Literal
 
 import torch
+from torch import Tensor
 
 from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import ConditionalDenoiser, DiffusionConfig, to_model_range
 from bench.dpsgd import DPSGD, poisson_stream
-from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, calibrate_sigma
+from bench.training import FitState, dp_steps, ledger_of, poisson_rate, steps_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,10 +83,8 @@ class DPDM(ConditionalDenoiser):
         cfg, n = self.config, len(train)
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
-        q = cfg.batch_size / n
-        if q > 1:
-            raise BenchError(f"dpdm: batch_size {cfg.batch_size} exceeds the {n} training records")
-        steps = max(1, round(cfg.epochs / q))
+        q = poisson_rate("dpdm: batch_size", cfg.batch_size, n)
+        steps = steps_for(cfg.epochs, q)
         sigma = calibrate_sigma(
             budget.epsilon, sample_rate=q, steps=steps, delta=budget.delta, accountant=budget.accountant
         )
@@ -113,30 +112,14 @@ class DPDM(ConditionalDenoiser):
             max_physical_batch_size=cfg.physical_batch_size,
             autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
         )
-        if (state := progress.resume()) is not None:
-            self.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            dp.load_state_dict(state["dpsgd"])
-            generator.set_state(state["generator"])
-            noise_gen.set_state(state["noise_generator"])
-        batches = poisson_stream(n, q, generator)
-        progress.start(steps, f"dpdm σ={sigma:.3f}")
-        progress.advance(dp.steps)
-        while dp.steps < steps:
-            idx = next(batches).to(self.device)
+        fit = FitState(progress, generator, noise_gen, {"model": self, "optimizer": optimizer, "dpsgd": dp})
+        fit.resume()
+        fit.start(steps, f"dpdm σ={sigma:.3f}", dp.steps)
+
+        def step(idx: Tensor) -> None:
             y, level, noise = self.training_draws(y_all[idx], cfg.noise_multiplicity, noise_gen)
             dp.step(x_all[idx], y, level, noise)
             self.ema.update(self.net)
-            progress.advance()
-            progress.checkpoint(
-                lambda: {
-                    "model": self.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "dpsgd": dp.state_dict(),
-                    "generator": generator.get_state(),
-                    "noise_generator": noise_gen.get_state(),
-                }
-            )
-        ledger = PrivacyLedger()
-        ledger.add(dp.stage("denoiser"))
-        return ledger
+
+        dp_steps(fit, dp, steps, poisson_stream(n, q, generator), self.device, step)
+        return ledger_of(dp.stage("denoiser"))

@@ -39,6 +39,7 @@ from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.gan import ConditionalGAN, build_pair, generate
 from bench.privacy import Budget, PrivacyLedger, calibrate_sigma
+from bench.training import FitState, dp_steps, ledger_of, poisson_rate
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,9 +130,7 @@ class DPGAN(ConditionalGAN):
         cfg, n = self.config, len(train)
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
-        q = cfg.batch_size / n
-        if q > 1:
-            raise BenchError(f"dpgan: batch_size {cfg.batch_size} exceeds the {n} training records")
+        q = poisson_rate("dpgan: batch_size", cfg.batch_size, n)
         generator_steps = max(1, round(cfg.epochs / (q * cfg.d_steps)))
         steps = generator_steps * cfg.d_steps  # discriminator (noisy) steps
         sigma = calibrate_sigma(
@@ -154,20 +153,13 @@ class DPGAN(ConditionalGAN):
             mode="functorch" if cfg.loss == "wgan-gp" else cfg.dp_mode,
             max_physical_batch_size=cfg.physical_batch_size,
         )
-        if (state := progress.resume()) is not None:
-            self.load_state_dict(state["model"])
-            opt_d.load_state_dict(state["opt_d"])
-            opt_g.load_state_dict(state["opt_g"])
-            dp.load_state_dict(state["dpsgd"])
-            generator.set_state(state["generator"])
-            noise_gen.set_state(state["noise_generator"])
-        batches = poisson_stream(n, q, generator)
-        progress.start(steps, f"dpgan σ={sigma:.3f}")
-        progress.advance(dp.steps)
-        while dp.steps < steps:
-            idx = next(batches).to(self.device)
-            B = len(idx)
-            y = y_all[idx]
+        parts = {"model": self, "opt_d": opt_d, "opt_g": opt_g, "dpsgd": dp}
+        fit = FitState(progress, generator, noise_gen, parts)
+        fit.resume()
+        fit.start(steps, f"dpgan σ={sigma:.3f}", dp.steps)
+
+        def step(idx: Tensor) -> None:
+            B, y = len(idx), y_all[idx]
             with torch.no_grad():  # fakes are detached inputs of the per-example loss
                 z = torch.randn(B, cfg.latent_dim, generator=noise_gen, device=self.device)
                 fake = self.G(z, y)
@@ -175,20 +167,9 @@ class DPGAN(ConditionalGAN):
             dp.step(x_all[idx], y, fake, a)
             if dp.steps % cfg.d_steps == 0:
                 self._generator_step(opt_g, noise_gen)
-            progress.advance()
-            progress.checkpoint(
-                lambda: {
-                    "model": self.state_dict(),
-                    "opt_d": opt_d.state_dict(),
-                    "opt_g": opt_g.state_dict(),
-                    "dpsgd": dp.state_dict(),
-                    "generator": generator.get_state(),
-                    "noise_generator": noise_gen.get_state(),
-                }
-            )
-        ledger = PrivacyLedger()
-        ledger.add(dp.stage("discriminator"))
-        return ledger
+
+        dp_steps(fit, dp, steps, poisson_stream(n, q, generator), self.device, step)
+        return ledger_of(dp.stage("discriminator"))
 
     # ------------------------------------------------------------------------------------------ sample
 

@@ -1,15 +1,26 @@
-"""Non-private minibatch training, shared by every network a method trains without DP (the non-private reference
-`ddpm`, DP-SAD's teacher): shuffled epochs, as a DataLoader with shuffle=True and drop_last=True, and one plain
-optimiser step followed by the EMA update. The DP-SGD counterpart is bench.dpsgd."""
+"""What every method's `fit` shares.
+
+- Non-private minibatch training (the non-private reference `ddpm`, DP-SAD's teacher): shuffled epochs, as a
+  DataLoader with shuffle=True and drop_last=True, and one plain optimiser step followed by the EMA update.
+- The skeleton of a resumable fit: `FitState` (set-up of what is checkpointed, resume, progress, checkpoint),
+  and for DP-SGD (whose step is bench.dpsgd) the rate check, the step count, the loop over Poisson batches and
+  the ledger of the executed stages. dpdm, dpgan and both DP-SAD variants are built on it.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from bench.contract import Progress
 from bench.diffusion import EMA
+from bench.dpsgd import ChargedSteps
+from bench.errors import BenchError
+from bench.privacy import PrivacyLedger, Stage
 
 
 @dataclass
@@ -48,3 +59,125 @@ def plain_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: Tensor,
     optimizer.step()
     if ema is not None:
         ema.update(model)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The skeleton of a resumable fit (DP-SGD or not)
+# ---------------------------------------------------------------------------------------------------
+
+
+def _state_of(part: Any) -> Any:
+    if isinstance(part, list | tuple):
+        return [p.state_dict() for p in part]
+    if isinstance(part, dict):
+        return {k: p.state_dict() for k, p in part.items()}
+    return part.state_dict()
+
+
+def _load(part: Any, state: Any) -> None:
+    if isinstance(part, list | tuple):
+        for p, s in zip(part, state, strict=True):
+            p.load_state_dict(s)
+    elif isinstance(part, dict):
+        for k, p in part.items():
+            p.load_state_dict(state[k])
+    else:
+        part.load_state_dict(state)
+
+
+class FitState:
+    """The whole training state of one `fit`, checkpointed and restored as one, so that a resumed fit continues
+    where the interrupted one stopped and spends no privacy budget twice.
+
+    `parts` name objects with state_dict/load_state_dict (the method, optimisers, DP-SGD engines: their step
+    counters), or lists or dicts of them; `values` name plain values the loop updates (a step, a permutation);
+    `generator` is the run's CPU generator and `noise_gen` the one seeded from it where the parameters live.
+    Checkpoint layout: {part name: its state, value name: value, "generator", "noise_generator"}.
+    """
+
+    def __init__(
+        self,
+        progress: Progress,
+        generator: torch.Generator,
+        noise_gen: torch.Generator,
+        parts: dict[str, Any],
+        values: dict[str, Any] | None = None,
+    ) -> None:
+        self.progress, self.generator, self.noise_gen = progress, generator, noise_gen
+        self.parts, self.values = parts, dict(values or {})
+        if clash := set(parts) & set(self.values) | (set(parts) | set(self.values)) & {"generator", "noise_generator"}:
+            raise ValueError(f"FitState: names used twice: {sorted(clash)}")
+
+    def state(self) -> dict[str, Any]:
+        return {
+            **{name: _state_of(part) for name, part in self.parts.items()},
+            **self.values,
+            "generator": self.generator.get_state(),
+            "noise_generator": self.noise_gen.get_state(),
+        }
+
+    def resume(self) -> bool:
+        """Restore the last checkpoint of an interrupted fit of this run, if there is one."""
+        if (state := self.progress.resume()) is None:
+            return False
+        for name, part in self.parts.items():
+            _load(part, state[name])
+        self.values.update({k: state[k] for k in self.values})
+        self.generator.set_state(state["generator"])
+        self.noise_gen.set_state(state["noise_generator"])
+        return True
+
+    def start(self, total: int, description: str, done: int) -> None:
+        """Show the progress bar, `done` of `total` units already taken (by a resumed fit)."""
+        self.progress.start(total, description)
+        self.progress.advance(done)
+
+    def step_done(self) -> None:
+        """One unit of work taken: advance the bar; the harness checkpoints when one is due."""
+        self.progress.advance()
+        self.progress.checkpoint(self.state)
+
+
+def poisson_rate(name: str, batch_size: int, num_records: int) -> float:
+    """The Poisson sampling rate q = B/N of an expected batch size (a one-line error when B > N)."""
+    if batch_size > num_records:
+        raise BenchError(f"{name} {batch_size} exceeds the {num_records} training records")
+    return batch_size / num_records
+
+
+def steps_for(epochs: float, q: float) -> int:
+    """DP-SGD steps for `epochs` expected passes at rate q: round(epochs / q), at least 1."""
+    return max(1, round(epochs / q))
+
+
+def dp_steps(
+    fit: FitState, engine: ChargedSteps, steps: int, batches: Iterator[Tensor], device: torch.device,
+    body: Callable[[Tensor], None],
+) -> None:  # fmt: skip
+    """The DP-SGD loop: Poisson batches (record indices, moved to `device`) until `engine` has taken `steps`
+    charged steps (`body` takes one); progress and checkpoint after each."""
+    while engine.steps < steps:
+        body(next(batches).to(device))
+        fit.step_done()
+
+
+def plain_steps(
+    fit: FitState, epochs: ShuffledEpochs, device: torch.device, body: Callable[[Tensor], None], *,
+    step: str = "step", perm: str = "perm",
+) -> None:  # fmt: skip
+    """The non-private loop: shuffled minibatches (record indices, moved to `device`) until `epochs.steps`
+    steps are taken (`body` takes one); the step and the permutation are `fit.values[step]` and
+    `fit.values[perm]` (checkpointed), the permutations are drawn from the run's generator."""
+    while (k := fit.values[step]) < epochs.steps:
+        idx, fit.values[perm] = epochs.batch(k, fit.values[perm], fit.generator)
+        body(idx.to(device))
+        fit.values[step] = k + 1
+        fit.step_done()
+
+
+def ledger_of(*stages: Stage) -> PrivacyLedger:
+    """A ledger of the stages each DP mechanism executed, in the order they ran."""
+    ledger = PrivacyLedger()
+    for stage in stages:
+        ledger.add(stage)
+    return ledger

@@ -62,7 +62,6 @@ from bench.methods.dpsad_common import (
     DPSADBase,
     OutputClipStep,
     StudentFit,
-    poisson_rate,
 )
 from torch import Tensor
 
@@ -72,7 +71,7 @@ from bench.diffusion import denoising_loss, draw_noise_multiplicity
 from bench.dpsgd import DPSGD
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate_sigma, epsilon
-from bench.training import ShuffledEpochs, plain_step
+from bench.training import ShuffledEpochs, ledger_of, plain_step, plain_steps, poisson_rate, steps_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,13 +99,13 @@ class DPSAD(DPSADBase):
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
         q = poisson_rate("dpsad: batch_size", cfg.batch_size, n)
-        steps = max(1, round(cfg.epochs / q))
+        steps = steps_for(cfg.epochs, q)
         # σ as the paper's analysis sets it: the student's subsampled Gaussian alone
         sigma = calibrate_sigma(
             budget.epsilon, sample_rate=q, steps=steps, delta=budget.delta, accountant=budget.accountant
         )
         sigma_eff = sigma / cfg.T if cfg.noise_divisor == "BT" else sigma  # what the code adds (docstring)
-        fit = StudentFit(self, train, generator)
+        fit = StudentFit(self, train, generator, progress)
         if cfg.clip_target == "params":
             student: DPSGD | OutputClipStep = self._student_dp(fit.opt_s, sigma_eff, q, n, fit.noise_gen)
         else:
@@ -116,29 +115,27 @@ class DPSAD(DPSADBase):
         fit.counters["student"] = student
         teacher_epochs = ShuffledEpochs(n, cfg.teacher_batch_size, cfg.teacher_epochs)
         teacher_steps = teacher_epochs.steps
-        fit.extra.update(teacher_step=0, perm=teacher_epochs.first_permutation())
-        fit.resume(progress)
-        progress.start(teacher_steps + steps, f"dpsad teacher (non-private) + student σ_eff={sigma_eff:.4g}")
-        progress.advance(fit.extra["teacher_step"] + student.steps)
+        fit.values.update(teacher_step=0, perm=teacher_epochs.first_permutation())
+        fit.resume()
+        description = f"dpsad teacher (non-private) + student σ_eff={sigma_eff:.4g}"
+        fit.start(teacher_steps + steps, description, fit.values["teacher_step"] + student.steps)
 
         shape = (self.spec.channels, self.spec.height, self.spec.width)
-        while (k := fit.extra["teacher_step"]) < teacher_steps:  # the teacher, without DP
-            idx, fit.extra["perm"] = teacher_epochs.batch(k, fit.extra["perm"], generator)
-            idx = idx.to(self.device)
+
+        def teacher_step(idx: Tensor) -> None:  # the teacher, without DP
             t, noise = draw_noise_multiplicity(len(idx), 1, shape, cfg.T, fit.noise_gen, self.device)
             loss = denoising_loss(self.teacher, fit.x[idx], fit.y[idx], t, noise, self.alpha_bar)
             plain_step(self.teacher, fit.opt_t, loss, self.teacher_ema)
-            fit.extra["teacher_step"] = k + 1
-            fit.checkpoint(progress)
+
+        plain_steps(fit, teacher_epochs, self.device, teacher_step, step="teacher_step")
 
         def disc_update(x_r: Tensor, r: Tensor, y: Tensor, e_T: Tensor, e_S: Tensor) -> None:
             for _ in range(cfg.disc_steps):  # on the student's own batch, without DP
                 self.disc_plain_step(fit.opt_d, x_r, r, y, e_T, e_S)
 
-        fit.student_phase(progress, student, steps, q, disc_update)
+        fit.student_phase(student, steps, q, disc_update)
 
-        ledger = PrivacyLedger()
-        ledger.add(student.stage("student"))
+        ledger = ledger_of(student.stage("student"))
         ledger.mark_non_private(TEACHER_NOT_DP)
         if cfg.lambda_adv > 0:
             ledger.mark_non_private(DISC_NOT_DP)

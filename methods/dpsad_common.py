@@ -32,6 +32,7 @@ from bench.diffusion import (
 from bench.dpsgd import DPSGD, MODES, ChargedSteps, clip_factors, poisson_stream
 from bench.errors import BenchError
 from bench.nets.unet import timestep_embedding
+from bench.training import FitState, dp_steps
 
 TEACHER_NOT_DP = "teacher trained on the private training set without DP; its output enters every student loss term"
 DISC_NOT_DP = (
@@ -298,12 +299,6 @@ class DPSADBase(ConditionalDenoiser):
         return device_generator(generator, self.device)
 
 
-def poisson_rate(name: str, batch: int, n: int) -> float:
-    if batch > n:
-        raise BenchError(f"{name} {batch} exceeds the {n} training records")
-    return batch / n
-
-
 class OutputClipStep(ChargedSteps):
     """clip_target = "output": clip each example's output gradient o_i to C, add N(0, σ_eff²C²) to each,
     backpropagate Σ_i (ō_i + z_i) through the student, divide by q·N, step. Counts the steps taken."""
@@ -345,64 +340,37 @@ class OutputClipStep(ChargedSteps):
         self.steps += 1
 
 
-class StudentFit:
-    """The state of one `fit` shared by both variants: data, generators, optimizers, checkpoints."""
+class StudentFit(FitState):
+    """The state of one `fit` shared by both variants: data, generators, optimizers, and what is checkpointed.
+    `counters` (DP step counters, by name) and `values` (teacher step, permutation, pool) are filled by each
+    variant before `resume()`."""
 
-    def __init__(self, method: DPSADBase, train: ImageDataset, generator: torch.Generator) -> None:
+    def __init__(self, method: DPSADBase, train: ImageDataset, generator: torch.Generator, progress: Progress) -> None:
         cfg = method.config
-        self.method, self.n, self.generator = method, len(train), generator
-        self.noise_gen = method._noise_gen(generator)  # timesteps, ε and DP noise, where the parameters live
+        self.method, self.n = method, len(train)
         self.x = to_model_range(train.images).to(method.device)
         self.y = train.labels.to(method.device)
         self.opt_t = torch.optim.Adam(method.teacher.parameters(), lr=cfg.teacher_lr)
         self.opt_d = torch.optim.Adam(method.disc.parameters(), lr=cfg.disc_lr)
         self.opt_s = torch.optim.Adam(method.net.parameters(), lr=cfg.lr)
-        self.counters: dict[str, Any] = {}  # objects with state_dict/load_state_dict (DP step counters)
-        self.extra: dict[str, Any] = {}  # plain values to checkpoint (teacher step, permutation, pool)
-
-    def state(self) -> dict[str, Any]:
-        m = self.method
-        return {
-            "student": m.state_dict(),
-            "teacher": m.teacher.state_dict(),
-            "teacher_ema": m.teacher_ema.model.state_dict(),
-            "disc": m.disc.state_dict(),
-            "optimizers": [o.state_dict() for o in (self.opt_t, self.opt_d, self.opt_s)],
-            "counters": {k: c.state_dict() for k, c in self.counters.items()},
-            "extra": dict(self.extra),
-            "generator": self.generator.get_state(),
-            "noise_generator": self.noise_gen.get_state(),
+        self.counters: dict[str, Any] = {}
+        parts = {
+            "student": method,
+            "teacher": method.teacher,
+            "teacher_ema": method.teacher_ema.model,
+            "disc": method.disc,
+            "optimizers": [self.opt_t, self.opt_d, self.opt_s],
+            "counters": self.counters,
         }
+        # timesteps, ε and DP noise are drawn where the parameters live
+        super().__init__(progress, generator, method._noise_gen(generator), parts)
 
-    def resume(self, progress: Progress) -> None:
-        if (state := progress.resume()) is None:
-            return
-        m = self.method
-        m.load_state_dict(state["student"])
-        m.teacher.load_state_dict(state["teacher"])
-        m.teacher_ema.model.load_state_dict(state["teacher_ema"])
-        m.disc.load_state_dict(state["disc"])
-        for opt, s in zip((self.opt_t, self.opt_d, self.opt_s), state["optimizers"], strict=True):
-            opt.load_state_dict(s)
-        for k, c in self.counters.items():
-            c.load_state_dict(state["counters"][k])
-        self.extra.update(state["extra"])
-        self.generator.set_state(state["generator"])
-        self.noise_gen.set_state(state["noise_generator"])
-
-    def checkpoint(self, progress: Progress) -> None:
-        progress.advance()
-        progress.checkpoint(self.state)
-
-    def student_phase(
-        self, progress: Progress, student: Any, steps: int, q: float, disc_update: Callable[..., None]
-    ) -> None:
+    def student_phase(self, student: Any, steps: int, q: float, disc_update: Callable[..., None]) -> None:
         """Poisson batches; per batch: draw (r, ε), teacher and student outputs, discriminator update(s),
         output gradients with the updated discriminator, one noisy student step, EMA."""
         m = self.method
-        batches = poisson_stream(self.n, q, self.generator)
-        while student.steps < steps:
-            idx = next(batches).to(m.device)
+
+        def step(idx: Tensor) -> None:
             x0, y = self.x[idx], self.y[idx]
             r, eps, x_r = m.draw(x0, self.noise_gen)
             e_T = m.outputs(m.teacher_ema.model, x_r, r, y)  # frozen teacher: outside the per-example grads
@@ -411,4 +379,5 @@ class StudentFit:
                 disc_update(x_r, r, y, e_T, e_S)
             student.step(x_r, r, y, m.output_grads(e_S, e_T, eps, x_r, r, y))
             m.ema.update(m.net)
-            self.checkpoint(progress)
+
+        dp_steps(self, student, steps, poisson_stream(self.n, q, self.generator), m.device, step)

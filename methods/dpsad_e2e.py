@@ -25,7 +25,6 @@ from bench.methods.dpsad_common import (
     DPSADBase,
     StudentFit,
     disc_loss,
-    poisson_rate,
 )
 from torch import Tensor
 
@@ -40,6 +39,7 @@ from bench.diffusion import (
 from bench.dpsgd import poisson_stream
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, calibrate_sigma
+from bench.training import dp_steps, ledger_of, poisson_rate, steps_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -97,7 +97,7 @@ class DPSADE2E(DPSADBase):
             self._build()
         q_t = poisson_rate("dpsad-e2e: teacher_batch_size", cfg.teacher_batch_size, n)
         q_s = poisson_rate("dpsad-e2e: batch_size", cfg.batch_size, n)
-        teacher_steps, steps = max(1, round(cfg.teacher_epochs / q_t)), max(1, round(cfg.epochs / q_s))
+        teacher_steps, steps = steps_for(cfg.teacher_epochs, q_t), steps_for(cfg.epochs, q_s)
         plan = [("teacher", q_t, teacher_steps, cfg.budget_split[0])]
         dp_disc = cfg.disc_training == "dpsgd" and cfg.disc_steps > 0 and cfg.lambda_adv > 0
         if dp_disc:
@@ -106,7 +106,7 @@ class DPSADE2E(DPSADBase):
         plan.append(("student", q_s, steps, cfg.budget_split[2]))
         sigmas = split_budget(budget, plan)
 
-        fit = StudentFit(self, train, generator)
+        fit = StudentFit(self, train, generator, progress)
         dp = {
             "teacher": self._dp(
                 self.teacher,
@@ -124,22 +124,21 @@ class DPSADE2E(DPSADBase):
             dp["discriminator"] = self._dp(self.disc, fit.opt_d, disc_loss, sigma=sigmas["discriminator"],
                                            C=cfg.disc_max_grad_norm, q=q_d, n=n, gen=fit.noise_gen)  # fmt: skip
         fit.counters.update(dp)
-        fit.extra.update(pool=None, pool_labels=None)
-        fit.resume(progress)
+        fit.values.update(pool=None, pool_labels=None)
+        fit.resume()
         desc = ", ".join(f"{k} σ={s:.3f}" for k, s in sigmas.items())
-        progress.start(teacher_steps + steps, f"dpsad-e2e {desc}")
-        progress.advance(dp["teacher"].steps + dp["student"].steps)
+        fit.start(teacher_steps + steps, f"dpsad-e2e {desc}", dp["teacher"].steps + dp["student"].steps)
 
         shape = (self.spec.channels, self.spec.height, self.spec.width)
-        batches = poisson_stream(n, q_t, generator)
-        while dp["teacher"].steps < teacher_steps:  # the teacher, with DP-SGD (as DPDM)
-            idx = next(batches).to(self.device)
+
+        def teacher_step(idx: Tensor) -> None:  # the teacher, with DP-SGD (as DPDM)
             t, noise = draw_noise_multiplicity(
                 len(idx), cfg.teacher_noise_multiplicity, shape, cfg.T, fit.noise_gen, self.device
             )
             dp["teacher"].step(fit.x[idx], fit.y[idx], t, noise)
             self.teacher_ema.update(self.teacher)
-            fit.checkpoint(progress)
+
+        dp_steps(fit, dp["teacher"], teacher_steps, poisson_stream(n, q_t, generator), self.device, teacher_step)
 
         if dp_disc:
             d_batches = poisson_stream(n, q_d, generator)
@@ -155,7 +154,7 @@ class DPSADE2E(DPSADBase):
                         torch.cat([x_r, x_r], 1), torch.cat([e_T, e_S], 1), torch.cat([r, r], 1), y, real
                     )
         else:
-            if fit.extra["pool"] is None:  # images from the DP teacher: post-processing, no charge
+            if fit.values["pool"] is None:  # images from the DP teacher: post-processing, no charge
                 labels = torch.arange(cfg.pool_size) % self.spec.num_classes
                 pool = sample_images(
                     self.teacher_ema.model,
@@ -168,9 +167,9 @@ class DPSADE2E(DPSADBase):
                     generator=generator,
                     device=self.device,
                 )
-                fit.extra.update(pool=pool, pool_labels=labels)
-            pool_x = to_model_range(fit.extra["pool"]).to(self.device)
-            pool_y = fit.extra["pool_labels"].to(self.device)
+                fit.values.update(pool=pool, pool_labels=labels)
+            pool_x = to_model_range(fit.values["pool"]).to(self.device)
+            pool_y = fit.values["pool_labels"].to(self.device)
 
             def disc_update(*_: Tensor) -> None:
                 for _step in range(cfg.disc_steps):
@@ -180,13 +179,9 @@ class DPSADE2E(DPSADBase):
                     e_T, e_S = self.outputs(self.teacher_ema.model, x_r, r, y), self.outputs(self.net, x_r, r, y)
                     self.disc_plain_step(fit.opt_d, x_r, r, y, e_T, e_S)
 
-        fit.student_phase(progress, dp["student"], steps, q_s, disc_update)
+        fit.student_phase(dp["student"], steps, q_s, disc_update)
 
-        ledger = PrivacyLedger()
-        for name in ("teacher", "discriminator", "student"):
-            if name in dp:
-                ledger.add(dp[name].stage(name))
-        return ledger
+        return ledger_of(*(dp[name].stage(name) for name in ("teacher", "discriminator", "student") if name in dp))
 
 
 def split_budget(budget: Budget, plan: list[tuple[str, float, int, float]]) -> dict[str, float]:
