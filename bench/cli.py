@@ -175,7 +175,7 @@ def run(
             metrics=metric_names,
             inception_weights=inception_weights,
         )
-        grid = runner.run_grid(r, specs, real=not no_real, echo=_err, results=results)
+        grid = runner.run_grid(r, specs, real=not no_real, echo=_err)
         if grid.count("done") + grid.count("skipped"):
             from bench.report import build_report
 
@@ -230,8 +230,9 @@ def report(
     a privacy table, a cost table and plots."""
     from bench import runner
     from bench.metrics import select_metrics
-    from bench.report import build_report, check_formats
+    from bench.report import build_report
     from bench.store import Store
+    from bench.tables import check_formats
 
     with user_errors():
         formats = check_formats(runner.parse_list(format_, "--format"))
@@ -262,15 +263,18 @@ def paper(
         bool, typer.Option("--run", help="Run the cells not finished yet (finished runs are reused).")
     ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned grid, run nothing.")] = False,
-    out: Annotated[Path | None, typer.Option("--out", help="Also write the table as Markdown and CSV here.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Also write the tables here (see --format).")] = None,
+    format_: Annotated[str, typer.Option("--format", help="With --out, comma-separated: md, csv, tex.")] = "md,csv,tex",
 ) -> None:
     """A paper's table: published values beside ours (mean ± std over seeds) and the difference per cell."""
     from bench import paper as papers_
     from bench import runner
     from bench.store import Store
+    from bench.tables import check_formats
     from bench.ui import print_plan
 
     with user_errors():
+        formats = check_formats(runner.parse_list(format_, "--format"))
         known = papers_.load_papers()
         published = papers_.load_published(known)
         if list_tables:
@@ -299,9 +303,8 @@ def paper(
             return
         if not run_cells and not results.is_dir():
             raise BenchError(f"results folder {results} does not exist (run `bench paper {paper_id} --run` first)")
-        missing_data: dict[str, str] = {}
-        failed: list[Any] = []
         store = Store(results)
+        r = None
         if run_cells and plan.specs:
             _check_weights(inception_weights)
             r = runner.Runner(
@@ -313,17 +316,11 @@ def paper(
                 metrics=plan.run_metrics(),
                 inception_weights=inception_weights,
             )
-            grid = runner.run_grid(r, list(plan.specs), real=False, skip_missing_data=True, echo=_err, results=results)
-            missing_data, failed = grid.missing_data, grid.failed
-            papers_.score_reused(r, [s for s, _ in grid.outcomes], plan.metrics, echo=_err)
-        frame = papers_.compare(plan, store, missing_data=missing_data)
-        text = papers_.to_markdown(plan, frame)
-        typer.echo(text)
+        frame, failed = papers_.reproduce(plan, store, r, echo=_err)
+        typer.echo(papers_.to_markdown(plan, frame))
         if out is not None:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / f"paper-{paper_id}.md").write_text(text + "\n")
-            frame.to_csv(out / f"paper-{paper_id}.csv", index=False)
-            typer.echo(f"table written to {out}/paper-{paper_id}.md and .csv", err=True)
+            paths = papers_.write_tables(plan, frame, out, formats)
+            typer.echo(f"table written to {', '.join(map(str, paths))}", err=True)
         for spec in failed:
             typer.echo(f"error: run {spec.key} exceeded its privacy budget and was left out of the table", err=True)
         if failed:

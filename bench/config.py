@@ -107,6 +107,10 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise BenchError(f"{where}: expected a string, got {value!r}")
         return value
+    if annotation is dict or origin is dict:
+        if not isinstance(value, dict):
+            raise BenchError(f"{where}: expected a table, got {value!r}")
+        return value
     return value
 
 

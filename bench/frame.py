@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Collection, Iterable
+from collections.abc import Collection
 from typing import Any
 
 import pandas as pd
@@ -37,20 +37,6 @@ def eps_label(e: float | None) -> str:
 
 def eps_order(label: str) -> float:
     return math.inf if label == "∞" else float(label)
-
-
-def pooled(values: Iterable[list[float]]) -> list[float]:
-    return [v for vs in values for v in vs]
-
-
-def mean_std(values: Iterable[list[float]]) -> str:
-    """The cell text: "mean ± std (n=N)" of the pooled values, "n/a" when there are none."""
-    v = pd.Series(pooled(values), dtype=float)
-    if v.empty:
-        return "n/a"
-    if len(v) == 1:
-        return f"{v.iloc[0]:.2f} (n=1)"
-    return f"{v.mean():.2f} ± {v.std(ddof=1):.2f} (n={len(v)})"
 
 
 def info_of(raw: Any) -> dict[str, Any]:

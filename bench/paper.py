@@ -22,17 +22,19 @@ import json
 import math
 import re
 import tomllib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
-from bench import data, registry, runner
+from bench import data, registry, runner, tables
+from bench.config import coerce
 from bench.errors import BenchError
-from bench.frame import FOOTNOTES, PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame, pooled
+from bench.frame import FOOTNOTES, PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
 from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
 from bench.metrics.protocols import PROTOCOLS
 from bench.runner import RunSpec
@@ -52,15 +54,15 @@ PAPER_FOOTNOTES = FOOTNOTES | {
     "protocol, another configuration of the method.",
 }
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
-_TABLE_KEYS = {
+_TABLE_KEYS: dict[str, Any] = {
     "name": str,
     "caption": str,
-    "methods": list,
-    "extra_methods": list,
-    "datasets": list,
-    "eps": list,
+    "methods": tuple[str, ...],
+    "extra_methods": tuple[str, ...],
+    "datasets": tuple[str, ...],
+    "eps": tuple[float, ...],
     "delta": float,
-    "metrics": dict,
+    "metrics": dict[str, str],
     "note": str,
 }
 _REQUIRED = ("name", "caption", "methods", "datasets", "eps", "metrics")
@@ -149,21 +151,6 @@ def _reference(name: str) -> str:
     return REFERENCE_DIR.joinpath(name).read_text(encoding="utf-8")
 
 
-def _typed(value: Any, kind: type, where: str) -> Any:
-    if kind is float and isinstance(value, int) and not isinstance(value, bool):
-        value = float(value)
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise BenchError(f"{where}: expected a {kind.__name__}, got {value!r}")
-    return value
-
-
-def _positive(value: Any, where: str) -> float:
-    v = _typed(value, float, where)
-    if not (math.isfinite(v) and v > 0):
-        raise BenchError(f"{where}: expected a finite number > 0, got {value!r}")
-    return v
-
-
 def _table(paper: str, i: int, raw: Any) -> Table:
     where = f"papers.toml: {paper} table {i + 1}"
     if not isinstance(raw, dict):
@@ -174,11 +161,11 @@ def _table(paper: str, i: int, raw: Any) -> Table:
     missing = [k for k in _REQUIRED if k not in raw]
     if missing:
         raise BenchError(f"{where}: missing key {missing[0]!r}")
-    t = {k: _typed(v, _TABLE_KEYS[k], f"{where}: {k}") for k, v in raw.items()}
+    t = {k: coerce(v, _TABLE_KEYS[k], f"{where}: {k}") for k, v in raw.items()}
     where = f"papers.toml: {paper} table {t['name']!r}"
     for key in ("methods", "extra_methods", "datasets"):
-        for name in t.get(key, []):
-            if not isinstance(name, str) or not _NAME.match(name):
+        for name in t.get(key, ()):
+            if not _NAME.match(name):
                 raise BenchError(f"{where}: {key}: {name!r} is not a lowercase-kebab name")
     for published, ours in t["metrics"].items():
         if not isinstance(ours, str) or (ours and ours not in METRICS):
@@ -186,14 +173,16 @@ def _table(paper: str, i: int, raw: Any) -> Table:
     delta = t.get("delta")
     if delta is not None and not 0 < delta < 1:
         raise BenchError(f"{where}: delta must be in (0, 1), got {delta}")
+    if bad := [e for e in t["eps"] if not (math.isfinite(e) and e > 0)]:
+        raise BenchError(f"{where}: eps: expected a finite number > 0, got {bad[0]!r}")
     return Table(
         paper=paper,
         name=t["name"],
         caption=t["caption"],
-        methods=tuple(t["methods"]),
-        extra_methods=tuple(t.get("extra_methods", ())),
-        datasets=tuple(t["datasets"]),
-        eps=tuple(_positive(e, f"{where}: eps") for e in t["eps"]),
+        methods=t["methods"],
+        extra_methods=t.get("extra_methods", ()),
+        datasets=t["datasets"],
+        eps=t["eps"],
         delta=delta,
         metrics=dict(t["metrics"]),
         note=t.get("note", ""),
@@ -222,8 +211,8 @@ def parse_papers(text: str) -> dict[str, Paper]:
             raise BenchError(f"papers.toml: {pid}: two tables share a name")
         papers[pid] = Paper(
             id=pid,
-            title=_typed(raw.get("title", ""), str, f"papers.toml: {pid}: title"),
-            venue=_typed(raw.get("venue", ""), str, f"papers.toml: {pid}: venue"),
+            title=coerce(raw.get("title", ""), str, f"papers.toml: {pid}: title"),
+            venue=coerce(raw.get("venue", ""), str, f"papers.toml: {pid}: venue"),
             tables=tables,
         )
     return papers
@@ -442,7 +431,24 @@ def plan_text(plan: PaperPlan) -> str:
     return "\n".join(lines)
 
 
-def score_reused(r: Any, specs: Iterable[RunSpec], metrics: Iterable[str], *, echo: Any) -> None:
+def reproduce(
+    plan: PaperPlan, store: Store, r: runner.Runner | None, *, echo: Callable[[str], None]
+) -> tuple[pd.DataFrame, list[RunSpec]]:
+    """The comparison frame of a planned paper (see `compare`), and the cells that failed. With a runner `r`,
+    first run the cells not finished yet (a dataset that cannot be loaded leaves its cells "dataset not
+    available") and score the metrics the tables need on reused runs that lack them."""
+    missing_data: dict[str, str] = {}
+    failed: list[RunSpec] = []
+    if r is not None and plan.specs:
+        grid = runner.run_grid(r, list(plan.specs), real=False, skip_missing_data=True, echo=echo)
+        missing_data, failed = grid.missing_data, grid.failed
+        score_reused(r, [s for s, _ in grid.outcomes], plan.metrics, echo=echo)
+    return compare(plan, store, missing_data=missing_data), failed
+
+
+def score_reused(
+    r: runner.Runner, specs: Iterable[RunSpec], metrics: Iterable[str], *, echo: Callable[[str], None]
+) -> None:
     """Score the metrics a table needs on finished runs that were scored with another set (reused runs)."""
     for key, missing in unscored(r.store, specs, metrics).items():
         echo(f"scoring {key} (reused run): {', '.join(missing)}")
@@ -465,13 +471,6 @@ def unscored(store: Store, specs: Iterable[RunSpec], metrics: Iterable[str]) -> 
 # ---------------------------------------------------------------------------------------------------
 # Comparison
 # ---------------------------------------------------------------------------------------------------
-
-
-def _pooled(rows: pd.DataFrame) -> list[float]:
-    """Every value behind (run, metric) rows: load_frame's `values` pools classifier seeds, as the tables do."""
-    if "values" in rows:
-        return [float(v) for v in pooled(rows["values"])]
-    return [float(v) for v in rows["value"].dropna()]
 
 
 def _note(info: Any) -> str:
@@ -523,16 +522,15 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
                 shortened = {k: v for i in infos for k, v in (i.get("shortened") or {}).items()}
                 ours_setting = {_setting(configs[k]) for k in done}
                 setting_differs = bool(r.setting) and ours_setting != {r.setting}
-                values = pd.Series(_pooled(mine), dtype=float)
+                pooled_mean, pooled_std, pooled_n = tables.stats(mine["values"])
                 if mine.empty:
                     status = NOT_SCORED
                 elif r.protocol and ran and ran != {r.protocol}:
                     status = f"{PROTOCOL_DIFFERS} (theirs {r.protocol}, ours {', '.join(sorted(ran))})"
-                elif values.empty:
+                elif not pooled_n:
                     status = next((n for n in map(_note, mine["info"]) if n), "n/a")
                 else:
-                    mean, n = float(values.mean()), len(values)
-                    std = float(values.std(ddof=1)) if n > 1 else math.nan
+                    mean, std, n = pooled_mean, pooled_std, pooled_n
                     status = OK if len(done) == len(c.keys) else f"{OK} ({len(done)} of {len(c.keys)} seeds finished)"
         rows.append(
             {
@@ -582,23 +580,13 @@ def _ours(row: pd.Series) -> str:
     if not row["n"]:
         return "—"
     marks = "".join(m for m in (SHORTENED_MARK, SETTING_MARK) if m in row["marks"])
-    if row["n"] == 1:
-        return f"{row['ours_mean']:.2f}{marks} (n=1)"
-    return f"{row['ours_mean']:.2f}{marks} ± {row['ours_std']:.2f} (n={row['n']})"
+    return tables.cell_text(row["ours_mean"], row["ours_std"], row["n"], marks)
 
 
 def _published(row: pd.Series) -> str:
     if math.isnan(row["published"]):
         return "—"
     return f"{row['published']:g}" + (SECONDARY_MARK if SECONDARY_MARK in row["marks"] else "")
-
-
-def _markdown(header: list[str], body: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "|".join("---" for _ in header) + "|",
-        *("| " + " | ".join(cells) + " |" for cells in body),
-    ]
 
 
 def _status_note(row: pd.Series) -> str:
@@ -613,9 +601,24 @@ def _status_note(row: pd.Series) -> str:
     return "; ".join(notes)
 
 
-def to_markdown(plan: PaperPlan, frame: pd.DataFrame) -> str:
-    """One Markdown table per paper table: published, ours, ours − published, and why a cell is missing."""
-    out = [f"# {plan.paper.id}: {plan.paper.title} ({plan.paper.venue})"]
+HEADER = ["dataset", "ε", "method", "setting", "metric", "protocol", "published", "ours", "ours − published", "note",
+          "src"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shown:
+    """One paper table as printed: its heading, the cells (HEADER columns) and the lines under it."""
+
+    table: Table
+    heading: str
+    cells: pd.DataFrame
+    notes: list[str]
+
+
+def shown_tables(plan: PaperPlan, frame: pd.DataFrame) -> list[Shown]:
+    """Per paper table with cells: published, ours, ours − published, why a cell is missing, its sources and the
+    footnotes of its marks."""
+    out = []
     for t in plan.paper.tables:
         sub = frame[frame["table"] == t.name]
         if sub.empty:
@@ -640,19 +643,44 @@ def to_markdown(plan: PaperPlan, frame: pd.DataFrame) -> str:
                 ]
             )
         delta = f"δ = {t.delta:g}" if t.delta is not None else "δ: bench's default"
-        out += ["", f"## {t.name}: {t.caption} ({delta})", ""]
-        header = ["dataset", "ε", "method", "setting", "metric", "protocol", "published", "ours", "ours − published",
-                  "note", "src"]  # fmt: skip
-        out += _markdown(header, body)
-        out.append("")
-        out += [f"[{i}] {s}" for i, s in enumerate(sources, start=1)]
-        out += footnotes(sub)
-        if t.note:
-            out.append(f"note: {t.note}")
+        notes = [f"[{i}] {s}" for i, s in enumerate(sources, start=1)] + footnotes(sub)
+        notes += [f"note: {t.note}"] if t.note else []
+        out.append(Shown(t, f"{t.name}: {t.caption} ({delta})", pd.DataFrame(body, columns=HEADER), notes))
+    return out
+
+
+def title(plan: PaperPlan) -> str:
+    return f"{plan.paper.id}: {plan.paper.title} ({plan.paper.venue})"
+
+
+def to_markdown(plan: PaperPlan, frame: pd.DataFrame) -> str:
+    """One Markdown table per paper table: published, ours, ours − published, and why a cell is missing."""
+    out = [f"# {title(plan)}"]
+    for shown in shown_tables(plan, frame):
+        out += ["", f"## {shown.heading}", "", tables.markdown(shown.cells), "", *shown.notes]
     return "\n".join(out)
+
+
+def write_tables(plan: PaperPlan, frame: pd.DataFrame, out: Path, formats: Iterable[str]) -> list[Path]:
+    """out/paper-ID.md (as printed), .csv (one row per cell, every column of `compare`) and .tex (one booktabs
+    table per paper table), as `formats` asks; the paths written."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem, paths = out / f"paper-{plan.paper.id}", []
+    if "md" in formats:
+        (path := stem.with_suffix(".md")).write_text(to_markdown(plan, frame) + "\n")
+        paths.append(path)
+    if "csv" in formats:
+        frame.to_csv(path := stem.with_suffix(".csv"), index=False)
+        paths.append(path)
+    if "tex" in formats:
+        shown = shown_tables(plan, frame)
+        latex = [tables.to_latex(s.cells, index=False, caption=f"{title(plan)}: {s.heading}", notes=s.notes)
+                 for s in shown]  # fmt: skip
+        (path := stem.with_suffix(".tex")).write_text("\n".join(latex))
+        paths.append(path)
+    return paths
 
 
 def footnotes(frame: pd.DataFrame) -> list[str]:
     """The footnote of every mark the cells of `frame` carry."""
-    used = "".join(frame["marks"]) + "".join(frame["method"]) + "".join(frame["ours_metric"])
-    return [f"{mark} {text}" for mark, text in PAPER_FOOTNOTES.items() if mark in used]
+    return tables.footnotes([*frame["marks"], *frame["method"], *frame["ours_metric"]], PAPER_FOOTNOTES)

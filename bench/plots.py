@@ -29,6 +29,7 @@ from bench.errors import BenchError
 from bench.frame import REAL_LABEL, load_frame
 from bench.metrics import select_metrics
 from bench.store import Store
+from bench.tables import stats
 
 INF = "∞"
 FORMATS = ("png", "pdf")
@@ -65,24 +66,16 @@ def eps_positions(labels: Iterable[str]) -> dict[str, float]:
     return pos
 
 
-def pooled(rows: pd.DataFrame) -> list[float]:
-    """Every value behind some (run, metric) rows: load_frame's `values` (classifier seeds pooled)."""
-    if "values" in rows:
-        return [float(v) for vs in rows["values"] for v in vs]
-    return [float(v) for v in rows["value"].dropna()]
-
-
 def _values(frame: pd.DataFrame, metric: str) -> pd.DataFrame:
     """The rows of `metric` that have a value (a real-data row has no samples, so no cost either)."""
     sub = frame[frame["metric"] == metric]
-    has = sub["values"].map(bool) if "values" in sub else sub["value"].notna()
-    return sub[has]
+    return sub[sub["values"].map(bool)]
 
 
 def _stats(rows: pd.DataFrame) -> tuple[float, float, int]:
-    """Mean, std (ddof 1; 0 for one value) and count of the pooled values."""
-    v = np.array(pooled(rows))
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v)
+    """Mean, std (ddof 1; 0 for one value: no error bar) and count of the pooled values, as the tables pool them."""
+    mean, std, n = stats(rows["values"])
+    return mean, 0.0 if n == 1 else std, n
 
 
 def metric_vs_eps(frame: pd.DataFrame, metric: str) -> Figure:

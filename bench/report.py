@@ -20,21 +20,11 @@ from typing import Any
 
 import pandas as pd
 
-from bench.errors import BenchError
-from bench.frame import (
-    FOOTNOTES,
-    REAL_LABEL,
-    SHORTENED_MARK,
-    TEST_SELECTED_MARK,
-    eps_order,
-    load_frame,
-    mean_std,
-    pooled,
-)
+from bench import tables
+from bench.frame import REAL_LABEL, SHORTENED_MARK, TEST_SELECTED_MARK, eps_order, load_frame
 from bench.plots import write_plots
 from bench.store import Store, read_json
 
-FORMATS = ("md", "csv", "tex")
 LOWER_IS_BETTER = ("fd_", "fid_", "kid_")  # metric name prefixes; every other metric: higher is better
 
 
@@ -81,7 +71,7 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
             "fit [s]": _fmt_cost(runs, "fit_s"),
         }
         for metric, m in g.dropna(subset=["metric_label"]).groupby("metric_label"):
-            row[metric] = mean_std(m["values"])
+            row[metric] = tables.mean_std(m["values"])
         rows.append(row)
     return _sorted(rows)
 
@@ -92,9 +82,9 @@ def metric_table(df: pd.DataFrame, metric_label: str) -> tuple[pd.DataFrame, pd.
     cells: dict[tuple[str, str], dict[str, str]] = {}
     means: dict[tuple[str, str], dict[str, float]] = {}
     for (label, dataset, eps), g in sub.groupby(["label", "dataset", "eps"]):
-        values = pooled(g["values"])
-        cells.setdefault((dataset, eps), {})[label] = mean_std(g["values"])
-        means.setdefault((dataset, eps), {})[label] = sum(values) / len(values) if values else math.nan
+        mean, std, n = tables.stats(g["values"])
+        cells.setdefault((dataset, eps), {})[label] = tables.cell_text(mean, std, n)
+        means.setdefault((dataset, eps), {})[label] = mean
     cols = sorted(cells, key=lambda c: (c[0], eps_order(c[1])))
     names = {c: f"{c[0]} ε={c[1]}" for c in cols}
     table = pd.DataFrame({names[c]: cells[c] for c in cols})
@@ -194,15 +184,7 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def footnotes(df: pd.DataFrame) -> list[str]:
-    used = "".join(df["label"]) + "".join(df["metric_label"].dropna())
-    return [f"{mark} {text}" for mark, text in FOOTNOTES.items() if mark in used]
-
-
-def check_formats(formats: Collection[str]) -> list[str]:
-    bad = [f for f in formats if f not in FORMATS]
-    if bad or not formats:
-        raise BenchError(f"unknown report format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}")
-    return list(dict.fromkeys(formats))
+    return tables.footnotes([*df["label"], *df["metric_label"].dropna()])
 
 
 def build_report(
@@ -216,103 +198,30 @@ def build_report(
     plots: bool = False,
 ) -> pd.DataFrame:
     """Print the summary table; with `out`, write every table in `formats` (and the plots) there."""
-    formats = check_formats(formats)
+    formats = tables.check_formats(formats)
     df = load_frame(store, keys, metrics)
     summary = summary_table(df)
     notes = footnotes(df)
-    echo(_markdown(summary, index=False))
+    echo(tables.markdown(summary))
     for note in notes:
         echo(note)
     if out is None:
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    _write(summary, out / "summary", notes, formats, index=False, caption="Summary")
+    tables.write(summary, out / "summary", notes, formats, index=False, caption="Summary")
     for metric_label in sorted(df["metric_label"].dropna().unique()):
         metric = metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK + SHORTENED_MARK)
         table, numbers = metric_table(df, metric_label)
-        _write(table, out / metric, [f"metric: {metric_label}", *notes], formats, index=True,
+        tables.write(table, out / metric, [f"metric: {metric_label}", *notes], formats, index=True,
                caption=f"{metric_label}: mean ± std (n = generator × classifier seeds)",
                bold=best_cells(numbers, metric))  # fmt: skip
     privacy = privacy_table(df)
     if not privacy.empty:
-        _write(privacy, out / "privacy", notes, formats, index=False, caption="Privacy accounting per row")
-    _write(cost_table(df), out / "cost", [], formats, index=False, caption="Cost per run")
+        tables.write(privacy, out / "privacy", notes, formats, index=False, caption="Privacy accounting per row")
+    tables.write(cost_table(df), out / "cost", [], formats, index=False, caption="Cost per run")
     written = f"tables ({', '.join(formats)}) written to {out}/"
     if plots:
         files = write_plots(df, out / "plots", metrics=metrics)
         written += f"; {len(files)} plot files to {out / 'plots'}/"
     echo(written)
     return summary
-
-
-def _markdown(table: pd.DataFrame, index: bool) -> str:
-    t = table.reset_index() if index else table
-    header = "| " + " | ".join(map(str, t.columns)) + " |"
-    sep = "|" + "|".join("---" for _ in t.columns) + "|"
-    body = ["| " + " | ".join(map(str, r)) + " |" for r in t.itertuples(index=False)]
-    return "\n".join([header, sep, *body])
-
-
-_TEX = {
-    "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
-    "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
-    "σ": r"$\sigma$", "δ": r"$\delta$", "∞": r"$\infty$", "—": "---", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
-    "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$", "§": r"\S{}", "¶": r"\P{}", "°": r"$^\circ$",
-    "→": r"$\to$",
-}  # fmt: skip
-
-
-def tex_escape(text: Any) -> str:
-    """Plain text (with the symbols our tables use) as LaTeX that compiles without extra packages."""
-    return "".join(_TEX.get(ch, ch) for ch in str(text))
-
-
-def to_latex(
-    table: pd.DataFrame,
-    *,
-    index: bool,
-    caption: str,
-    bold: Collection[tuple[str, str]] = (),
-    notes: Collection[str] = (),
-) -> str:
-    """A booktabs table (toprule, midrule, bottomrule); cells in `bold` ((row label, column)) in bold;
-    `notes` (the footnotes of the marks) printed under it."""
-    t = table.reset_index() if index else table
-    bold = set(bold)
-    lines = [
-        r"\begin{table}[t]",
-        r"\centering",
-        rf"\caption{{{tex_escape(caption)}}}",
-        r"\begin{tabular}{l" + "r" * (len(t.columns) - 1) + "}",
-        r"\toprule",
-        " & ".join(tex_escape(c) for c in t.columns) + r" \\",
-        r"\midrule",
-    ]
-    for row in t.itertuples(index=False):
-        cells = [tex_escape(row[0])]
-        for col, value in zip(t.columns[1:], row[1:], strict=True):
-            text = tex_escape(value)
-            cells.append(rf"\textbf{{{text}}}" if (str(row[0]), str(col)) in bold else text)
-        lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}"]
-    lines += [rf"\par{{\footnotesize {tex_escape(n)}}}" for n in notes]
-    lines.append(r"\end{table}")
-    return "\n".join(lines) + "\n"
-
-
-def _write(
-    table: pd.DataFrame,
-    stem: Path,
-    notes: list[str],
-    formats: Collection[str],
-    *,
-    index: bool,
-    caption: str,
-    bold: Collection[tuple[str, str]] = (),
-) -> None:
-    if "csv" in formats:
-        table.to_csv(stem.with_suffix(".csv"), index=index)
-    if "md" in formats:
-        stem.with_suffix(".md").write_text(_markdown(table, index) + "\n\n" + "\n".join(notes) + "\n")
-    if "tex" in formats:
-        stem.with_suffix(".tex").write_text(to_latex(table, index=index, caption=caption, bold=bold, notes=notes))

@@ -277,12 +277,11 @@ class Runner:
         plugins: tuple[str, ...] = (),
         force: bool = False,
         checkpoint_every_s: float | None = None,
-        ui: Any = None,
         metrics: tuple[str, ...] | None = None,
         inception_weights: str | None = None,
     ) -> None:
         self.store, self.device, self.data_root, self.download = store, device, data_root, download
-        self.plugins, self.force, self.ui, self.metrics = plugins, force, ui, metrics
+        self.plugins, self.force, self.metrics = plugins, force, metrics
         self.inception_weights = inception_weights
         env = os.environ.get("BENCH_CHECKPOINT_EVERY")
         self.checkpoint_every_s = checkpoint_every_s if checkpoint_every_s is not None else float(env or 60.0)
@@ -307,8 +306,9 @@ class Runner:
         with open(run_dir / "log.txt", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
-    def run(self, spec: RunSpec) -> str:
-        """Run one cell; returns "skipped", "done" or "failed" (over budget)."""
+    def run(self, spec: RunSpec, *, ui: Any = None) -> str:
+        """Run one cell; returns "skipped", "done" or "failed" (over budget). `ui` (bench.ui.GridUI) shows the
+        fit's progress bar."""
         key = spec.key
         if (run_dir := self._run_dir(key)) is None:
             return "skipped"
@@ -346,7 +346,7 @@ class Runner:
                 else Budget.unlimited(spec.delta)
             )
             generator = torch.Generator().manual_seed(spec.seed)  # CPU: the contract's generator
-            progress = RunProgress(ckpt_path, self.checkpoint_every_s, *self._bar_callbacks(spec))
+            progress = RunProgress(ckpt_path, self.checkpoint_every_s, *_bar_callbacks(ui, spec))
             with _timed(costs, "fit"):
                 ledger = method.fit(train, budget=budget, generator=generator, progress=progress)
             save_torch(
@@ -541,25 +541,27 @@ class Runner:
                     wanted=metrics)  # fmt: skip
         return read_json(run_dir / "metrics.json")["metrics"]
 
-    def _bar_callbacks(self, spec: RunSpec) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
-        if self.ui is None:
-            return (lambda total, desc: None), (lambda n: None)
-        return self.ui.run_callbacks(spec)
-
 
 # ---------------------------------------------------------------------------------------------------
 # A grid: check the data, execute the cells, then the real-data rows
 # ---------------------------------------------------------------------------------------------------
 
 
-class LocalExecutor:
-    """Runs the cells one after another in this process (the seam a many-GPU executor replaces)."""
+def _bar_callbacks(ui: Any, spec: RunSpec) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
+    if ui is None:
+        return (lambda total, desc: None), (lambda n: None)
+    return ui.run_callbacks(spec)  # type: ignore[no-any-return]
 
-    def run(self, runner: Runner, specs: list[RunSpec], advance: Callable[[RunSpec, str], None]) -> list[str]:
+
+class LocalExecutor:
+    """Runs the cells one after another in this process (the seam a many-GPU executor replaces): `ui` shows
+    each fit's bar and advances the grid's bar after each cell."""
+
+    def run(self, runner: Runner, specs: list[RunSpec], ui: Any) -> list[str]:
         outcomes = []
         for spec in specs:
-            outcomes.append(runner.run(spec))
-            advance(spec, outcomes[-1])
+            outcomes.append(runner.run(spec, ui=ui))
+            ui.grid_advance(spec, outcomes[-1])
         return outcomes
 
 
@@ -588,7 +590,6 @@ def run_grid(
     skip_missing_data: bool = False,
     executor: LocalExecutor | None = None,
     echo: Callable[[str], None] = lambda line: None,
-    results: Path | None = None,
 ) -> GridOutcome:
     """Execute a planned grid: the data of every dataset is loaded first (missing data fails before any training,
     or, with `skip_missing_data`, leaves that dataset's cells out), the cells run through `executor` with the
@@ -607,12 +608,11 @@ def run_grid(
             echo(f"warning: {ds}: dataset not available, its cells are skipped: {e}")
     specs = [s for s in specs if s.dataset not in missing]
     with GridUI(len(specs)) as ui:
-        r.ui = ui
-        outcomes = (executor or LocalExecutor()).run(r, specs, ui.grid_advance)
+        outcomes = (executor or LocalExecutor()).run(r, specs, ui)
     result = GridOutcome(list(zip(specs, outcomes, strict=True)), missing_data=missing)
     echo(
         f"{result.count('done')} run(s) done, {result.count('skipped')} already finished, "
-        f"{result.count('failed')} failed; results in {results if results is not None else r.store.root}"
+        f"{result.count('failed')} failed; results in {r.store.root}"
     )
     if real and result.count("done") + result.count("skipped"):
         rows = {real_key(s.dataset, s.eval): s for s, o in result.outcomes if o != "failed"}

@@ -22,6 +22,7 @@ from bench.data import SyntheticDataset
 from bench.errors import BenchError
 from bench.frame import PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
 from bench.store import Store
+from bench.tables import tex_escape
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.test_cli import assert_one_line_error
 
@@ -224,6 +225,12 @@ def test_run_reproduces_the_toy_table(reproduced: dict) -> None:
     assert "| dataset not available: absent-data: files not found in /nowhere |" in out.stdout
     assert "## acc: accuracy, DataLens protocol (δ = 1e-05)" in out.stdout
     assert (reproduced["results"] / "tables" / "paper-toy-paper.md").read_text().strip() == out.stdout.strip()
+    # the LaTeX file: one booktabs table per paper table with its cells, sources and the footnotes of its marks
+    tex = (reproduced["results"] / "tables" / "paper-toy-paper.tex").read_text()
+    assert tex.count(r"\begin{tabular}") == out.stdout.count("\n## ") and r"\toprule" in tex
+    assert r"dataset not available: absent-data" in tex and r"$\varepsilon$" in tex
+    marked = [line for line in out.stdout.splitlines() if line[:1] in paper.PAPER_FOOTNOTES]
+    assert marked and all(rf"\par{{\footnotesize {tex_escape(line)}}}" in tex for line in marked)
 
 
 def test_cells_hold_our_values_the_published_ones_and_their_difference(toy: Path, reproduced: dict) -> None:

@@ -12,8 +12,9 @@ import pandas as pd
 import pytest
 
 from bench.frame import REAL_LABEL, load_frame
-from bench.report import best_cells, metric_table, to_latex
+from bench.report import best_cells, metric_table
 from bench.store import Store
+from bench.tables import to_latex
 from tests.conftest import TESTS, TINY_PROFILE, bench
 
 PLUGINS = [
@@ -153,7 +154,7 @@ def test_metrics_and_format_options(results: Path, tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acc_logreg.tex", "cost.tex", "privacy.tex", "summary.tex"]
     r = bench("report", "--results", str(results), "--format", "html")
-    assert r.exit_code == 2 and "unknown report format 'html'" in r.stderr
+    assert r.exit_code == 2 and "unknown format 'html'" in r.stderr
     r = bench("report", "--results", str(results), "--metrics", "fid")
     assert r.exit_code == 2 and "unknown metric 'fid'" in r.stderr
 
