@@ -35,9 +35,10 @@ from typing import ClassVar, Literal
 import torch
 from torch import Tensor
 
+from bench.config import choice
 from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import ConditionalDenoiser, DiffusionConfig, to_model_range
-from bench.dpsgd import DPSGD, poisson_stream
+from bench.dpsgd import DPSGD, MODES, poisson_stream
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, calibrate_sigma
 from bench.training import FitState, dp_steps, ledger_of, poisson_rate, steps_for
@@ -56,6 +57,7 @@ class Config(DiffusionConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        choice("dp_mode", self.dp_mode, MODES)
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {self.batch_size}")
         if self.epochs <= 0:

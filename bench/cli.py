@@ -70,7 +70,10 @@ ResultsDir = Annotated[Path, typer.Option("--results", help="Results folder.", e
 Profile = Annotated[str, typer.Option("--profile", help="smoke | paper | path to a .toml profile.")]
 Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated generator seeds.")]
 Accountant = Annotated[str, typer.Option("--accountant", help="rdp | pld | prv, one for the whole grid.")]
-Sets = Annotated[list[str] | None, typer.Option("--set", help="Override a config field: key=value, eval.key=value.")]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Set a config field: field=value (all methods), METHOD.field=value, eval.key=value."),
+]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")]
 DataRoot = Annotated[
     str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")

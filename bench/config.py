@@ -36,6 +36,36 @@ def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
 
 
+# Ranges of numeric config fields, checked in a Config's __post_init__ (so at plan time, by `--dry-run` too).
+# Every int or float field of a method's Config must refuse -1 unless its dataclass field carries SIGNED
+# metadata (`field(default=..., metadata=SIGNED)`): tests/test_registry.py checks every registered method.
+SIGNED = {"signed": True}
+
+
+def at_least(config: Any, low: float, *names: str) -> None:
+    """Each named field is a finite number ≥ low (a ValueError naming the first that is not)."""
+    for name in names:
+        v = getattr(config, name)
+        if not (math.isfinite(v) and v >= low):
+            raise ValueError(f"{name} must be a finite number ≥ {low:g}, got {v!r}")
+
+
+def positive(config: Any, *names: str) -> None:
+    """Each named field is a finite number > 0."""
+    for name in names:
+        v = getattr(config, name)
+        if not (math.isfinite(v) and v > 0):
+            raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
+
+
+def fraction(config: Any, *names: str) -> None:
+    """Each named field is in [0, 1)."""
+    for name in names:
+        v = getattr(config, name)
+        if not 0.0 <= v < 1.0:
+            raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+
+
 def load_profile(profile: str) -> dict[str, Any]:
     """The TOML table of a named profile (bench/profiles/NAME.toml) or of a path to a .toml file."""
     if profile.endswith(".toml"):
@@ -177,7 +207,8 @@ def resolve(
 
 
 def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Split `--set key=value` items into method-config and `eval.` overrides."""
+    """Split `--set key=value` items into method-config (field or METHOD.field; see method_sets) and `eval.`
+    overrides."""
     method_sets: dict[str, Any] = {}
     eval_sets: dict[str, Any] = {}
     for item in items:
@@ -196,6 +227,37 @@ def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
         else:
             method_sets[key] = parse_value(value.strip())
     return method_sets, eval_sets
+
+
+def method_sets(sets: dict[str, Any], methods: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The `--set` overrides of each method of a grid (name -> class): METHOD.field=value sets one method's
+    field, a bare field=value sets it for every method, which must all have it (else an error naming those that
+    lack it); a scoped value wins over a bare one."""
+    out: dict[str, dict[str, Any]] = {m: {} for m in methods}
+    scoped = {}
+    for key, value in sets.items():
+        scope, _, name = key.rpartition(".")
+        if scope:
+            if scope not in methods:
+                raise BenchError(f"--set {key}: {scope!r} is not a method of this grid ({', '.join(methods)})")
+            scoped[scope, name] = value
+            continue
+        having = [m for m, cls in methods.items() if key in _field_types(cls.Config)]
+        lacking = [m for m in methods if m not in having]
+        if having and lacking:
+            raise BenchError(
+                f"--set {key}: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no field {key!r}; "
+                f"set it for one method as METHOD.{key}=VALUE (e.g. --set {having[0]}.{key}={_text(value)})"
+            )
+        for m in methods:
+            out[m][key] = value
+    for (m, name), value in scoped.items():
+        out[m][name] = value
+    return out
+
+
+def _text(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def to_jsonable(config: Any) -> dict[str, Any]:

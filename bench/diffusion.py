@@ -13,13 +13,13 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
-from bench.config import choice
+from bench.config import SIGNED, at_least, choice, fraction
 from bench.contract import device_generator
 from bench.edm import (
     PARAMETERIZATIONS,
@@ -253,10 +253,10 @@ class DiffusionConfig:
     groups: int = 8  # unet only: GroupNorm groups (ncsnpp uses min(channels // 4, 32), as the reference)
     parameterization: Literal["edm", "v", "eps"] = "edm"  # Karras et al.; v: DPDM's ε = 0.2 configs; eps: DDPM
     sigma_data: float = SIGMA_DATA  # edm: σ_d (DPDM: √(1/3))
-    p_mean: float = -1.2  # edm: ln σ ~ N(p_mean, p_std²) in training
+    p_mean: float = field(default=-1.2, metadata=SIGNED)  # edm: ln σ ~ N(p_mean, p_std²) in training
     p_std: float = 1.2
-    logsnr_min: float = -9.0  # v: training log-SNR range
-    logsnr_max: float = 13.0
+    logsnr_min: float = field(default=-9.0, metadata=SIGNED)  # v: training log-SNR range
+    logsnr_max: float = field(default=13.0, metadata=SIGNED)
     T: int = 1000  # eps: diffusion steps, linear β schedule
     beta_start: float = 1e-4
     beta_end: float = 0.02
@@ -276,6 +276,11 @@ class DiffusionConfig:
     ema_warmup: bool = True  # the reference's min(decay, (1 + n)/(10 + n)) for update n
 
     def __post_init__(self) -> None:
+        at_least(self, 1, "base_channels", "num_res_blocks", "groups", "sample_steps")
+        if not self.channel_mults or min(self.channel_mults) < 1:
+            raise ValueError(f"channel_mults must be a non-empty list of integers ≥ 1, got {list(self.channel_mults)}")
+        at_least(self, 0, "s_min")
+        fraction(self, "ema_decay")
         choice("network", self.network, ("ncsnpp", "unet"))
         choice("parameterization", self.parameterization, PARAMETERIZATIONS)
         samplers = ("ddim", "ddpm") if self.parameterization == "eps" else SIGMA_SAMPLERS

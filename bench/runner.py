@@ -162,11 +162,12 @@ def plan(
     eval_table["protocols"] = {k: eval_table.pop(k) for k in list(eval_table) if isinstance(eval_table[k], dict)}
     settings = cfgmod.build_dataclass(EvalSettings, eval_table, "eval")
     plan_eval = EvalPlan(n_gen=n_gen, settings=cfgmod.to_jsonable(settings), metrics=profile_metrics)
+    classes = {name: registry.get(name, plugins) for name in methods}
+    sets_of = cfgmod.method_sets(method_sets, classes)
     specs = []
     for ds in datasets:
         spec = data.spec(ds, root=data_root)
-        for name in methods:
-            cls = registry.get(name, plugins)
+        for name, cls in classes.items():
             private = cls.guarantee != "none"
             for eps in epsilons if private else [math.inf]:
                 if private:
@@ -175,7 +176,7 @@ def plan(
                     budget_delta = delta if delta is not None else default_delta(spec.num_train)
                     budget = None
                 config, notes = cfgmod.resolve(
-                    cls.Config, profile=prof, method=name, dataset=ds, epsilon=eps, sets=method_sets
+                    cls.Config, profile=prof, method=name, dataset=ds, epsilon=eps, sets=sets_of[name]
                 )
                 for seed in seeds:
                     specs.append(

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from bench.config import choice
+from bench.config import at_least, choice, fraction
 from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import (
     EMA,
@@ -97,6 +97,12 @@ class CommonConfig:
             raise ValueError(f"lambda_adv (λ) must be a finite number ≥ 0, got {self.lambda_adv}")
         if self.disc_steps < 0 or self.disc_levels < 0 or self.disc_channels < 1:
             raise ValueError("need disc_steps ≥ 0, disc_levels ≥ 0, disc_channels ≥ 1")
+        widths = ("base_channels", "num_res_blocks", "groups", "teacher_base_channels", "teacher_num_res_blocks")
+        at_least(self, 1, *widths, "sample_steps")
+        for key in ("channel_mults", "teacher_channel_mults"):
+            if not getattr(self, key) or min(getattr(self, key)) < 1:
+                raise ValueError(f"{key} must be a non-empty list of integers ≥ 1, got {list(getattr(self, key))}")
+        fraction(self, "ema_decay")
         choice("adversarial_loss", self.adversarial_loss, ("saturating", "non-saturating"))
         choice("sampler", self.sampler, ("ddpm", "ddim"))
         choice("dp_mode", self.dp_mode, MODES)
