@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import config, registry
+from bench import config, registry, runner
 from bench.errors import BenchError
 from tests.conftest import TINY_PROFILE
 
@@ -88,3 +88,19 @@ def test_protocol_settings_from_profile_and_set(tmp_path) -> None:
     assert other[0].key != spec.key  # protocol settings are part of the run key
     with pytest.raises(BenchError, match="--set eval.n_gen.x: eval.n_gen is a setting, not a table"):
         config.parse_sets(["eval.n_gen=3", "eval.n_gen.x=1"])
+
+
+def test_set_scoped_to_one_method_and_a_bare_field_some_methods_lack() -> None:
+    from bench import registry
+
+    classes = {m: registry.get(m) for m in ("dpdm", "dpgan")}
+    sets, _ = config.parse_sets(["dpdm.lr=1e-3", "epochs=0.5", "dpgan.epochs=2"])
+    got = config.method_sets(sets, classes)
+    assert got == {"dpdm": {"lr": 1e-3, "epochs": 0.5}, "dpgan": {"epochs": 2}}  # the scoped value wins
+    with pytest.raises(BenchError, match=r"--set lr: dpgan has no field 'lr'; set it for one method as METHOD.lr"):
+        config.method_sets({"lr": 1e-3}, classes)
+    with pytest.raises(BenchError, match=r"--set ddpm.lr: 'ddpm' is not a method of this grid \(dpdm, dpgan\)"):
+        config.method_sets({"ddpm.lr": 1e-3}, classes)
+    specs = runner.plan(methods=["dpdm", "dpgan"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
+                        accountant="rdp", profile="smoke", sets=["dpdm.lr=0.002"])  # fmt: skip
+    assert [s.config.get("lr") for s in specs] == [0.002, None]

@@ -119,3 +119,41 @@ def test_no_warning_for_clean_registry() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", registry.PluginWarning)
         registry.methods()
+
+
+def unchecked_fields(classes: dict[str, type]) -> list[str]:
+    """The (method.field=value) a Config accepts though it should refuse it: -1 for an int/float field (unless
+    SIGNED), a made-up value for a free str field, a value of the wrong type for any field."""
+    import typing
+
+    from bench import config
+
+    accepted = []
+    for name, cfg in sorted(classes.items()):
+        hints = typing.get_type_hints(cfg)
+        for f in dataclasses.fields(cfg):
+            kind = hints[f.name]
+            tries = {int: [-1, "x"], float: [-1.0, "x"], str: ["no-such-value", 3], bool: ["yes"]}.get(kind, [])
+            if f.metadata.get("signed"):
+                tries = tries[1:]
+            for value in tries:
+                try:
+                    config.build_dataclass(cfg, {f.name: value}, name)
+                except BenchError:
+                    continue
+                accepted.append(f"{name}.{f.name}={value!r}")
+    return accepted
+
+
+def test_every_config_field_is_checked_at_plan_time() -> None:
+    """build_dataclass is what `plan` (and so `--dry-run`) calls for every cell."""
+    assert unchecked_fields({name: cls.Config for name, cls in registry.methods().items()}) == []
+
+
+def test_the_field_check_catches_an_unchecked_field() -> None:
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Loose:
+        width: int = 4
+        mode: str = "a"
+
+    assert unchecked_fields({"loose": Loose}) == ["loose.width=-1", "loose.mode='no-such-value'"]
