@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from bench.errors import BenchError
+from bench.errors import BenchError, one_line
 
 app = typer.Typer(
     help="Benchmark differentially private generative models of images at matched (ε, δ).",
@@ -23,6 +23,21 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+def debug() -> bool:
+    """--debug or BENCH_DEBUG=1: tracebacks of failed cells and internal errors are printed."""
+    return os.environ.get("BENCH_DEBUG", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@app.callback()
+def _global(
+    debug_: Annotated[
+        bool, typer.Option("--debug", help="Print the traceback of a failed cell or an internal error (BENCH_DEBUG=1).")
+    ] = False,
+) -> None:
+    if debug_:
+        os.environ["BENCH_DEBUG"] = "1"
 
 
 def _fail(message: str) -> typer.Exit:
@@ -96,17 +111,6 @@ def _err(line: str) -> None:
     typer.echo(line, err=True)
 
 
-def _seed_list(text: str) -> list[int]:
-    from bench.runner import parse_list
-
-    seeds = []
-    for s in parse_list(text, "--seeds"):
-        if not s.lstrip("-").isdigit():
-            raise BenchError(f"--seeds: {s!r} is not an integer")
-        seeds.append(int(s))
-    return seeds
-
-
 @app.command()
 def run(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated method names (see `bench list`).")],
@@ -142,7 +146,7 @@ def run(
 
     with user_errors():
         plugins = tuple(str(p) for p in plugin or ())
-        seed_list = _seed_list(seeds)
+        seed_list = runner.parse_seeds(seeds)
         if delta is not None and not 0 < delta < 1:
             raise BenchError(f"--delta must be in (0, 1), got {delta}")
         dev = runner.resolve_device(device)
@@ -177,15 +181,14 @@ def run(
             force=force,
             metrics=metric_names,
             inception_weights=inception_weights,
+            debug=debug(),
         )
         grid = runner.run_grid(r, specs, real=not no_real, echo=_err)
         if grid.count("done") + grid.count("skipped"):
             from bench.report import build_report
 
             build_report(store, out=None, keys={spec.key for spec in specs} | grid.real_keys, echo=typer.echo)
-        if failed := grid.failed:
-            for spec in failed:
-                typer.echo(f"error: run {spec.key} exceeded its privacy budget and was left out of the table", err=True)
+        if grid.errors:
             raise typer.Exit(1)
 
 
@@ -292,7 +295,7 @@ def paper(
             known,
             published,
             profile=profile,
-            seeds=_seed_list(seeds),
+            seeds=runner.parse_seeds(seeds),
             accountant=accountant,
             sets=set_ or [],
             plugins=plugins,
@@ -318,14 +321,13 @@ def paper(
                 plugins=plugins,
                 metrics=plan.run_metrics(),
                 inception_weights=inception_weights,
+                debug=debug(),
             )
         frame, failed = papers_.reproduce(plan, store, r, echo=_err)
         typer.echo(papers_.to_markdown(plan, frame))
         if out is not None:
             paths = papers_.write_tables(plan, frame, out, formats)
             typer.echo(f"table written to {', '.join(map(str, paths))}", err=True)
-        for spec in failed:
-            typer.echo(f"error: run {spec.key} exceeded its privacy budget and was left out of the table", err=True)
         if failed:
             raise typer.Exit(1)
 
@@ -368,6 +370,14 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted: rerun the same command to resume from the last checkpoint", err=True)
         sys.exit(130)
+    except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
+        if debug():
+            raise
+        typer.echo(
+            f"error: internal error: {one_line(e)} (rerun with --debug for the traceback, and please report it)",
+            err=True,
+        )
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -74,7 +74,7 @@ NO_DATASET = "dataset not available"
 NO_METRIC = "metric not implemented"
 NOT_RUN = "not run"
 NOT_SCORED = "not scored (rerun with --run to score it)"
-FAILED = "failed (over budget)"
+FAILED = "failed"  # followed by the run's one-line error from the index
 PROTOCOL_DIFFERS = "protocol differs"
 
 
@@ -489,7 +489,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
     to report needs a `store` with runs in it (BenchError otherwise).
     """
     missing_data = missing_data or {}
-    frame, run_status = pd.DataFrame(), {}
+    frame, run_status, run_error = pd.DataFrame(), {}, {}
     if plan.specs:
         if store is None:
             raise BenchError("no results folder given")
@@ -497,6 +497,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
         if not runs:
             raise BenchError(f"no runs in {store.root}: run `bench paper {plan.paper.id} --run` first")
         run_status = {r["key"]: r["status"] for r in runs}
+        run_error = {r["key"]: r.get("error") for r in runs}
         if "done" in run_status.values():
             frame = load_frame(store)
             frame = frame[frame["key"].isin({s.key for s in plan.specs})]
@@ -512,7 +513,8 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
         if status is None:
             done = [k for k in c.keys if run_status.get(k) == "done"]
             if not done:
-                status = FAILED if any(run_status.get(k) == "failed" for k in c.keys) else NOT_RUN
+                errors = [run_error.get(k) or "" for k in c.keys if run_status.get(k) == "failed"]
+                status = f"{FAILED} ({errors[0]})" if errors else NOT_RUN
             else:
                 mine = frame[frame["key"].isin(done) & (frame["metric"] == c.ours)]
                 partial = bool((frame[frame["key"].isin(done)]["guarantee"] == "partial").any())

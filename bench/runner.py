@@ -7,13 +7,16 @@ interrupted one resumes from its checkpoint (model, optimizer, RNG and accountan
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import math
 import os
+import re
 import resource
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,7 +29,7 @@ import torch
 from bench import config as cfgmod
 from bench import data, registry
 from bench.contract import ImageDataset
-from bench.errors import BenchError
+from bench.errors import BenchError, one_line
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, default_delta, epsilon, privacy_card, verify
 from bench.store import Store, load_torch, read_json, save_torch, write_json
 
@@ -121,6 +124,18 @@ def parse_epsilons(text: str) -> list[float]:
     return values
 
 
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: comma-separated integers in [0, 2⁶³), each once."""
+    seeds: list[int] = []
+    for s in parse_list(text, "--seeds"):
+        if not re.fullmatch(r"\d+", s) or int(s) >= 2**63:
+            raise BenchError(f"--seeds: {s!r} is not an integer in [0, 2^63) (use e.g. --seeds 0,1,2)")
+        if int(s) in seeds:
+            raise BenchError(f"--seeds: {s} is given twice")
+        seeds.append(int(s))
+    return seeds
+
+
 def parse_list(text: str, what: str) -> list[str]:
     items = [p.strip() for p in text.split(",") if p.strip()]
     if not items:
@@ -196,13 +211,27 @@ def plan(
     return specs
 
 
+def checkpoint_interval() -> float:
+    """Seconds between training checkpoints: BENCH_CHECKPOINT_EVERY (a number ≥ 0; 0 = every step), else 60."""
+    text = os.environ.get("BENCH_CHECKPOINT_EVERY", "").strip()
+    if not text:
+        return 60.0
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise BenchError(f"BENCH_CHECKPOINT_EVERY must be a number of seconds ≥ 0, got {text!r}")
+    return value
+
+
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda"):
+    if match := re.fullmatch(r"cuda(?::(\d+))?", device):
         if not torch.cuda.is_available():
             raise BenchError(f"--device {device}: no CUDA device is available on this machine (use --device cpu)")
-        index = int(device.partition(":")[2] or 0)
+        index = int(match.group(1) or 0)
         if index >= torch.cuda.device_count():
             raise BenchError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s)")
         return torch.device(device)
@@ -280,12 +309,14 @@ class Runner:
         checkpoint_every_s: float | None = None,
         metrics: tuple[str, ...] | None = None,
         inception_weights: str | None = None,
+        debug: bool = False,
     ) -> None:
         self.store, self.device, self.data_root, self.download = store, device, data_root, download
         self.plugins, self.force, self.metrics = plugins, force, metrics
         self.inception_weights = inception_weights
-        env = os.environ.get("BENCH_CHECKPOINT_EVERY")
-        self.checkpoint_every_s = checkpoint_every_s if checkpoint_every_s is not None else float(env or 60.0)
+        self.debug = debug  # print a failed cell's traceback on stderr too (it is always in its log.txt)
+        self.errors: dict[str, str] = {}  # key -> the one-line error of each cell that failed in this process
+        self.checkpoint_every_s = checkpoint_every_s if checkpoint_every_s is not None else checkpoint_interval()
         self._data: dict[tuple[str, str], ImageDataset] = {}
 
     def dataset(self, name: str, split: str) -> ImageDataset:
@@ -308,11 +339,35 @@ class Runner:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     def run(self, spec: RunSpec, *, ui: Any = None) -> str:
-        """Run one cell; returns "skipped", "done" or "failed" (over budget). `ui` (bench.ui.GridUI) shows the
+        """Run one cell; returns "skipped", "done" or "failed". A cell fails when its ε exceeds the budget or
+        anything in it raises: its index row says "failed" with a one-line `error` (also in `self.errors`), its
+        log.txt has the traceback, and the caller goes on with the next cell. `ui` (bench.ui.GridUI) shows the
         fit's progress bar."""
         key = spec.key
         if (run_dir := self._run_dir(key)) is None:
             return "skipped"
+        return self._guarded(key, run_dir, lambda: self._run(spec, run_dir, ui))
+
+    def _guarded(self, key: str, run_dir: Path, body: Callable[[], str]) -> str:
+        """`body()`, with any exception but an interrupt recorded as the cell's failure (see `run`)."""
+        try:
+            return body()
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                self.store.record_run(key, status="interrupted")
+                self.log(run_dir, "interrupted: rerun the same command to resume from the last checkpoint")
+            raise
+        except Exception as e:  # noqa: BLE001 - a cell's failure must not end the grid
+            error = one_line(e)
+            self.errors[key] = error
+            self.log(run_dir, f"FAILED: {error}\n{traceback.format_exc()}")
+            self.store.record_run(key, status="failed", error=error)
+            if self.debug:
+                traceback.print_exc()
+            return "failed"
+
+    def _run(self, spec: RunSpec, run_dir: Path, ui: Any) -> str:
+        key = spec.key
         write_json(run_dir / "config.json", spec.to_json() | {"device": str(self.device)})
         self.store.record_run(
             key,
@@ -324,6 +379,7 @@ class Runner:
             seed=spec.seed,
             profile=spec.profile,
             status="running",
+            error=None,
         )
         self.log(run_dir, f"start {key} on {self.device}")
         for note in spec.notes:
@@ -373,14 +429,17 @@ class Runner:
         generator can reach at that sample count. Accuracy: the same classifiers trained on the whole real
         training set, or with `eval.real_train = "n_gen"` on a seeded subset of `n_gen` real training images
         (cached per dataset, training images and classifier seed: downstream.real_reference). Returns
-        "skipped" or "done".
+        "skipped", "done" or "failed" (as `run`).
         """
-        from bench.metrics import EvalSettings, accuracy_metrics, evaluate, select_metrics
-        from bench.metrics.downstream import classifier_seeds, over_seeds, real_reference
-
         key = real_key(dataset, eval_plan)
         if (run_dir := self._run_dir(key)) is None:
             return "skipped"
+        return self._guarded(key, run_dir, lambda: self._run_real(key, run_dir, dataset, eval_plan, profile))
+
+    def _run_real(self, key: str, run_dir: Path, dataset: str, eval_plan: EvalPlan, profile: str) -> str:
+        from bench.metrics import EvalSettings, accuracy_metrics, evaluate, select_metrics
+        from bench.metrics.downstream import classifier_seeds, over_seeds, real_reference
+
         write_json(
             run_dir / "config.json",
             {"kind": REAL, "method": REAL, "dataset": dataset, "epsilon": None, "delta": None, "accountant": None,
@@ -388,7 +447,7 @@ class Runner:
         )  # fmt: skip
         self.store.record_run(
             key, method=REAL, dataset=dataset, target_epsilon=math.inf, seed=0, profile=profile,
-            status="running", guarantee="none", epsilon=math.inf,
+            status="running", guarantee="none", epsilon=math.inf, error=None,
         )  # fmt: skip
         train, test = self.dataset(dataset, "train"), self.dataset(dataset, "test")
         settings = EvalSettings(**eval_plan.settings)
@@ -446,6 +505,8 @@ class Runner:
         card = privacy_card(ledger, budget, epsilon=eps, guarantee=guarantee)
         card["status"] = "over budget" if error else "ok"
         write_json(run_dir / "privacy.json", card)
+        if error:
+            error = self.errors[spec.key] = f"over budget: {error}"
         self.store.record_run(
             spec.key, guarantee=guarantee, epsilon=eps, status="failed" if error else "sampling", error=error
         )
@@ -562,7 +623,7 @@ class LocalExecutor:
         outcomes = []
         for spec in specs:
             outcomes.append(runner.run(spec, ui=ui))
-            ui.grid_advance(spec, outcomes[-1])
+            ui.grid_advance(spec, outcomes[-1], runner.errors.get(spec.key))
         return outcomes
 
 
@@ -574,6 +635,7 @@ class GridOutcome:
     outcomes: list[tuple[RunSpec, str]]
     real_keys: set[str] = field(default_factory=set)
     missing_data: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)  # key -> one-line error of each failed cell or real row
 
     def count(self, outcome: str) -> int:
         return sum(o == outcome for _, o in self.outcomes)
@@ -611,14 +673,21 @@ def run_grid(
     with GridUI(len(specs)) as ui:
         outcomes = (executor or LocalExecutor()).run(r, specs, ui)
     result = GridOutcome(list(zip(specs, outcomes, strict=True)), missing_data=missing)
+    result.errors = {s.key: r.errors.get(s.key, "failed") for s in result.failed}
     echo(
         f"{result.count('done')} run(s) done, {result.count('skipped')} already finished, "
         f"{result.count('failed')} failed; results in {r.store.root}"
     )
     if real and result.count("done") + result.count("skipped"):
         rows = {real_key(s.dataset, s.eval): s for s, o in result.outcomes if o != "failed"}
-        for spec in rows.values():
+        for key, spec in rows.items():
             outcome = r.run_real(spec.dataset, spec.eval, profile=spec.profile)
-            echo(f"real-data row of {spec.dataset}: {'already finished' if outcome == 'skipped' else outcome}")
-        result.real_keys = set(rows)
+            said = {"skipped": "already finished", "failed": f"failed ({r.errors.get(key)})"}.get(outcome, outcome)
+            echo(f"real-data row of {spec.dataset}: {said}")
+            if outcome == "failed":
+                result.errors[key] = r.errors.get(key, "failed")
+            else:
+                result.real_keys.add(key)
+    for key, error in result.errors.items():
+        echo(f"error: run {key} failed: {error}; its log: {r.store.run_dir(key) / 'log.txt'}")
     return result

@@ -106,6 +106,29 @@ def load_torch(path: Path) -> Any:
         ) from None
 
 
+def db_error(path: Path, e: sqlite3.DatabaseError) -> str:
+    """What a SQLite error on the results index means, and what to do about it, in one line."""
+    text = str(e)
+    low = text.lower()
+    if "locked" in low or "busy" in low:
+        return (
+            f"results database {path} is locked: another process has held it for over 60 s ({text}); wait for "
+            "the other `bench` to finish, or give this run its own --results folder"
+        )
+    if "readonly" in low or "read-only" in low:
+        return f"results database {path} is read-only ({text}); make it and its folder writable, or use another"
+    if "unable to open" in low or "disk i/o" in low:
+        return f"results database {path} cannot be opened ({text}); check that the folder exists and is readable"
+    if "full" in low:
+        return f"results database {path}: the disk is full ({text}); free space and rerun (finished runs are kept)"
+    if "not a database" in low or "malformed" in low or "corrupt" in low:
+        return (
+            f"results database {path} is corrupt ({text}); move it away and run `bench report --rebuild`: the "
+            "index is rebuilt from the run folders"
+        )
+    return f"results database {path}: {text}; if it persists, move it away and run `bench report --rebuild`"
+
+
 class Store:
     """A results folder: run directories plus the SQLite index."""
 
@@ -136,14 +159,12 @@ class Store:
             db = sqlite3.connect(self.db_path, timeout=60)
             db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as e:
-            raise BenchError(
-                f"results database {self.db_path} is unreadable ({e}); move it away and run `bench report --rebuild`"
-            ) from None
+            raise BenchError(db_error(self.db_path, e)) from None
         try:
             with db:  # one transaction: committed on success, rolled back on error
                 yield db
         except sqlite3.DatabaseError as e:
-            raise BenchError(f"results database {self.db_path} is unreadable ({e})") from None
+            raise BenchError(db_error(self.db_path, e)) from None
         finally:
             db.close()
 

@@ -45,15 +45,17 @@ class GridUI:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def grid_advance(self, spec: Any, outcome: str) -> None:
-        """One run of the grid is over; without a terminal (logs, CI) say so in one line."""
+    def grid_advance(self, spec: Any, outcome: str, error: str | None = None) -> None:
+        """One run of the grid is over; without a terminal (logs, CI) say so in one line, and with one too
+        when it failed (with its one-line error)."""
         self.finished += 1
         self.progress.advance(self.grid)
-        if self.progress.disable:
-            console.print(
+        if self.progress.disable or error:
+            self.progress.console.print(
                 f"[{self.finished}/{self.total}] {spec.method} {spec.dataset} ε={spec.epsilon:g} "
-                f"seed={spec.seed}: {outcome}",
+                f"seed={spec.seed}: {outcome}" + (f" ({error})" if error else ""),
                 highlight=False,
+                markup=False,
             )
         if self.current is not None:
             self.progress.remove_task(self.current)
