@@ -56,6 +56,7 @@ class GridUI:
                 f"seed={spec.seed}: {outcome}" + (f" ({error})" if error else ""),
                 highlight=False,
                 markup=False,
+                soft_wrap=True,
             )
         if self.current is not None:
             self.progress.remove_task(self.current)

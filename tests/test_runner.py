@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -170,7 +171,8 @@ def test_over_budget_run_fails_and_stays_out_of_the_table(tmp_path: Path) -> Non
     plugin = str(TESTS / "plugins" / "overspend.py")
     r = bench(*RUN, "--methods", "overspend", "--eps", "1", "--results", str(tmp_path), "--plugin", plugin)
     assert r.exit_code == 1
-    assert "exceeded its privacy budget" in r.stderr
+    said = r"error: run overspend-synthetic-\w+ failed: over budget: ε = [\d.]+ exceeds the target ε = 1 "
+    assert re.search(said, r.stderr)
     (d,) = run_dirs(tmp_path)
     card = json.loads((d / "privacy.json").read_text())
     assert card["status"] == "over budget" and card["epsilon"] > 1
@@ -179,7 +181,7 @@ def test_over_budget_run_fails_and_stays_out_of_the_table(tmp_path: Path) -> Non
     assert r.exit_code == 2 and "no finished runs" in r.stderr
 
 
-def test_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
+def test_corrupt_checkpoint_fails_its_cell_in_one_line(tmp_path: Path) -> None:
     args = [*RUN, "--methods", "dpdm", "--eps", "10", "--results", str(tmp_path)]
     plan = bench(*args, "--dry-run")
     key = json.loads(plan.stdout.splitlines()[0])["key"]
@@ -187,9 +189,12 @@ def test_corrupt_checkpoint_is_a_one_line_error(tmp_path: Path) -> None:
     run_dir.mkdir(parents=True)
     (run_dir / "checkpoint.pt").write_bytes(b"\x00garbage" * 50)
     r = bench(*args)
-    assert r.exit_code == 2 and "Traceback" not in r.output
-    assert r.stderr.strip().startswith("error: checkpoint") and "corrupt" in r.stderr
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert f"error: run {key} failed: checkpoint {run_dir / 'checkpoint.pt'} is corrupt" in r.stderr
     assert not (run_dir / "metrics.json").exists()
+    (row,) = Store(tmp_path).rows()[0]
+    assert row["status"] == "failed" and "is corrupt" in row["error"]
+    assert "Traceback" in (run_dir / "log.txt").read_text()  # the traceback is kept in the run's log
 
 
 def _dp_steps(results: Path) -> int:
