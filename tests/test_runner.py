@@ -273,3 +273,54 @@ def test_a_grid_runs_from_the_library_without_the_cli(tmp_path: Path, monkeypatc
     skipped = runner.run_grid(r, specs, skip_missing_data=True, echo=lines.append)
     assert skipped.outcomes == [] and skipped.missing_data == {"synthetic": "synthetic: not found"}
     assert lines[-1].startswith("0 run(s) done") and "dataset not available" in lines[-2]
+
+
+def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
+    """An exception in a method's fit (or sample) fails that cell only: one line on stderr naming the run and the
+    error, status "failed" and the error in the index, the traceback in its log.txt, exit 1; the other cells
+    run and are reported; a rerun retries the failed cell and keeps the finished ones."""
+    plugins = ["--plugin", str(TESTS / "plugins" / "explode.py"), "--plugin", str(TESTS / "plugins" / "good_plugin.py")]
+    args = [*RUN, "--methods", "explode,noisy-means", "--eps", "10", "--results", str(tmp_path), *plugins]
+    r = bench(*args)
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert re.search(r"error: run explode-synthetic-\w+ failed: FloatingPointError: loss is non-finite at step 3; "
+                     r"its log: \S+log.txt", r.stderr)  # fmt: skip
+    assert "a second line" not in r.stderr
+    assert "| noisy-means | synthetic | 10 |" in r.stdout  # the other cell ran and is in the table
+    rows = {row["method"]: row for row in Store(tmp_path).rows()[0]}
+    assert rows["explode"]["status"] == "failed"
+    assert rows["explode"]["error"] == "FloatingPointError: loss is non-finite at step 3"
+    assert rows["noisy-means"]["status"] == "done" and rows["real"]["status"] == "done"
+    log = (Path(rows["explode"]["run_dir"]) / "log.txt").read_text()
+    assert "FAILED: FloatingPointError" in log and "Traceback (most recent call last)" in log
+    done = Path(rows["noisy-means"]["run_dir"]) / "metrics.json"
+    stamp = done.stat().st_mtime_ns
+    r = bench(*args, "--set", "explode.fail_in=sample")  # another config: another cell, failing in sample
+    assert r.exit_code == 1 and "failed: IndexError: sampler broke" in r.stderr
+    assert done.stat().st_mtime_ns == stamp  # the finished cell was not recomputed
+    r = bench("--debug", *args)  # --debug: the traceback too; the failed cell is retried
+    assert r.exit_code == 1 and "Traceback (most recent call last)" in r.output
+
+
+def test_an_internal_error_is_one_line_without_debug() -> None:
+    """A bug (here: a harness function made to raise ZeroDivisionError) is one line and exit status 3 from the
+    entry point; BENCH_DEBUG=1 lets the traceback through."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, bench.cli, bench.runner\n"
+        "bench.runner.parse_seeds = lambda text: 1 / 0\n"
+        "sys.argv = ['bench', 'run', '--methods', 'dpdm', '--dry-run']\n"
+        "bench.cli.main()\n"
+    )
+    env = {**os.environ, "BENCH_DEBUG": ""}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 3 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        "error: internal error: ZeroDivisionError: division by zero (rerun with --debug for the traceback, "
+        "and please report it)"
+    )
+    env["BENCH_DEBUG"] = "1"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr
