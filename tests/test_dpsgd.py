@@ -287,6 +287,20 @@ def test_canary_audit_catches_noise_divided_by_batch_size(monkeypatch: pytest.Mo
 # ------------------------------------------------------------------------------------------ sampling
 
 
+def test_poisson_mask_is_drawn_in_float64() -> None:
+    """Each batch is u < q for N float64 uniforms of the run's generator: inclusion probability q up to 2⁻⁵³ (a
+    float32 u < q includes a record with probability ⌈q·2²⁴⌉/2²⁴: for q = 64/60000, 1.7e-5 of q above it)."""
+    N, q = 60000, 64 / 60000
+    got = list(PoissonSampler(N, q, torch.Generator().manual_seed(4)))
+    g = torch.Generator().manual_seed(4)
+    want = [(torch.rand(N, generator=g, dtype=torch.float64) < q).nonzero().reshape(-1) for _ in range(len(got))]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    g = torch.Generator().manual_seed(4)
+    float32 = [(torch.rand(N, generator=g) < q).nonzero().reshape(-1) for _ in range(len(got))]
+    assert not all(torch.equal(a, b) for a, b in zip(got, float32, strict=True))  # the test tells them apart
+    assert (math.ceil(q * 2**24) / 2**24 - q) / q > 1.6e-5
+
+
 def test_poisson_batch_sizes_follow_binomial() -> None:
     N, q = 40, 0.1
     sampler = PoissonSampler(N, q, torch.Generator().manual_seed(0))
