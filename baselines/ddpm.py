@@ -41,6 +41,7 @@ class Config(DiffusionConfig):
 
 class DDPM(ConditionalDenoiser):
     name: ClassVar[str] = "ddpm"
+    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
     conditional: ClassVar[bool] = True
     guarantee: ClassVar[str] = "none"

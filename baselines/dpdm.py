@@ -74,6 +74,7 @@ class Config(DiffusionConfig):
 
 class DPDM(ConditionalDenoiser):
     name: ClassVar[str] = "dpdm"
+    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
     conditional: ClassVar[bool] = True
     guarantee: ClassVar[str] = "end-to-end"

@@ -87,6 +87,7 @@ class Config:
 
 class DPGAN(ConditionalGAN):
     name: ClassVar[str] = "dpgan"
+    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
 
     def _build(self) -> None:

@@ -223,6 +223,7 @@ def build_generator(spec: DataSpec, cfg: Config) -> nn.Module:
 
 class DPHP:
     name: ClassVar[str] = "dphp"
+    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
     conditional: ClassVar[bool] = True
     guarantee: ClassVar[str] = "end-to-end"

@@ -112,6 +112,7 @@ def sum_embedding(data: ImageDataset, w: Tensor, device: torch.device) -> Tensor
 
 class DPMERF:
     name: ClassVar[str] = "dpmerf"
+    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
     conditional: ClassVar[bool] = True
     guarantee: ClassVar[str] = "end-to-end"

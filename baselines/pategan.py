@@ -171,6 +171,7 @@ def votes_stage(aggregator: str, scale: float, count: int) -> Stage:
 
 class PATEGAN(ConditionalGAN):
     name: ClassVar[str] = "pategan"
+    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
 
     def _build(self) -> None:

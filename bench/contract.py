@@ -97,7 +97,11 @@ class Method(Protocol):
     """A generative method. See DESIGN.md, "The method contract".
 
     `generator` is always a CPU torch.Generator seeded by the harness; a method that needs random
-    numbers on an accelerator seeds a device generator from it (and checkpoints both states)."""
+    numbers on an accelerator seeds a device generator from it (and checkpoints both states).
+
+    A method may declare `version: ClassVar[int]` (built-ins must): it is part of every run key, so bumping it
+    when a change alters the method's results makes the harness recompute instead of reusing old cells. A
+    plugin's run keys also hash its source file (bench.registry.method_version)."""
 
     name: ClassVar[str]  # registry key, lowercase-kebab
     Config: ClassVar[type]  # frozen keyword-only dataclass: the single source of defaults

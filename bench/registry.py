@@ -7,8 +7,11 @@ does not satisfy the contract is a warning naming it; an unknown name lists the 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import importlib
 import importlib.util
+import inspect
 import re
 import sys
 import warnings
@@ -58,7 +61,53 @@ def validate(cls: object) -> type[Method]:
     for flag in ("conditional", "needs_public_data"):
         if not isinstance(getattr(cls, flag, None), bool):
             raise ValueError(f"{name}: capability {flag} must be declared as a bool")
+    version = getattr(cls, "version", 0)
+    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
+        raise ValueError(f"{name}: version must be an integer ≥ 0, got {version!r}")
     return cls  # type: ignore[return-value]
+
+
+def is_builtin(cls: type) -> bool:
+    return cls.__module__ in {target.partition(":")[0] for target in BUILTINS.values()}
+
+
+def source_hash(cls: type) -> str:
+    """The first 12 hex digits of the SHA-256 of the file that defines `cls` ("" when it has none)."""
+    try:
+        path = inspect.getsourcefile(cls)
+    except TypeError:
+        path = None
+    if path is None or not Path(path).is_file():
+        return ""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
+
+
+@functools.cache
+def harness_hash() -> str:
+    """The first 12 hex digits of a SHA-256 over the harness's own source (bench/**/*.py without the built-in
+    methods, which each have their own version): a record of which code computed a run."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root)
+        if rel.parts[0] in ("methods", "baselines"):
+            continue
+        digest.update(str(rel).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def code_record(cls: type) -> dict[str, str]:
+    """What config.json records of the code that computes a run: the method's version and source hash, and the
+    harness's hash (`bench run` compares them when it reuses a finished cell)."""
+    return {"method_version": method_version(cls), "method_source": source_hash(cls), "harness": harness_hash()}
+
+
+def method_version(cls: type) -> str:
+    """What a run key records of a method's code: a built-in's declared `version` ("1"); a plugin's declared
+    version (0 when none) and the hash of its source file ("0+1a2b3c4d5e6f"), so an edited plugin never reuses
+    the cells its earlier code computed."""
+    version = str(getattr(cls, "version", 0))
+    return version if is_builtin(cls) else f"{version}+{source_hash(cls)}"
 
 
 def _add(registry: dict[str, type[Method]], cls: type[Method], origin: str, origins: dict[str, str]) -> None:
@@ -108,6 +157,8 @@ def methods(plugins: tuple[str | Path, ...] = ()) -> dict[str, type[Method]]:
         cls = validate(_import(target))  # a broken built-in is a bug of ours: let it raise
         if cls.name != name:
             raise RuntimeError(f"built-in {target} has name {cls.name!r}, registered as {name!r}")
+        if not isinstance(vars(cls).get("version"), int):
+            raise RuntimeError(f"built-in {target} declares no `version: ClassVar[int]`")
         _add(registry, cls, f"built-in {target}", origins)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         try:

@@ -33,7 +33,9 @@ from bench.errors import BenchError, one_line
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, default_delta, epsilon, privacy_card, verify
 from bench.store import Store, load_torch, read_json, save_torch, write_json
 
-RESULT_VERSION = 2  # bump when a change of the harness changes results, so old keys are not reused
+# Bump when a change of the harness changes results, so old keys are not reused. 3: keys hold the method's version
+# (and a plugin's source hash), and Poisson masks are drawn in float64.
+RESULT_VERSION = 3
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +58,7 @@ class RunSpec:
     profile: str
     config: dict[str, Any]  # the method's resolved Config, as JSON
     eval: EvalPlan
+    method_version: str = ""  # bench.registry.method_version: the method's declared version (+ a plugin's hash)
     notes: tuple[str, ...] = ()
 
     @property
@@ -63,6 +66,7 @@ class RunSpec:
         ident = {
             "v": RESULT_VERSION,
             "method": self.method,
+            "method_version": self.method_version,
             "dataset": self.dataset,
             "epsilon": None if math.isinf(self.epsilon) else self.epsilon,
             "delta": self.delta,
@@ -106,6 +110,7 @@ def spec_from_json(d: dict[str, Any]) -> RunSpec:
         profile=d["profile"],
         config=d["config"],
         eval=EvalPlan(**d["eval"]),
+        method_version=d.get("method_version", ""),
         notes=tuple(d.get("notes", ())),
     )
 
@@ -205,6 +210,7 @@ def plan(
                             profile=profile,
                             config=cfgmod.to_jsonable(config),
                             eval=plan_eval,
+                            method_version=registry.method_version(cls),
                             notes=tuple(notes),
                         )
                     )
@@ -368,7 +374,9 @@ class Runner:
 
     def _run(self, spec: RunSpec, run_dir: Path, ui: Any) -> str:
         key = spec.key
-        write_json(run_dir / "config.json", spec.to_json() | {"device": str(self.device)})
+        cls = registry.get(spec.method, self.plugins)
+        code = registry.code_record(cls)
+        write_json(run_dir / "config.json", spec.to_json() | {"device": str(self.device), "code": code})
         self.store.record_run(
             key,
             method=spec.method,
@@ -384,7 +392,6 @@ class Runner:
         self.log(run_dir, f"start {key} on {self.device}")
         for note in spec.notes:
             self.log(run_dir, f"warning: {note}")
-        cls = registry.get(spec.method, self.plugins)
         train = self.dataset(spec.dataset, "train")
         config = cfgmod.build_dataclass(cls.Config, spec.config, spec.method)
         method = cls(config, spec=train.spec, device=self.device)
@@ -645,6 +652,27 @@ class GridOutcome:
         return [spec for spec, o in self.outcomes if o == "failed"]
 
 
+def older_code(r: Runner, specs: list[RunSpec]) -> dict[str, str]:
+    """Finished cells (key -> what differs) whose config.json records other code than this one: the method's
+    source or the harness changed since, without a new method version or RESULT_VERSION (so the key is the
+    same and the cell is reused)."""
+    out = {}
+    for spec in specs:
+        path = r.store.run_dir(spec.key) / "config.json"
+        recorded = read_json(path).get("code") if path.is_file() else None
+        if not isinstance(recorded, dict):
+            continue
+        now = registry.code_record(registry.get(spec.method, r.plugins))
+        changed = [
+            what
+            for field_, what in (("method_source", f"{spec.method}'s source changed"), ("harness", "harness changed"))
+            if recorded.get(field_) != now[field_]
+        ]
+        if changed:
+            out[spec.key] = ", ".join(changed)
+    return out
+
+
 def run_grid(
     r: Runner,
     specs: list[RunSpec],
@@ -674,6 +702,11 @@ def run_grid(
         outcomes = (executor or LocalExecutor()).run(r, specs, ui)
     result = GridOutcome(list(zip(specs, outcomes, strict=True)), missing_data=missing)
     result.errors = {s.key: r.errors.get(s.key, "failed") for s in result.failed}
+    if stale := older_code(r, [s for s, o in result.outcomes if o == "skipped"]):
+        echo(
+            f"note: {len(stale)} finished cell(s) reused, computed by older code of the same version "
+            f"({'; '.join(sorted(set(stale.values())))}); `--force` recomputes them"
+        )
     echo(
         f"{result.count('done')} run(s) done, {result.count('skipped')} already finished, "
         f"{result.count('failed')} failed; results in {r.store.root}"

@@ -89,6 +89,7 @@ class DPSAD(DPSADBase):
     """The paper's DP-SAD: non-private teacher and discriminator, DP student (guarantee "partial")."""
 
     name: ClassVar[str] = "dpsad"
+    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
     guarantee: ClassVar[str] = "partial"
 

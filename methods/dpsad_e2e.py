@@ -83,6 +83,7 @@ class DPSADE2E(DPSADBase):
     """DP-SAD made end-to-end DP: DP teacher, DP (or post-processing) discriminator, DP student."""
 
     name: ClassVar[str] = "dpsad-e2e"
+    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = E2EConfig
     guarantee: ClassVar[str] = "end-to-end"
 

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from bench import runner
 from bench.privacy import Stage, epsilon
 from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
@@ -324,3 +325,46 @@ def test_an_internal_error_is_one_line_without_debug() -> None:
     env["BENCH_DEBUG"] = "1"
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 1 and "Traceback (most recent call last)" in out.stderr
+
+
+def test_the_run_key_holds_the_method_version_and_a_plugins_source(tmp_path: Path, monkeypatch) -> None:
+    from bench.baselines.dpdm import DPDM
+
+    from bench import registry
+
+    def key(method: str, plugins: tuple[str, ...] = ()) -> str:
+        registry._cache.clear()
+        (spec,) = runner.plan(methods=[method], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
+                              accountant="rdp", profile=TINY_PROFILE, sets=[], plugins=plugins)  # fmt: skip
+        return spec.key
+
+    before = key("dpdm")
+    monkeypatch.setattr(DPDM, "version", DPDM.version + 1)
+    assert key("dpdm") != before  # a new version of a built-in: new keys, nothing reused
+    monkeypatch.undo()
+    assert key("dpdm") == before
+    plugin = tmp_path / "mine.py"
+    plugin.write_text((TESTS / "plugins" / "good_plugin.py").read_text())
+    first = key("noisy-means", (str(plugin),))
+    assert key("noisy-means", (str(plugin),)) == first
+    plugin.write_text(plugin.read_text() + "\n# an edit\n")
+    assert key("noisy-means", (str(plugin),)) != first  # an edited plugin file: new keys
+
+
+def test_reusing_a_cell_computed_by_older_code_says_so(tmp_path: Path) -> None:
+    plugin = ["--plugin", str(TESTS / "plugins" / "good_plugin.py")]
+    args = [*RUN, "--methods", "noisy-means", "--eps", "10", "--results", str(tmp_path), "--no-real", *plugin]
+    assert bench(*args).exit_code == 0
+    (d,) = run_dirs(tmp_path)
+    cfg = json.loads((d / "config.json").read_text())
+    assert set(cfg["code"]) == {"method_version", "method_source", "harness"}
+    r = bench(*args)
+    assert r.exit_code == 0 and "older code" not in r.stderr and "0 run(s) done, 1 already finished" in r.stderr
+    cfg["code"]["harness"] = "0123456789ab"  # as if computed by an earlier harness
+    (d / "config.json").write_text(json.dumps(cfg))
+    stamp = (d / "metrics.json").stat().st_mtime_ns
+    r = bench(*args)
+    assert "note: 1 finished cell(s) reused, computed by older code of the same version (harness changed)" in r.stderr
+    assert (d / "metrics.json").stat().st_mtime_ns == stamp
+    r = bench(*args, "--force")
+    assert r.exit_code == 0 and (d / "metrics.json").stat().st_mtime_ns != stamp
