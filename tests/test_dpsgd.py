@@ -150,6 +150,51 @@ def test_a_model_that_mixes_rows_is_refused_by_row_modes_and_auto_falls_back() -
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
 
 
+class DropoutModel(nn.Module):
+    """Dropout after a Linear, on rows that are (mix=True) or are not (mix=False) centred on the batch mean."""
+
+    def __init__(self, mix: bool) -> None:
+        super().__init__()
+        self.lin, self.drop, self.mix = nn.Linear(3, 2), nn.Dropout(0.5), mix
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.lin(x - x.mean(0, keepdim=True) if self.mix else x))
+
+
+def test_the_row_check_also_runs_for_models_with_dropout() -> None:
+    """A model with dropout is checked with its dropout off: mixing rows is refused, a row-wise one trains (and
+    its dropout is back on afterwards)."""
+
+    def loss(call: Callable[..., Tensor], x: Tensor) -> Tensor:
+        return call(torch.stack([x, 2 * x])).pow(2).sum()
+
+    x = torch.randn(6, 3)
+    with pytest.raises(ValueError, match="mixes"):
+        make_dp(DropoutModel(mix=True), mode="folded", per_example_loss=loss).step(x)
+    model = DropoutModel(mix=False)
+    make_dp(model, mode="folded", per_example_loss=loss).step(x)
+    assert model.drop.training
+
+
+def test_the_row_check_tolerance_is_tight() -> None:
+    """A mixing of 1e-3 of the output (far below the old 1e-2 tolerance) is refused in float32."""
+
+    class Slight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(3, 1)
+
+        def forward(self, x: Tensor) -> Tensor:
+            out = self.lin(x)
+            return out + 1e-3 * out.detach().abs().max() * (len(x) > 2)  # shifts every output when batched
+
+    def loss(call: Callable[..., Tensor], x: Tensor) -> Tensor:
+        return call(torch.stack([x, 2 * x])).pow(2).sum()
+
+    with pytest.raises(ValueError, match="mixes"):
+        make_dp(Slight(), mode="folded", per_example_loss=loss).step(torch.randn(4, 3))
+
+
 @pytest.mark.parametrize(("mode", "K"), ROW_MODES)
 def test_every_clipped_per_example_norm_is_at_most_C(mode: str, K: int) -> None:
     C = 0.05  # below every per-example norm here, so every example is clipped
