@@ -391,8 +391,14 @@ def _stages(ledger_or_stages: PrivacyLedger | Sequence[Stage]) -> list[Stage]:
 def verify(ledger: PrivacyLedger, budget: Budget) -> float:
     """Recompute ε from the ledger with the budget's accountant and δ (PRIVACY.md rule 3).
 
-    Returns ε; raises BudgetExceeded when ε > target · (1 + 1e-6).
+    Returns ε; raises BudgetExceeded when ε > target · (1 + 1e-6), and BenchError for an empty ledger (a private
+    method that records no mechanism would read ε = 0).
     """
+    if not ledger.stages:
+        raise BenchError(
+            "the method's ledger is empty: a private method must record every mechanism it applies to the "
+            "training data (an empty ledger would read ε = 0); declare guarantee 'none' if it is not private"
+        )
     eps = epsilon(ledger, budget.delta, budget.accountant)
     if math.isnan(eps) or eps > budget.epsilon * (1.0 + VERIFY_RTOL):
         raise BudgetExceeded(
@@ -527,6 +533,13 @@ def calibrate_sigma(
 # ----------------------------------------------------------------------------------------------- card
 
 
+ASSUMPTIONS = (
+    "adjacency: data sets that differ by adding or removing one record (the accountants' add/remove model)",
+    "the record count N is public (the usual convention): the sampling rate q = B/N, the expected batch size "
+    "q·N that divides each noisy gradient sum, and δ's default (1e-5 below 100,000 records, else 1e-6) use it",
+)
+
+
 def privacy_card(ledger: PrivacyLedger, budget: Budget, *, epsilon: float, guarantee: str) -> dict[str, Any]:
     """The privacy card (privacy.json) of a run; JSON-ready, with ε = inf written as None (null).
 
@@ -552,6 +565,7 @@ def privacy_card(ledger: PrivacyLedger, budget: Budget, *, epsilon: float, guara
         "non_private": list(ledger.non_private),
         "claimed_epsilon": ledger.claimed_epsilon,
         "stages": [stage.to_dict() for stage in ledger.stages],
+        "assumptions": list(ASSUMPTIONS),
     }
 
 

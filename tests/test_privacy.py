@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from bench import privacy
 from bench.errors import BenchError
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, Stage
+from tests.conftest import TESTS, TINY_PROFILE, bench
 
 # q, σ, steps, δ, RDP ε, PLD ε (PRIVACY.md table).
 TABLE = [
@@ -280,6 +281,7 @@ def test_stage_validation(kwargs):
 
 
 CARD_KEYS = {
+    "assumptions",
     "target_epsilon",
     "delta",
     "accountant",
@@ -339,9 +341,26 @@ def test_card_keys_and_recomputation():
         "expected_batch_size",
     }
     assert set(card["stages"][1]) == {"name", "mechanism", "noise_multiplier", "count"}
+    assert any("record count N is public" in a for a in card["assumptions"])
+    assert any("adding or removing one record" in a for a in card["assumptions"])
     card = json.loads(json.dumps(card))  # what privacy.json holds
     assert card["epsilon"] == pytest.approx(independent_epsilon(card["stages"], card["delta"]), rel=1e-12)
     assert card["guarantee"] == "end-to-end" and card["accountant"] == "rdp" and card["target_epsilon"] == 10.0
+
+
+def test_an_empty_ledger_of_a_private_method_is_refused(tmp_path) -> None:
+    """verify() refuses an empty ledger (it would read ε = 0); through the runner, such a cell fails in one line."""
+    with pytest.raises(BenchError, match="ledger is empty"):
+        privacy.verify(PrivacyLedger(), Budget(epsilon=1.0, delta=1e-5))
+    plugin = tmp_path / "silent.py"
+    plugin.write_text(
+        (TESTS / "plugins" / "overspend.py").read_text()
+        .replace('"overspend"', '"silent"')
+        .replace("ledger.add(Stage(", "(Stage(")  # the mechanism runs but is not recorded
+    )  # fmt: skip
+    r = bench("run", "--methods", "silent", "--eps", "1", "--dataset", "synthetic", "--profile", TINY_PROFILE,
+              "--device", "cpu", "--results", str(tmp_path / "res"), "--plugin", str(plugin), "--no-real")  # fmt: skip
+    assert r.exit_code == 1 and "failed: the method's ledger is empty" in r.stderr
 
 
 def test_composition_costs_more_than_each_stage():
