@@ -307,7 +307,11 @@ class DPSADBase(ConditionalDenoiser):
 
 class OutputClipStep(ChargedSteps):
     """clip_target = "output": clip each example's output gradient o_i to C, add N(0, σ_eff²C²) to each,
-    backpropagate Σ_i (ō_i + z_i) through the student, divide by q·N, step. Counts the steps taken."""
+    backpropagate Σ_i (ō_i + z_i) through the student, divide by q·N, step. Counts the steps taken.
+
+    An empty Poisson batch has no output to put noise on: its step adds N(0, σ_eff²C² I) / (q·N) to every
+    parameter's gradient, the noise of the poisson_gaussian stage the ledger charges for that step (as a DP-SGD
+    step on an empty batch does), instead of a zero step."""
 
     def __init__(
         self,
@@ -339,9 +343,10 @@ class OutputClipStep(ChargedSteps):
                 o = o + std * torch.randn(o.shape, generator=self.generator, device=o.device)
             e = net(x_r.flatten(0, 1), r.flatten(), y.repeat_interleave(K))
             ((e * o.flatten(0, 1)).sum() / self.expected_batch_size).backward()
+        std = self.noise_multiplier * self.max_grad_norm / self.expected_batch_size
         for p in net.parameters():
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)  # an empty batch still takes the (zero) step
+            if p.grad is None:  # an empty batch: the charged Gaussian noise alone (see the class docstring)
+                p.grad = std * torch.randn(p.shape, generator=self.generator, device=p.device, dtype=p.dtype)
         self.optimizer.step()
         self.steps += 1
 

@@ -108,6 +108,22 @@ def test_sigma_0_and_no_clipping_is_a_plain_distillation_step(train, one_thread,
     assert moved > 1e-4, "the step must move the student"
 
 
+def test_output_clipping_adds_the_charged_noise_on_an_empty_batch(train, one_thread) -> None:
+    """clip_target = "output" on an empty Poisson batch: each parameter's gradient is N(0, σ²C²)/(q·N), as the
+    charged poisson_gaussian step (not a zero step)."""
+    method = build("dpsad", train, clip_target="output")
+    n, q, sigma, C = len(train), 0.01, 2.0, 0.5
+    x_r, r, y, eps, e_T, e_S = student_inputs(method, train, [], seed=3)
+    start = [p.detach().clone() for p in method.net.parameters()]
+    opt = torch.optim.SGD(method.net.parameters(), lr=1.0)
+    step = OutputClipStep(method, opt, sigma_eff=sigma, C=C, q=q, n=n, generator=torch.Generator().manual_seed(0))
+    step.step(x_r, r, y, method.output_grads(e_S, e_T, eps, x_r, r, y))
+    moved = torch.cat([(p0 - p.detach()).flatten() for p, p0 in zip(method.net.parameters(), start, strict=True)])
+    assert step.steps == 1 and len(moved) > 10_000
+    expected = sigma * C / (q * n)
+    assert abs(moved.std().item() / expected - 1) < 0.05 and abs(moved.mean().item()) < 5 * expected / len(moved) ** 0.5
+
+
 def test_bt_noise_divisor_is_charged_as_sigma_over_T(train, one_thread, monkeypatch: pytest.MonkeyPatch) -> None:
     executed: list[float] = []  # noise multiplier of every executed student step
     real_step = DPSGD.step
