@@ -125,7 +125,12 @@ class Partition:
 
 def draw_partition(num_records: int, k: int, generator: torch.Generator) -> Partition:
     """An independent uniform teacher for every record (see the module docstring for why not equal sizes)."""
-    teacher_of = torch.randint(0, k, (num_records,), generator=generator)
+    return partition_of(torch.randint(0, k, (num_records,), generator=generator), k)
+
+
+def partition_of(teacher_of: Tensor, k: int) -> Partition:
+    """The partition that gives record i to teacher teacher_of[i]."""
+    num_records = len(teacher_of)
     sizes = torch.bincount(teacher_of, minlength=k)
     order = torch.argsort(teacher_of, stable=True)  # records grouped by teacher
     slot = torch.arange(num_records) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
@@ -250,15 +255,8 @@ class PATEGAN(ConditionalGAN):
             self._build()
             self._build_teachers()
         part_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
-        self.partition = draw_partition(len(train), cfg.teachers, part_gen)
-        # teacher j's records, row j of a zero-padded block: teacher j can only ever read row j
-        mask = self.partition.members >= 0
-        self._part_x = torch.zeros((*mask.shape, *train.images.shape[1:]), dtype=torch.uint8)
-        self._part_y = torch.zeros(mask.shape, dtype=torch.long)
-        self._part_x[mask] = train.images[self.partition.members[mask]]
-        self._part_y[mask] = train.labels[self.partition.members[mask]]
-        self._part_x, self._part_y = self._part_x.to(dev), self._part_y.to(dev)
-        self._sizes = self.partition.sizes.to(dev)
+        self._train = train
+        self._use_partition(draw_partition(len(train), cfg.teachers, part_gen))
         self.generator = generator
         self.noise_gen = device_generator(generator, dev)
         betas = (cfg.beta1, cfg.beta2)
@@ -266,6 +264,18 @@ class PATEGAN(ConditionalGAN):
         self.opt_s = torch.optim.Adam(self.S.parameters(), lr=cfg.lr_student, betas=betas)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
         self.iteration = self.queries = 0
+
+    def _use_partition(self, partition: Partition) -> None:
+        """Teacher j's records, row j of a zero-padded block: teacher j can only ever read row j."""
+        train, dev = self._train, self.device
+        self.partition = partition
+        mask = partition.members >= 0
+        self._part_x = torch.zeros((*mask.shape, *train.images.shape[1:]), dtype=torch.uint8)
+        self._part_y = torch.zeros(mask.shape, dtype=torch.long)
+        self._part_x[mask] = train.images[partition.members[mask]]
+        self._part_y[mask] = train.labels[partition.members[mask]]
+        self._part_x, self._part_y = self._part_x.to(dev), self._part_y.to(dev)
+        self._sizes = partition.sizes.to(dev)
 
     def _fakes(self, n: int) -> tuple[Tensor, Tensor]:
         """n generated samples without gradient: float [n, C, H, W], labels int64 [n] ~ U{classes}."""
@@ -344,8 +354,13 @@ class PATEGAN(ConditionalGAN):
         }
 
     def _load_training_state(self, state: dict[str, Any]) -> None:
-        if not torch.equal(state["teacher_of"], self.partition.teacher_of):
-            raise BenchError("pategan: the checkpoint's teacher partition differs from this run's")
+        """Resume: the teachers were trained on the checkpoint's partition, so the fit goes on with it (one
+        partition for the whole fit, whatever this process drew)."""
+        teacher_of = state["teacher_of"]
+        if len(teacher_of) != len(self._train) or int(teacher_of.max()) >= self.config.teachers:
+            raise BenchError("pategan: the checkpoint's teacher partition does not fit this run's data and teachers")
+        if not torch.equal(teacher_of, self.partition.teacher_of):
+            self._use_partition(partition_of(teacher_of, self.config.teachers))
         self.load_state_dict(state["model"])
         self.teachers.load_state_dict(state["teachers"])
         for opt, s in zip((self.opt_t, self.opt_s, self.opt_g), state["optimizers"], strict=True):

@@ -217,6 +217,12 @@ def plan(
     return specs
 
 
+def fit_generator(seed: int) -> torch.Generator:
+    """The contract's generator of a fit: on the CPU, seeded by the run's seed (a resumed fit restores its state
+    from the checkpoint)."""
+    return torch.Generator().manual_seed(seed)
+
+
 def checkpoint_interval() -> float:
     """Seconds between training checkpoints: BENCH_CHECKPOINT_EVERY (a number ≥ 0; 0 = every step), else 60."""
     text = os.environ.get("BENCH_CHECKPOINT_EVERY", "").strip()
@@ -409,7 +415,7 @@ class Runner:
                 if math.isfinite(spec.epsilon)
                 else Budget.unlimited(spec.delta)
             )
-            generator = torch.Generator().manual_seed(spec.seed)  # CPU: the contract's generator
+            generator = fit_generator(spec.seed)
             progress = RunProgress(ckpt_path, self.checkpoint_every_s, *_bar_callbacks(ui, spec))
             with _timed(costs, "fit"):
                 ledger = method.fit(train, budget=budget, generator=generator, progress=progress)

@@ -290,7 +290,7 @@ def test_resume_continues_the_same_run_without_spending_budget_twice(train) -> N
     ledger = whole.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=interrupted)
     resumed, _ = make(train, iterations=6)
     again = resumed.fit(
-        train, budget=budget, generator=torch.Generator().manual_seed(0), progress=InterruptAt(0, interrupted.saved)
+        train, budget=budget, generator=torch.Generator().manual_seed(7), progress=InterruptAt(0, interrupted.saved)
     )
     assert again.stages == ledger.stages  # the queries answered before the interruption are counted once
     labels = torch.arange(10)
