@@ -5,13 +5,14 @@ No per-method branches: a new method passes by adding its tiny settings to tests
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 
 import pytest
 import torch
 
-from bench import config, registry
+from bench import config, dpsgd, registry
 from bench.contract import NullProgress
 from bench.privacy import Budget, PrivacyLedger, epsilon
 from tests.conftest import TINY_PROFILE
@@ -38,11 +39,60 @@ def labels_for(method, n: int, num_classes: int):
     return torch.arange(n) % num_classes if method.conditional else None
 
 
+class Spy:
+    """What the shared DP-SGD code actually does during a fit: per DPSGD engine, its σ, C, q, the batch size of
+    every step and the noise it drew (sum of squares, count, the std it was asked for); per Poisson sampler,
+    its N, q and batch sizes. Installed around the shared code (DPSGD.step, add_noise, PoissonSampler), so it
+    sees every DP-SGD method without a line of per-method code."""
+
+    def __init__(self) -> None:
+        self.engines: dict[int, dict] = {}
+        self.samplers: list[dict] = []
+        self.current: dict | None = None
+
+    @contextlib.contextmanager
+    def installed(self):
+        step, noise, draw = dpsgd.DPSGD.step, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__
+
+        def spy_step(engine, *batch):
+            self.current = self.engines.setdefault(id(engine), {
+                "sigma": engine.noise_multiplier, "C": engine.max_grad_norm, "q": engine.sample_rate,
+                "expected": engine.expected_batch_size, "B": [], "noise": [],
+            })  # fmt: skip
+            self.current["B"].append(int(batch[0].shape[0]))
+            try:
+                return step(engine, *batch)
+            finally:
+                self.current = None
+
+        def spy_noise(sums, *, noise_std, generator):
+            out = noise(sums, noise_std=noise_std, generator=generator)
+            if self.current is not None:
+                drawn = torch.cat([(o - s).detach().flatten().double() for o, s in zip(out, sums, strict=True)])
+                self.current["noise"].append((drawn.pow(2).sum().item(), drawn.numel(), noise_std))
+            return out
+
+        def spy_draw(sampler):
+            record = {"N": sampler.num_records, "q": sampler.sample_rate, "B": []}
+            self.samplers.append(record)
+            for index in draw(sampler):
+                record["B"].append(len(index))
+                yield index
+
+        dpsgd.DPSGD.step, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__ = spy_step, spy_noise, spy_draw
+        try:
+            yield self
+        finally:
+            dpsgd.DPSGD.step, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__ = step, noise, draw
+
+
 @pytest.fixture(scope="module", params=METHODS)
 def fitted(request, train):
     method = build(request.param, train)
     budget = Budget.for_records(EPS, len(train))
-    ledger = method.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=NullProgress())
+    with Spy().installed() as spy:
+        ledger = method.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=NullProgress())
+    method.spy = spy
     return request.param, method, ledger, budget
 
 
@@ -55,6 +105,32 @@ def test_fit_returns_a_ledger_within_budget(fitted) -> None:
         eps = epsilon(ledger, budget.delta, budget.accountant)
         assert 0 < eps <= EPS * (1 + 1e-6)
         assert math.isfinite(eps)
+
+
+def test_every_dp_sgd_step_draws_the_noise_and_batches_the_ledger_charges(fitted, train) -> None:
+    """Each poisson_gaussian stage of the ledger is one DPSGD engine that ran: the same σ, C and q, exactly
+    `steps` noisy steps, noise of std σ·C on every coordinate of every step (empirical, within 3%), batches from
+    a Poisson sampler over the N training records at rate q whose mean size is q·N (within 5 standard errors),
+    and the expected batch size q·N as the divisor. A method without DP-SGD has neither engines nor such stages."""
+    name, method, ledger, _ = fitted
+    spy, N = method.spy, len(train)
+    charged = sorted(
+        (s.noise_multiplier, s.max_grad_norm, s.sampling_rate, s.steps)
+        for s in ledger.stages
+        if s.mechanism == "poisson_gaussian"
+    )
+    ran = sorted((e["sigma"], e["C"], e["q"], len(e["B"])) for e in spy.engines.values())
+    assert ran == charged, f"{name}: executed DP-SGD steps differ from the ledger"
+    rates = {r["q"] for r in spy.samplers if r["N"] == N}
+    for e in spy.engines.values():
+        assert len(e["noise"]) == len(e["B"]) and all(std == e["sigma"] * e["C"] for _, _, std in e["noise"])
+        squares, count = sum(n[0] for n in e["noise"]), sum(n[1] for n in e["noise"])
+        assert abs(math.sqrt(squares / count) / (e["sigma"] * e["C"]) - 1) < 0.03, f"{name}: noise std"
+        q, steps = e["q"], len(e["B"])
+        assert q in rates, f"{name}: no Poisson sampler over the {N} records at the charged rate {q}"
+        assert e["expected"] == pytest.approx(q * N)
+        mean_B = sum(e["B"]) / steps
+        assert abs(mean_B - q * N) <= 5 * math.sqrt(q * N * (1 - q) / steps) + 1e-9, f"{name}: batch sizes"
 
 
 def test_sample_shape_dtype_range(fitted, train) -> None:
