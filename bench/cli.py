@@ -363,13 +363,27 @@ def list_(plugin: Plugins = None) -> None:
             typer.echo(f"  {name}")
 
 
-def main() -> None:
+INTERRUPTED = "interrupted: rerun the same command to resume from the last checkpoint"
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The `bench` entry point: every error is one line on stderr and a non-zero exit status (2: bad input or
+    usage, 1: a cell failed, 3: an internal error, 130: interrupted); --debug shows tracebacks."""
+    # typer's bundled click (its exceptions are not re-exported by typer itself)
+    from typer._click.exceptions import ClickException, NoArgsIsHelpError
+
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
     try:
-        app()
-    except KeyboardInterrupt:
-        typer.echo("interrupted: rerun the same command to resume from the last checkpoint", err=True)
-        sys.exit(130)
+        status = app(argv, standalone_mode=False, prog_name="bench")
+    except NoArgsIsHelpError as e:
+        typer.echo(e.ctx.get_help())
+        status = 0
+    except ClickException as e:  # a usage error: one line instead of click's usage block
+        where = getattr(getattr(e, "ctx", None), "command_path", None)
+        typer.echo(f"error: {e.format_message()}" + (f" (see `{where} --help`)" if where else ""), err=True)
+        status = e.exit_code
+    except (KeyboardInterrupt, typer.Abort):
+        status = 130
     except Exception as e:  # noqa: BLE001 - a bug: one line unless --debug
         if debug():
             raise
@@ -377,7 +391,10 @@ def main() -> None:
             f"error: internal error: {one_line(e)} (rerun with --debug for the traceback, and please report it)",
             err=True,
         )
-        sys.exit(3)
+        status = 3
+    if status == 130:
+        typer.echo(INTERRUPTED, err=True)
+    sys.exit(status if isinstance(status, int) else 0)
 
 
 if __name__ == "__main__":

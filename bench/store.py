@@ -23,6 +23,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -106,14 +107,26 @@ def load_torch(path: Path) -> Any:
         ) from None
 
 
+def db_timeout() -> float:
+    """Seconds to wait for a results database that another process holds: BENCH_DB_TIMEOUT, else 60."""
+    text = os.environ.get("BENCH_DB_TIMEOUT", "").strip()
+    try:
+        value = float(text) if text else 60.0
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise BenchError(f"BENCH_DB_TIMEOUT must be a number of seconds ≥ 0, got {text!r}")
+    return value
+
+
 def db_error(path: Path, e: sqlite3.DatabaseError) -> str:
     """What a SQLite error on the results index means, and what to do about it, in one line."""
     text = str(e)
     low = text.lower()
     if "locked" in low or "busy" in low:
         return (
-            f"results database {path} is locked: another process has held it for over 60 s ({text}); wait for "
-            "the other `bench` to finish, or give this run its own --results folder"
+            f"results database {path} is locked: another process has held it for over {db_timeout():g} s ({text}); "
+            "wait for the other `bench` to finish, or give this run its own --results folder"
         )
     if "readonly" in low or "read-only" in low:
         return f"results database {path} is read-only ({text}); make it and its folder writable, or use another"
@@ -156,7 +169,7 @@ class Store:
     @contextlib.contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
         try:
-            db = sqlite3.connect(self.db_path, timeout=60)
+            db = sqlite3.connect(self.db_path, timeout=db_timeout())
             db.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as e:
             raise BenchError(db_error(self.db_path, e)) from None
@@ -182,25 +195,32 @@ class Store:
 
     def record_run(self, key: str, **fields: Any) -> None:
         """Insert or update the index row of a run."""
+        with self._connect() as db:
+            self._upsert(db, key, fields)
+
+    def _upsert(self, db: sqlite3.Connection, key: str, fields: dict[str, Any]) -> None:
         fields = _clean(fields) | {"key": key, "run_dir": str(self.run_dir(key))}
         cols = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         updates = ", ".join(f"{c} = excluded.{c}" for c in fields if c != "key")
-        with self._connect() as db:
-            db.execute(
-                f"INSERT INTO runs ({cols}, updated) VALUES ({marks}, datetime('now')) "
-                f"ON CONFLICT(key) DO UPDATE SET {updates}, updated = datetime('now')",
-                tuple(fields.values()),
-            )
+        db.execute(
+            f"INSERT INTO runs ({cols}, updated) VALUES ({marks}, datetime('now')) "
+            f"ON CONFLICT(key) DO UPDATE SET {updates}, updated = datetime('now')",
+            tuple(fields.values()),
+        )
 
     def record_metrics(self, key: str, metrics: dict[str, dict[str, Any]]) -> None:
+        with self._connect() as db:
+            self._put_metrics(db, key, metrics)
+
+    @staticmethod
+    def _put_metrics(db: sqlite3.Connection, key: str, metrics: dict[str, dict[str, Any]]) -> None:
         rows = [
             (key, name, _clean(m.get("value")), json.dumps(_clean(m), default=_json_default))
             for name, m in metrics.items()
         ]
-        with self._connect() as db:
-            db.execute("DELETE FROM metrics WHERE key = ?", (key,))
-            db.executemany("INSERT INTO metrics (key, metric, value, info) VALUES (?, ?, ?, ?)", rows)
+        db.execute("DELETE FROM metrics WHERE key = ?", (key,))
+        db.executemany("INSERT INTO metrics (key, metric, value, info) VALUES (?, ?, ?, ?)", rows)
 
     def rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """All run rows and metric rows of the index."""
@@ -211,34 +231,36 @@ class Store:
         return runs, metrics
 
     def rebuild(self) -> int:
-        """Re-create the index from the run directories; returns the number of finished runs."""
-        with self._connect() as db:
-            db.execute("DELETE FROM runs")
-            db.execute("DELETE FROM metrics")
-        n = 0
+        """Re-create the index from the run folders, in one transaction; a folder whose files cannot be read is
+        left out with a warning naming it (its files are not touched). Returns the number of finished runs."""
+        found = []
         for run in sorted((self.root / "runs").iterdir()):
             cfg_path, card_path, met_path = run / "config.json", run / "privacy.json", run / "metrics.json"
             if not cfg_path.is_file():
                 continue
-            cfg = read_json(cfg_path)
-            card = read_json(card_path) if card_path.is_file() else {}
-            done = met_path.is_file()
-            self.record_run(
-                run.name,
-                method=cfg["method"],
-                dataset=cfg["dataset"],
-                target_epsilon=cfg["epsilon"],
-                delta=cfg["delta"],
-                accountant=cfg["accountant"],
-                seed=cfg["seed"],
-                profile=cfg["profile"],
-                status="done" if done else card.get("status", "incomplete"),
-                guarantee=card.get("guarantee"),
-                epsilon=card.get("epsilon"),
-            )
-            if done:
-                met = read_json(met_path)
-                self.record_metrics(run.name, met["metrics"])
-                self.record_run(run.name, cost=json.dumps(_clean(met.get("cost", {}))))
-                n += 1
-        return n
+            try:
+                cfg = read_json(cfg_path)
+                card = read_json(card_path) if card_path.is_file() else {}
+                met = read_json(met_path) if met_path.is_file() else None
+                fields = {
+                    "method": cfg["method"], "dataset": cfg["dataset"], "target_epsilon": cfg["epsilon"],
+                    "delta": cfg["delta"], "accountant": cfg["accountant"], "seed": cfg["seed"],
+                    "profile": cfg["profile"], "guarantee": card.get("guarantee"), "epsilon": card.get("epsilon"),
+                    "status": "done" if met is not None else card.get("status", "incomplete"),
+                }  # fmt: skip
+                metrics: dict[str, Any] | None = None
+                if met is not None:
+                    fields["cost"] = json.dumps(_clean(met.get("cost", {})))
+                    metrics = dict(met["metrics"])
+            except (BenchError, KeyError, TypeError, AttributeError) as e:
+                warnings.warn(f"{run}: left out of the rebuilt index, its files cannot be read ({e})", stacklevel=2)
+                continue
+            found.append((run.name, fields, metrics))
+        with self._connect() as db:
+            db.execute("DELETE FROM runs")
+            db.execute("DELETE FROM metrics")
+            for key, fields, metrics in found:
+                self._upsert(db, key, fields)
+                if metrics is not None:
+                    self._put_metrics(db, key, metrics)
+        return sum(m is not None for _, _, m in found)
