@@ -159,10 +159,13 @@ class IdxDataset:
 
 @dataclass(frozen=True)
 class SyntheticDataset:
-    """1×16×16 images in 10 classes: a bright bar, horizontal (classes 0-4) or vertical (5-9), at a
-    class-dependent row or column, with random length, offset, brightness and a little pixel noise."""
+    """C×S×S images in 10 classes: a bright bar, horizontal (classes 0-4) or vertical (5-9), at a
+    class-dependent row or column, with random length, offset, brightness and a little pixel noise. With 3
+    channels each class also has its own colour (so colour carries class information, as in CIFAR-10)."""
 
     size: int = 16
+    channels: int = 1
+    name: str = "synthetic"
     num_classes: int = 10
     num_train: int = 2_000
     num_test: int = 500
@@ -171,7 +174,7 @@ class SyntheticDataset:
 
     def spec(self, root: Path | None = None) -> DataSpec:
         return DataSpec(
-            channels=1,
+            channels=self.channels,
             height=self.size,
             width=self.size,
             num_classes=self.num_classes,
@@ -182,23 +185,30 @@ class SyntheticDataset:
         n = self.num_train if split == "train" else self.num_test
         rng = np.random.default_rng([self.seed, 0 if split == "train" else 1])
         labels = rng.permutation(np.arange(n) % self.num_classes)  # balanced
-        s = self.size
+        s, scale = self.size, self.size / 16  # positions and lengths of the 16×16 design, scaled
         images = np.zeros((n, s, s), dtype=np.float32)
         k = labels % 5
-        pos = 3 * k + 1 + rng.integers(0, 2, n)  # bar row/column 1..14, jittered by one pixel
-        start = rng.integers(1, 5, n)
-        length = rng.integers(8, 12, n)
+        pos = np.floor((3 * k + 1 + rng.integers(0, 2, n)) * scale).astype(int)  # bar row/column, jittered
+        start = np.floor(rng.integers(1, 5, n) * scale).astype(int)
+        length = np.floor(rng.integers(8, 12, n) * scale).astype(int)
+        width = max(2, round(2 * scale))
         brightness = rng.uniform(160, 255, n)
         for i in range(n):
             bar = images[i] if labels[i] < 5 else images[i].T  # the transposed view draws a vertical bar
-            bar[pos[i] : pos[i] + 2, start[i] : start[i] + length[i]] = brightness[i]
+            bar[pos[i] : pos[i] + width, start[i] : start[i] + length[i]] = brightness[i]
+        if self.channels == 3:  # class colour: a hue per class, as RGB weights in [0.25, 1]
+            hue = 2 * np.pi * labels / self.num_classes
+            colour = 0.625 + 0.375 * np.cos(hue[:, None] - np.array([0.0, 2.0944, 4.1888]))  # [n, 3]
+            images = images[:, None] * colour[:, :, None, None].astype(np.float32)
+        else:
+            images = images[:, None]
         images += rng.normal(0.0, 12.0, images.shape)
         images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
         return ImageDataset(
-            images=torch.from_numpy(images).unsqueeze(1),  # [N, 1, 16, 16]
+            images=torch.from_numpy(images),  # [N, C, S, S]
             labels=torch.from_numpy(labels.astype(np.int64)),
             num_classes=self.num_classes,
-            name="synthetic",
+            name=self.name,
         )
 
 
@@ -230,6 +240,9 @@ DATASETS: dict[str, DatasetLoader] = {
         ),  # fmt: skip
     ),
     "synthetic": SyntheticDataset(),
+    # colour versions at the sizes of CIFAR-10/CelebA-32 and CelebA-64, for tests and dry runs of those shapes
+    "synthetic-rgb32": SyntheticDataset(size=32, channels=3, name="synthetic-rgb32"),
+    "synthetic-rgb64": SyntheticDataset(size=64, channels=3, name="synthetic-rgb64", num_train=1_000, num_test=200),
 }
 
 
