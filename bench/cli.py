@@ -346,9 +346,16 @@ def list_(plugin: Plugins = None) -> None:
                 f"guarantee={cls.guarantee}, conditional={cls.conditional}, needs_public_data={cls.needs_public_data}"
             )
             typer.echo(f"  {name:<12} {doc[0] if doc else ''}\n  {'':<12} [{caps}]")
-        typer.echo("datasets:")
+        typer.echo("datasets (C×H×W, classes, training records; --data-root DIR or BENCH_DATA for the files):")
         for name in data.DATASETS:
-            typer.echo(f"  {name}")
+            try:
+                d = data.spec(name)
+                count = f"{d.num_train:,} train records"
+            except BenchError:  # a count read from the dataset's files, which are not here
+                d, count = data.spec_without_files(name), "train records counted from its files (not found)"
+            typer.echo(f"  {name:<16} {d.channels}×{d.height}×{d.width}, {d.num_classes} classes, {count}")
+        typer.echo(f"  {'folder:PATH':<16} your images, one sub-folder per class (options: ?size=32&channels=3&"
+                   "test=0.1&seed=0)")  # fmt: skip
         from bench.metrics import METRICS
         from bench.metrics.protocols import PROTOCOLS
 

@@ -18,6 +18,7 @@ import torch
 
 from bench.contract import DataSpec, ImageDataset
 from bench.errors import BenchError
+from bench.imagedata import CelebADataset, Cifar10Dataset, FolderDataset
 
 Split = Literal["train", "test"]
 
@@ -199,13 +200,12 @@ class SyntheticDataset:
         if self.channels == 3:  # class colour: a hue per class, as RGB weights in [0.25, 1]
             hue = 2 * np.pi * labels / self.num_classes
             colour = 0.625 + 0.375 * np.cos(hue[:, None] - np.array([0.0, 2.0944, 4.1888]))  # [n, 3]
-            images = images[:, None] * colour[:, :, None, None].astype(np.float32)
+            pixels = images[:, None] * colour[:, :, None, None].astype(np.float32)
         else:
-            images = images[:, None]
-        images += rng.normal(0.0, 12.0, images.shape)
-        images = np.clip(np.rint(images), 0, 255).astype(np.uint8)
+            pixels = images[:, None]
+        pixels += rng.normal(0.0, 12.0, pixels.shape)
         return ImageDataset(
-            images=torch.from_numpy(images),  # [N, C, S, S]
+            images=torch.from_numpy(np.clip(np.rint(pixels), 0, 255).astype(np.uint8)),  # [N, C, S, S]
             labels=torch.from_numpy(labels.astype(np.int64)),
             num_classes=self.num_classes,
             name=self.name,
@@ -243,12 +243,20 @@ DATASETS: dict[str, DatasetLoader] = {
     # colour versions at the sizes of CIFAR-10/CelebA-32 and CelebA-64, for tests and dry runs of those shapes
     "synthetic-rgb32": SyntheticDataset(size=32, channels=3, name="synthetic-rgb32"),
     "synthetic-rgb64": SyntheticDataset(size=64, channels=3, name="synthetic-rgb64", num_train=1_000, num_test=200),
+    "cifar10": Cifar10Dataset(),
+    "celeba32-gender": CelebADataset(32, "gender", "celeba32-gender", ("female", "male")),
+    "celeba64-gender": CelebADataset(64, "gender", "celeba64-gender", ("female", "male")),
+    "celeba32-hair": CelebADataset(32, "hair", "celeba32-hair", ("black", "blonde", "brown"), 0),
+    "celeba64-hair": CelebADataset(64, "hair", "celeba64-hair", ("black", "blonde", "brown"), 0),
 }
+FOLDER = "folder:"  # folder:PATH[?size=..&channels=..&test=..&seed=..], a user's ImageFolder (bench.imagedata)
 
 
 def _loader(name: str) -> DatasetLoader:
+    if name.startswith(FOLDER):
+        return FolderDataset.parse(name)
     if name not in DATASETS:
-        raise BenchError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+        raise BenchError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}, or folder:PATH")
     return DATASETS[name]
 
 
@@ -259,6 +267,14 @@ def _path(root: str | Path | None) -> Path | None:
 def spec(name: str, root: str | Path | None = None) -> DataSpec:
     """The dataset's shape, without reading the data (a dry run needs no data)."""
     return _loader(name).spec(_path(root))
+
+
+def spec_without_files(name: str) -> DataSpec:
+    """The shape and classes of a dataset whose record count needs its files (CelebA-Hair), count 0."""
+    loader = _loader(name)
+    if isinstance(loader, CelebADataset):
+        return DataSpec(channels=3, height=loader.size, width=loader.size, num_classes=3, num_train=0)
+    return loader.spec(None)
 
 
 def class_names(name: str) -> tuple[str, ...] | None:

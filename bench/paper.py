@@ -390,12 +390,21 @@ def plan_paper(
     cells: list[Cell] = []
     specs: dict[str, RunSpec] = {}
     planned: dict[tuple[str, str, float, float | None], tuple[str, ...]] = {}
+    unavailable: dict[str, str] = {}  # dataset -> why its shape or size cannot be known ("": it can)
     for table, row in paper_cells(paper, papers, published):
         ours, why = our_metric(table, row)
         status = (
             NOT_IMPLEMENTED if row.method not in methods else NO_DATASET if row.dataset not in data.DATASETS else why
         )
         keys: tuple[str, ...] = ()
+        if status is None and row.dataset not in unavailable:
+            try:
+                data.spec(row.dataset, root=data_root)
+                unavailable[row.dataset] = ""
+            except BenchError as e:  # e.g. CelebA-Hair, whose record count (and so δ) needs its files
+                unavailable[row.dataset] = str(e)
+        if status is None and unavailable[row.dataset]:
+            status = f"{NO_DATASET}: {unavailable[row.dataset]}"
         if status is None:
             group = (row.method, row.dataset, row.epsilon, table.delta)
             if group not in planned:
