@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -267,6 +268,22 @@ def _path(root: str | Path | None) -> Path | None:
 def spec(name: str, root: str | Path | None = None) -> DataSpec:
     """The dataset's shape, without reading the data (a dry run needs no data)."""
     return _loader(name).spec(_path(root))
+
+
+def file_stem(name: str) -> str:
+    """A dataset name as it can appear in a file or folder name: `folder:/data/x?size=64` becomes `folder-x`
+    (what a cache or run folder needs beyond that is in its fingerprint or key)."""
+    if name.startswith(FOLDER):
+        path = name.removeprefix(FOLDER).partition("?")[0].rstrip("/")
+        name = "folder-" + (Path(path).name or "root")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def version(name: str, root: str | Path | None = None) -> str:
+    """What a run key records of a dataset's content beyond its name: a user folder's fingerprint; "" for the
+    published datasets, whose content is fixed."""
+    loader = _loader(name)
+    return loader.version() if isinstance(loader, FolderDataset) else ""
 
 
 def spec_without_files(name: str) -> DataSpec:

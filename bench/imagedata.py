@@ -424,6 +424,12 @@ class FolderDataset:
             raise BenchError(f"{self.name}: no images in the {split} split (looked for {', '.join(IMAGE_SUFFIXES)})")
         return files, np.asarray(labels, dtype=np.int64)
 
+    def version(self) -> str:
+        """A fingerprint of the folder's images (names, sizes, times) and options: part of every run key on this
+        dataset, so that changed images are never reused as the old ones."""
+        files = [*self._split_files("train")[0], *self._split_files("test")[0]]
+        return fingerprint(files, {"size": self.size, "channels": self.channels, "test": self.test, "seed": self.seed})
+
     def spec(self, root: Path | None = None) -> DataSpec:
         files, _ = self._split_files("train")
         return DataSpec(channels=self.channels, height=self.size, width=self.size, num_classes=len(self._classes()),

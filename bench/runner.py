@@ -59,6 +59,7 @@ class RunSpec:
     config: dict[str, Any]  # the method's resolved Config, as JSON
     eval: EvalPlan
     method_version: str = ""  # bench.registry.method_version: the method's declared version (+ a plugin's hash)
+    data_version: str = ""  # bench.data.version: a user folder's fingerprint ("" for the published datasets)
     notes: tuple[str, ...] = ()
 
     @property
@@ -75,8 +76,11 @@ class RunSpec:
             "config": self.config,
             "eval": {k: v for k, v in dataclasses.asdict(self.eval).items() if k != "metrics"},
         }
+        if self.data_version:
+            ident["data_version"] = self.data_version
         blob = json.dumps(ident, sort_keys=True, default=str)
-        return f"{self.method}-{self.dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+        digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
+        return f"{data.file_stem(self.method)}-{data.file_stem(self.dataset)}-{digest}"
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"key": self.key}
@@ -85,7 +89,7 @@ class RunSpec:
 REAL = "real"  # the method name of the real-data reference rows
 
 
-def real_key(dataset: str, eval_plan: EvalPlan) -> str:
+def real_key(dataset: str, eval_plan: EvalPlan, data_version: str = "") -> str:
     """The key of a dataset's real-data row under an evaluation plan (the metric set is not part of it)."""
     ident = {
         "v": RESULT_VERSION,
@@ -93,8 +97,10 @@ def real_key(dataset: str, eval_plan: EvalPlan) -> str:
         "dataset": dataset,
         "eval": {k: v for k, v in dataclasses.asdict(eval_plan).items() if k != "metrics"},
     }
+    if data_version:
+        ident["data_version"] = data_version
     blob = json.dumps(ident, sort_keys=True, default=str)
-    return f"{REAL}-{dataset}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+    return f"{REAL}-{data.file_stem(dataset)}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
 def spec_from_json(d: dict[str, Any]) -> RunSpec:
@@ -111,6 +117,7 @@ def spec_from_json(d: dict[str, Any]) -> RunSpec:
         config=d["config"],
         eval=EvalPlan(**d["eval"]),
         method_version=d.get("method_version", ""),
+        data_version=d.get("data_version", ""),
         notes=tuple(d.get("notes", ())),
     )
 
@@ -187,6 +194,7 @@ def plan(
     specs = []
     for ds in datasets:
         spec = data.spec(ds, root=data_root)
+        data_version = data.version(ds, root=data_root)
         for name, cls in classes.items():
             private = cls.guarantee != "none"
             for eps in epsilons if private else [math.inf]:
@@ -211,6 +219,7 @@ def plan(
                             config=cfgmod.to_jsonable(config),
                             eval=plan_eval,
                             method_version=registry.method_version(cls),
+                            data_version=data_version,
                             notes=tuple(notes),
                         )
                     )
@@ -435,7 +444,7 @@ class Runner:
         self._sample_and_score(spec, method, train, run_dir, costs)
         return "done"
 
-    def run_real(self, dataset: str, eval_plan: EvalPlan, *, profile: str) -> str:
+    def run_real(self, dataset: str, eval_plan: EvalPlan, *, profile: str, data_version: str = "") -> str:
         """The dataset's real-data row: the same metrics with real data in place of samples.
 
         Fidelity: `n_gen` real test images (a fixed seeded subset) against the training set, the floor a
@@ -444,7 +453,7 @@ class Runner:
         (cached per dataset, training images and classifier seed: downstream.real_reference). Returns
         "skipped", "done" or "failed" (as `run`).
         """
-        key = real_key(dataset, eval_plan)
+        key = real_key(dataset, eval_plan, data_version)
         if (run_dir := self._run_dir(key)) is None:
             return "skipped"
         return self._guarded(key, run_dir, lambda: self._run_real(key, run_dir, dataset, eval_plan, profile))
@@ -718,9 +727,9 @@ def run_grid(
         f"{result.count('failed')} failed; results in {r.store.root}"
     )
     if real and result.count("done") + result.count("skipped"):
-        rows = {real_key(s.dataset, s.eval): s for s, o in result.outcomes if o != "failed"}
+        rows = {real_key(s.dataset, s.eval, s.data_version): s for s, o in result.outcomes if o != "failed"}
         for key, spec in rows.items():
-            outcome = r.run_real(spec.dataset, spec.eval, profile=spec.profile)
+            outcome = r.run_real(spec.dataset, spec.eval, profile=spec.profile, data_version=spec.data_version)
             said = {"skipped": "already finished", "failed": f"failed ({r.errors.get(key)})"}.get(outcome, outcome)
             echo(f"real-data row of {spec.dataset}: {said}")
             if outcome == "failed":

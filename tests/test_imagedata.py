@@ -227,3 +227,23 @@ def test_bench_list_shows_each_dataset_shape_and_size() -> None:
     assert "cifar10" in out and "3×32×32, 10 classes, 50,000 train records" in out
     assert "celeba64-gender" in out and "3×64×64, 2 classes, 162,770 train records" in out
     assert "folder:PATH" in out
+
+
+def test_a_folder_runs_end_to_end_and_its_run_key_follows_its_images(tmp_path: Path, cache: Path) -> None:
+    import json
+
+    from tests.conftest import TINY_PROFILE, bench
+
+    root = write_folder(tmp_path / "pets", per_class=20)
+    name = f"folder:{root}?size=16&channels=1"
+    args = ["run", "--methods", "dpmerf", "--eps", "10", "--dataset", name, "--profile", TINY_PROFILE, "--device",
+            "cpu", "--results", str(tmp_path / "res"), "--metrics", "fd_domain,acc_logreg"]  # fmt: skip
+    r = bench(*args)
+    assert r.exit_code == 0, r.output
+    runs = sorted(p.name for p in (tmp_path / "res" / "runs").iterdir())
+    assert [p.split("-")[:3] for p in runs] == [["dpmerf", "folder", "pets"], ["real", "folder", "pets"]]
+    before = json.loads(bench(*args, "--dry-run").stdout.splitlines()[0])["key"]
+    assert before == runs[0]
+    Image.new("RGB", (30, 30), (9, 9, 9)).save(root / "cat" / "000.jpg")  # one image replaced
+    after = json.loads(bench(*args, "--dry-run").stdout.splitlines()[0])["key"]
+    assert after != before  # the changed folder is a new cell, never the old result

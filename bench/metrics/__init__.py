@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from bench.contract import DataSpec, ImageDataset
+from bench.data import file_stem
 from bench.errors import BenchError
 from bench.metrics.downstream import classifier_seeds, downstream_accuracy, over_seeds
 from bench.metrics.features import domain_extractor
@@ -190,8 +191,9 @@ def evaluate(
     if inception := _group(wanted, "inception"):
         t0 = time.perf_counter()
         records = inception_metrics(
-            fid_images, train, weights=inception_weights, metrics=inception, cuda=cuda, cache_name=f"{dataset}-train"
-        )
+            fid_images, train, weights=inception_weights, metrics=inception, cuda=cuda,
+            cache_name=f"{file_stem(dataset)}-train",
+        )  # fmt: skip
         results |= _timed_records(records, t0, about)
         if "fid_inception" in results:
             results["fid_inception"] |= fid_protocol_fields(dataset, n_fid)

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from bench.contract import ImageDataset
-from bench.data import cache_root
+from bench.data import cache_root, file_stem
 from bench.errors import BenchError
 from bench.metrics import protocols
 from bench.metrics.features import fingerprint
@@ -76,7 +76,7 @@ def real_reference(
     names = _check_metrics(metrics)
     _check_inputs(train.images, train.labels, test)
     settings = protocols.default_settings() | dict(settings or {})
-    data_key = f"{dataset}-{fingerprint(train)}-{fingerprint(test)}"
+    data_key = f"{file_stem(dataset)}-{fingerprint(train)}-{fingerprint(test)}"
     folder = cache_root() / "downstream"
     paths = {}
     for name in names:

@@ -22,7 +22,7 @@ from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from bench.contract import ImageDataset
-from bench.data import cache_root
+from bench.data import cache_root, file_stem
 from bench.errors import BenchError
 
 EXTRACTOR_NAME = "bench-domain-cnn"
@@ -132,7 +132,7 @@ def domain_extractor(
     device: torch.device | str = "cpu",
 ) -> DomainExtractor:
     """Train (or load from $BENCH_CACHE/extractors) the domain CNN for the real training set `train`."""
-    key = f"{dataset or train.name or 'data'}-{fingerprint(train)}-cnn{ARCH_VERSION}-e{epochs}"
+    key = f"{file_stem(dataset or train.name or 'data')}-{fingerprint(train)}-cnn{ARCH_VERSION}-e{epochs}"
     path = cache_root() / "extractors" / f"{key}.pt"
     if not path.exists():
         model = _train(train, epochs=epochs, device=torch.device(device))
