@@ -17,17 +17,12 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
+from bench.cache import cache_root
 from bench.contract import DataSpec, ImageDataset
 from bench.errors import BenchError
 from bench.imagedata import CelebADataset, Cifar10Dataset, FolderDataset
 
 Split = Literal["train", "test"]
-
-
-def cache_root() -> Path:
-    """The harness's cache folder: `$BENCH_CACHE`, else ~/.cache/bench."""
-    env = os.environ.get("BENCH_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "bench"
 
 
 class DatasetLoader(Protocol):

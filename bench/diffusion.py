@@ -395,7 +395,14 @@ class ConditionalDenoiser:
             self.levels = NoiseLevels(
                 self.parameterization, config.p_mean, config.p_std, config.logsnr_min, config.logsnr_max
             )
-        self._build()
+        try:
+            self._build()
+        except ValueError as e:  # a network that does not fit the data's shape: the user's settings, one line
+            shape = f"{spec.channels}×{spec.height}×{spec.width}"
+            raise BenchError(
+                f"{self.name}: {e}; on {shape} images set the network's fields for this dataset in the profile "
+                f"([{self.name}.<dataset>]) or with --set {self.name}.<field>=..."
+            ) from None
 
     def _build(self) -> None:
         spec, cfg = self.spec, self.config

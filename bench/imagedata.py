@@ -48,18 +48,13 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from bench.cache import cache_root
 from bench.contract import DataSpec, ImageDataset
 from bench.errors import BenchError
 
 Split = Literal["train", "test"]
 CACHE_VERSION = 1  # bump when decoding or preprocessing changes: the cached arrays are then rebuilt
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-def cache_root() -> Path:
-    from bench.data import cache_root as root
-
-    return root()
 
 
 def search_roots(root: Path | None) -> list[Path]:

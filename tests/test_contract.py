@@ -1,6 +1,8 @@
-"""The contract suite: every registered method, built through the registry, on tiny CPU settings.
+"""The contract suite: every registered method, built through the registry, on tiny CPU settings, on the
+1×16×16 procedural set and on its 3×32×32 colour version (CIFAR-10's shape).
 
-No per-method branches: a new method passes by adding its tiny settings to tests/profiles/tiny.toml.
+No per-method branches: a new method passes by adding its tiny settings to tests/profiles/tiny.toml (and a
+[method.synthetic-rgb32] table where the shape needs other ones).
 """
 
 from __future__ import annotations
@@ -12,23 +14,31 @@ import math
 import pytest
 import torch
 
-from bench import config, dpsgd, registry
-from bench.contract import NullProgress
+from bench import config, data, dpsgd, registry
+from bench.contract import ImageDataset, NullProgress
 from bench.privacy import Budget, PrivacyLedger, epsilon
 from tests.conftest import TINY_PROFILE
 
 METHODS = sorted(registry.methods())
+DATASETS = ("synthetic", "synthetic-rgb32")  # 1×16×16 and 3×32×32
 CPU = torch.device("cpu")
 EPS = 10.0
 
 
-def build(name: str, train):
+@pytest.fixture(scope="module", params=DATASETS)
+def train(request) -> ImageDataset:
+    """The training split the methods are fitted on (shadows conftest's 1×16×16 one in this module)."""
+    return data.load(request.param, "train")
+
+
+def build(name: str, train: ImageDataset):
+    """The method through the registry, with the tiny profile's settings for `train`'s dataset."""
     cls = registry.get(name)
     cfg, _ = config.resolve(
         cls.Config,
         profile=config.load_profile(TINY_PROFILE),
         method=name,
-        dataset="synthetic",
+        dataset=train.name,
         epsilon=EPS,
         sets={},
     )

@@ -59,6 +59,41 @@ def keras_params(layers: list[tuple[str, int, int, int]]) -> int:
                 ]
             ),
         ),  # fmt: skip
+        # colour shapes (derived: the reference has MNIST/FMNIST only and DPDM's cifar10/celeba configs train no
+        # classifier): the same layers on C·H·W inputs. 3×32×32: 32 → 30 → 15 → 13 → 6 → 4: 128·4·4 = 2048
+        ("dpdm", "logreg", (3, 32, 32), 10, 3072 * 10 + 10),
+        ("dpdm", "mlp", (3, 64, 64), 2, 12288 * 100 + 100 + 100 * 2 + 2),
+        (
+            "dpdm",
+            "cnn",
+            (3, 32, 32),
+            10,
+            keras_params(
+                [
+                    ("conv", 3, 3, 32),
+                    ("conv", 3, 32, 64),
+                    ("conv", 3, 64, 128),
+                    ("dense", 0, 2048, 128),
+                    ("dense", 0, 128, 10),
+                ]
+            ),
+        ),  # fmt: skip
+        # 3×64×64: 64 → 62 → 31 → 29 → 14 → 12: 128·12·12 = 18,432
+        (
+            "dpdm",
+            "cnn",
+            (3, 64, 64),
+            2,
+            keras_params(
+                [
+                    ("conv", 3, 3, 32),
+                    ("conv", 3, 32, 64),
+                    ("conv", 3, 64, 128),
+                    ("dense", 0, 18432, 128),
+                    ("dense", 0, 128, 2),
+                ]
+            ),
+        ),  # fmt: skip
         # AI-secure/DataLens train-classifier-fmnist.py: 28×28 → conv 26 → pool 13 → conv 11: 11·11·64 = 7744
         (
             "datalens",
@@ -74,6 +109,14 @@ def keras_params(layers: list[tuple[str, int, int, int]]) -> int:
             (3, 64, 64),
             2,
             keras_params([("conv", 3, 3, 32), ("conv", 3, 32, 64), ("dense", 0, 53824, 64), ("dense", 0, 64, 2)]),
+        ),  # fmt: skip
+        # 32×32×3 (derived: the celebA script's model with Keras's shape inference): 32 → 30 → 15 → 13: 13·13·64
+        (
+            "datalens",
+            "cnn",
+            (3, 32, 32),
+            2,
+            keras_params([("conv", 3, 3, 32), ("conv", 3, 32, 64), ("dense", 0, 10816, 64), ("dense", 0, 64, 2)]),
         ),  # fmt: skip
     ],
 )

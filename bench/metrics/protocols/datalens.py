@@ -9,7 +9,10 @@ What the reference does, read from the code (Keras):
 
 - CNN: Conv2D(32, 3, relu) → MaxPooling2D(2) → Dropout(.2) → Conv2D(64, 3, relu) → Dropout(.25) →
   Flatten → Dense(64, relu) → Dense(classes, softmax); "valid" convolutions; Keras's default
-  initialisation (Glorot uniform weights, zero biases). 515,146 parameters on 1×28×28.
+  initialisation (Glorot uniform weights, zero biases). 515,146 parameters on 1×28×28. The CelebA scripts
+  build the same model with input_shape (64, 64, 3): Keras infers the Dense layer's input from the shape,
+  64·29·29 = 53,824. Ours infers it the same way on every shape, 64·(⌊(H − 2)/2⌋ − 2)·(⌊(W − 2)/2⌋ − 2)
+  (derived for 3×32×32, which no reference script trains on: 64·13·13 = 10,816).
 - Categorical cross-entropy; SGD without momentum: lr 2e-3, batch 512, 600 epochs (MNIST/FMNIST);
   lr 1e-4, batch 256, 250 epochs (CelebA gender and hair, 64×64×3); Keras reshuffles every epoch.
 - Data: 100,000 synthetic rows; the real test set / 255 ([0, 1]) is the `validation_data` of `fit`.

@@ -33,9 +33,12 @@ Deviations (recorded in every record's `deviations`):
 - The test split is predicted once, with the selected epoch's weights kept in memory, instead of at every
   improvement: the same value.
 - Channels-last memory layout (faster CPU convolutions): the same maths, other float rounding.
-- On shapes other than 1×28×28 (the script accepts MNIST and FMNIST only) the flattened sizes follow the
-  image; an image smaller than 22×22, too small for three valid convolutions and two poolings, is padded
-  with black (−1) to 22×22.
+- On shapes other than 1×28×28 the sizes are derived, not copied: the script accepts MNIST and FMNIST only
+  and DPDM's cifar10_32/celeba_32/celeba_64 configs train no classifier. LogReg and MLP take the C·H·W
+  pixels; the CNN's first convolution takes C channels and its dense layer the flattened output of its
+  layers, 128 maps of side ⌊(⌊(H − 2)/2⌋ − 2)/2⌋ − 2 (Conv(3) → MaxPool(2) → Conv(3) → MaxPool(2) → Conv(3)):
+  1152 (3×3) on 28×28, 2048 (4×4) on 3×32×32, 18,432 (12×12) on 3×64×64. An image smaller than 22×22,
+  too small for three valid convolutions and two poolings, is padded with black (−1) to 22×22.
 """
 
 from __future__ import annotations
@@ -93,8 +96,9 @@ class CNN(nn.Module):
     def __init__(self, shape: tuple[int, int, int], num_classes: int) -> None:
         super().__init__()
         c, h, w = shape
-        fh, fw = (_side(h) - 2) // 2, (_side(w) - 2) // 2  # conv 3, pool 2
-        fh, fw = (fh - 2) // 2 - 2, (fw - 2) // 2 - 2  # conv 3, pool 2, conv 3
+        # derived from the layers (the reference hard-codes 1152 for 1×28×28): conv 3, pool 2, conv 3, pool 2, conv 3
+        fh, fw = (_side(h) - 2) // 2, (_side(w) - 2) // 2
+        fh, fw = (fh - 2) // 2 - 2, (fw - 2) // 2 - 2
         self.model = nn.Sequential(
             nn.Conv2d(c, 32, 3, 1),
             nn.MaxPool2d(2, 2),
