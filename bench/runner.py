@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -360,14 +361,37 @@ class Runner:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
     def run(self, spec: RunSpec, *, ui: Any = None) -> str:
-        """Run one cell; returns "skipped", "done" or "failed". A cell fails when its ε exceeds the budget or
-        anything in it raises: its index row says "failed" with a one-line `error` (also in `self.errors`), its
-        log.txt has the traceback, and the caller goes on with the next cell. `ui` (bench.ui.GridUI) shows the
-        fit's progress bar."""
+        """Run one cell; returns "skipped", "done", "failed" or "busy". A cell fails when its ε exceeds the budget
+        or anything in it raises: its index row says "failed" with a one-line `error` (also in `self.errors`),
+        its log.txt has the traceback, and the caller goes on with the next cell. A cell that another process is
+        running (a second `bench run` on the same results folder) is "busy" and left alone. `ui`
+        (bench.ui.GridUI) shows the fit's progress bar."""
         key = spec.key
-        if (run_dir := self._run_dir(key)) is None:
-            return "skipped"
-        return self._guarded(key, run_dir, lambda: self._run(spec, run_dir, ui))
+        with self.cell_lock(key) as mine:
+            if not mine:
+                return "busy"
+            if (run_dir := self._run_dir(key)) is None:
+                return "skipped"
+            return self._guarded(key, run_dir, lambda: self._run(spec, run_dir, ui))
+
+    @contextmanager
+    def cell_lock(self, key: str) -> Iterator[bool]:
+        """An exclusive lock on cell `key` for this process (results/locks/<key>.lock, fcntl.flock, released when
+        the cell ends or the process dies): True when taken, False when another process holds it. Taken before
+        the run folder is touched, so a second process never resumes, clears (--force) or writes a cell in
+        progress."""
+        path = self.store.root / "locks" / f"{key}.lock"
+        path.parent.mkdir(exist_ok=True)
+        with open(path, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _guarded(self, key: str, run_dir: Path, body: Callable[[], str]) -> str:
         """`body()`, with any exception but an interrupt recorded as the cell's failure (see `run`)."""
@@ -451,12 +475,15 @@ class Runner:
         generator can reach at that sample count. Accuracy: the same classifiers trained on the whole real
         training set, or with `eval.real_train = "n_gen"` on a seeded subset of `n_gen` real training images
         (cached per dataset, training images and classifier seed: downstream.real_reference). Returns
-        "skipped", "done" or "failed" (as `run`).
+        "skipped", "done", "failed" or "busy" (as `run`).
         """
         key = real_key(dataset, eval_plan, data_version)
-        if (run_dir := self._run_dir(key)) is None:
-            return "skipped"
-        return self._guarded(key, run_dir, lambda: self._run_real(key, run_dir, dataset, eval_plan, profile))
+        with self.cell_lock(key) as mine:
+            if not mine:
+                return "busy"
+            if (run_dir := self._run_dir(key)) is None:
+                return "skipped"
+            return self._guarded(key, run_dir, lambda: self._run_real(key, run_dir, dataset, eval_plan, profile))
 
     def _run_real(self, key: str, run_dir: Path, dataset: str, eval_plan: EvalPlan, profile: str) -> str:
         from bench.metrics import EvalSettings, accuracy_metrics, evaluate, select_metrics
@@ -722,19 +749,21 @@ def run_grid(
             f"note: {len(stale)} finished cell(s) reused, computed by older code of the same version "
             f"({'; '.join(sorted(set(stale.values())))}); `--force` recomputes them"
         )
+    busy = f", {result.count('busy')} running in another process (left to it)" if result.count("busy") else ""
     echo(
         f"{result.count('done')} run(s) done, {result.count('skipped')} already finished, "
-        f"{result.count('failed')} failed; results in {r.store.root}"
+        f"{result.count('failed')} failed{busy}; results in {r.store.root}"
     )
     if real and result.count("done") + result.count("skipped"):
         rows = {real_key(s.dataset, s.eval, s.data_version): s for s, o in result.outcomes if o != "failed"}
         for key, spec in rows.items():
             outcome = r.run_real(spec.dataset, spec.eval, profile=spec.profile, data_version=spec.data_version)
-            said = {"skipped": "already finished", "failed": f"failed ({r.errors.get(key)})"}.get(outcome, outcome)
+            said = {"skipped": "already finished", "failed": f"failed ({r.errors.get(key)})",
+                    "busy": "running in another process"}.get(outcome, outcome)  # fmt: skip
             echo(f"real-data row of {spec.dataset}: {said}")
             if outcome == "failed":
                 result.errors[key] = r.errors.get(key, "failed")
-            else:
+            elif outcome != "busy":
                 result.real_keys.add(key)
     for key, error in result.errors.items():
         echo(f"error: run {key} failed: {error}; its log: {r.store.run_dir(key) / 'log.txt'}")

@@ -8,6 +8,7 @@
                        metrics.json   written last: its presence means the run is finished
                        log.txt
     results/bench.sqlite              runs(key, ...) and metrics(key, metric, value, info)
+    results/locks/<key>.lock          held (fcntl.flock) by the process running that cell (bench.runner)
 
 Every file is written to a temporary name and renamed, so a killed process never leaves a truncated
 file that a later run would trust. SQLite runs in WAL mode with a busy timeout, so concurrent runs of

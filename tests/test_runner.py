@@ -375,3 +375,27 @@ def test_reusing_a_cell_computed_by_older_code_says_so(tmp_path: Path) -> None:
     assert (d / "metrics.json").stat().st_mtime_ns == stamp
     r = bench(*args, "--force")
     assert r.exit_code == 0 and (d / "metrics.json").stat().st_mtime_ns != stamp
+
+
+def test_a_cell_another_process_runs_is_left_to_it(tmp_path: Path) -> None:
+    """Two `bench run` on one results folder: a cell whose lock another process holds is "busy": its folder is
+    not touched (not resumed, not cleared by --force, not written), the grid says so; once free it runs."""
+    good = str(TESTS / "plugins" / "good_plugin.py")
+    (spec,) = runner.plan(methods=["noisy-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
+                          accountant="rdp", profile=TINY_PROFILE, sets=[], plugins=(good,))  # fmt: skip
+
+    def make(force: bool = False) -> runner.Runner:
+        return runner.Runner(Store(tmp_path), device=torch.device("cpu"), plugins=(good,), metrics=("fd_domain",),
+                             force=force)  # fmt: skip
+
+    other, mine = make(), make()
+    with other.cell_lock(spec.key) as held:  # a separate open file: flock treats it as another process's lock
+        assert held
+        assert mine.run(spec) == "busy" and make(force=True).run(spec) == "busy"
+        assert not (tmp_path / "runs" / spec.key).exists()
+        lines: list[str] = []
+        grid = runner.run_grid(mine, [spec], real=False, echo=lines.append)
+        assert grid.count("busy") == 1 and "1 running in another process (left to it)" in lines[0]
+    assert mine.run(spec) == "done"
+    with other.cell_lock(spec.key) as held:  # released after the cell
+        assert held
