@@ -37,6 +37,18 @@ def keras_params(layers: list[tuple[str, int, int, int]]) -> int:
     return sum(k * k * cin * cout + cout if kind == "conv" else cin * cout + cout for kind, k, cin, cout in layers)
 
 
+def dpdm_cnn(channels: int, flat: int, classes: int) -> int:
+    """DPDM's CNN: Conv(C→32), Conv(32→64), Conv(64→128), all 3×3, then Dense(flat→128), Dense(128→classes)."""
+    convs = [("conv", 3, channels, 32), ("conv", 3, 32, 64), ("conv", 3, 64, 128)]
+    return keras_params([*convs, ("dense", 0, flat, 128), ("dense", 0, 128, classes)])
+
+
+def datalens_cnn(channels: int, flat: int, classes: int) -> int:
+    """DataLens' Keras CNN: Conv(C→32), Conv(32→64), both 3×3, then Dense(flat→64), Dense(64→classes)."""
+    return keras_params([("conv", 3, channels, 32), ("conv", 3, 32, 64), ("dense", 0, flat, 64),
+                         ("dense", 0, 64, classes)])  # fmt: skip
+
+
 @pytest.mark.parametrize(
     "name, classifier, shape, classes, expected",
     [
@@ -44,80 +56,20 @@ def keras_params(layers: list[tuple[str, int, int, int]]) -> int:
         ("dpdm", "logreg", (1, 28, 28), 10, 784 * 10 + 10),
         ("dpdm", "mlp", (1, 28, 28), 10, 784 * 100 + 100 + 100 * 10 + 10),
         # Conv2d(1,32,3), Conv2d(32,64,3), Conv2d(64,128,3), Linear(1152,128), Linear(128,10): 241,546
-        (
-            "dpdm",
-            "cnn",
-            (1, 28, 28),
-            10,
-            keras_params(
-                [
-                    ("conv", 3, 1, 32),
-                    ("conv", 3, 32, 64),
-                    ("conv", 3, 64, 128),
-                    ("dense", 0, 1152, 128),
-                    ("dense", 0, 128, 10),
-                ]
-            ),
-        ),  # fmt: skip
+        ("dpdm", "cnn", (1, 28, 28), 10, dpdm_cnn(1, 1152, 10)),
         # colour shapes (derived: the reference has MNIST/FMNIST only and DPDM's cifar10/celeba configs train no
         # classifier): the same layers on C·H·W inputs. 3×32×32: 32 → 30 → 15 → 13 → 6 → 4: 128·4·4 = 2048
         ("dpdm", "logreg", (3, 32, 32), 10, 3072 * 10 + 10),
         ("dpdm", "mlp", (3, 64, 64), 2, 12288 * 100 + 100 + 100 * 2 + 2),
-        (
-            "dpdm",
-            "cnn",
-            (3, 32, 32),
-            10,
-            keras_params(
-                [
-                    ("conv", 3, 3, 32),
-                    ("conv", 3, 32, 64),
-                    ("conv", 3, 64, 128),
-                    ("dense", 0, 2048, 128),
-                    ("dense", 0, 128, 10),
-                ]
-            ),
-        ),  # fmt: skip
+        ("dpdm", "cnn", (3, 32, 32), 10, dpdm_cnn(3, 2048, 10)),
         # 3×64×64: 64 → 62 → 31 → 29 → 14 → 12: 128·12·12 = 18,432
-        (
-            "dpdm",
-            "cnn",
-            (3, 64, 64),
-            2,
-            keras_params(
-                [
-                    ("conv", 3, 3, 32),
-                    ("conv", 3, 32, 64),
-                    ("conv", 3, 64, 128),
-                    ("dense", 0, 18432, 128),
-                    ("dense", 0, 128, 2),
-                ]
-            ),
-        ),  # fmt: skip
+        ("dpdm", "cnn", (3, 64, 64), 2, dpdm_cnn(3, 18432, 2)),
         # AI-secure/DataLens train-classifier-fmnist.py: 28×28 → conv 26 → pool 13 → conv 11: 11·11·64 = 7744
-        (
-            "datalens",
-            "cnn",
-            (1, 28, 28),
-            10,
-            keras_params([("conv", 3, 1, 32), ("conv", 3, 32, 64), ("dense", 0, 7744, 64), ("dense", 0, 64, 10)]),
-        ),  # fmt: skip
+        ("datalens", "cnn", (1, 28, 28), 10, datalens_cnn(1, 7744, 10)),
         # train-classifier-celebA.py (gender): 64×64×3 → 62 → 31 → 29: 29·29·64 = 53,824; 2 classes
-        (
-            "datalens",
-            "cnn",
-            (3, 64, 64),
-            2,
-            keras_params([("conv", 3, 3, 32), ("conv", 3, 32, 64), ("dense", 0, 53824, 64), ("dense", 0, 64, 2)]),
-        ),  # fmt: skip
+        ("datalens", "cnn", (3, 64, 64), 2, datalens_cnn(3, 53824, 2)),
         # 32×32×3 (derived: the celebA script's model with Keras's shape inference): 32 → 30 → 15 → 13: 13·13·64
-        (
-            "datalens",
-            "cnn",
-            (3, 32, 32),
-            2,
-            keras_params([("conv", 3, 3, 32), ("conv", 3, 32, 64), ("dense", 0, 10816, 64), ("dense", 0, 64, 2)]),
-        ),  # fmt: skip
+        ("datalens", "cnn", (3, 32, 32), 2, datalens_cnn(3, 10816, 2)),
     ],
 )
 def test_parameter_counts_are_the_references(name, classifier, shape, classes, expected):
