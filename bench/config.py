@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import tomllib
 import types
 import typing
@@ -64,6 +65,21 @@ def fraction(config: Any, *names: str) -> None:
         v = getattr(config, name)
         if not 0.0 <= v < 1.0:
             raise ValueError(f"{name} must be in [0, 1), got {v!r}")
+
+
+def env_seconds(name: str, default: float) -> float:
+    """A duration from environment variable `name` (a number of seconds ≥ 0), else `default`; a one-line error
+    for anything else."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise BenchError(f"{name} must be a number of seconds ≥ 0, got {text!r}")
+    return value
 
 
 def load_profile(profile: str) -> dict[str, Any]:

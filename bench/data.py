@@ -8,7 +8,6 @@ is the private data; the test split is only used for evaluation.
 from __future__ import annotations
 
 import gzip
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 from bench.cache import cache_root
 from bench.contract import DataSpec, ImageDataset
 from bench.errors import BenchError
-from bench.imagedata import CelebADataset, Cifar10Dataset, FolderDataset
+from bench.imagedata import CelebADataset, Cifar10Dataset, FolderDataset, search_roots
 
 Split = Literal["train", "test"]
 
@@ -89,12 +88,6 @@ class IdxDataset:
     def spec(self, root: Path | None = None) -> DataSpec:
         return DataSpec(channels=1, height=28, width=28, num_classes=10, num_train=self.num_train)
 
-    def _roots(self, root: Path | None) -> list[Path]:
-        roots = [root] if root is not None else []
-        if os.environ.get("BENCH_DATA"):
-            roots.append(Path(os.environ["BENCH_DATA"]).expanduser())
-        return [*roots, self.system_dir, cache_root() / "data"]
-
     def _folders(self, root: Path) -> list[Path]:
         return [root, root / self.name, root / self.torchvision_class / "raw"]
 
@@ -118,7 +111,7 @@ class IdxDataset:
             raise BenchError(f"downloading {self.name} failed ({type(e).__name__}: {msg})") from e
 
     def load(self, split: Split, root: Path | None = None, download: bool = False) -> ImageDataset:
-        roots = self._roots(root)
+        roots = search_roots(root, self.system_dir)
         found = self._find(split, roots)
         if found is None and download:
             self._download(split)

@@ -57,12 +57,13 @@ CACHE_VERSION = 1  # bump when decoding or preprocessing changes: the cached arr
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-def search_roots(root: Path | None) -> list[Path]:
-    """Where a dataset is looked for: --data-root, $BENCH_DATA, then the download cache."""
+def search_roots(root: Path | None, *system: Path) -> list[Path]:
+    """Where a dataset is looked for, in order: --data-root, $BENCH_DATA, the system's package folders (`system`),
+    then the download cache."""
     roots = [root] if root is not None else []
     if os.environ.get("BENCH_DATA"):
         roots.append(Path(os.environ["BENCH_DATA"]).expanduser())
-    return [*roots, cache_root() / "data"]
+    return [*roots, *system, cache_root() / "data"]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -331,7 +332,8 @@ class CelebADataset:
         if absent := [f for f in files if not f.is_file()]:
             raise BenchError(f"{len(absent)} image(s) of the {split} split are missing, e.g. {absent[0]}")
         # decode the whole partition once per size (gender and hair share it), then keep the task's records
-        every, _ = CelebADataset(self.size, "gender")._records(folder, split)
+        # the gender task keeps every record of the split: only hair parses the file a second time
+        every = names if self.task == "gender" else CelebADataset(self.size, "gender")._records(folder, split)[0]
         subset = len(every) != len(names)
         all_files = [images_dir / n for n in every]
         images = decode_cached(f"celeba{self.size}-{split}", all_files, size=self.size, channels=3, mapped=subset)

@@ -13,7 +13,6 @@ import fcntl
 import hashlib
 import json
 import math
-import os
 import re
 import resource
 import time
@@ -235,16 +234,7 @@ def fit_generator(seed: int) -> torch.Generator:
 
 def checkpoint_interval() -> float:
     """Seconds between training checkpoints: BENCH_CHECKPOINT_EVERY (a number ≥ 0; 0 = every step), else 60."""
-    text = os.environ.get("BENCH_CHECKPOINT_EVERY", "").strip()
-    if not text:
-        return 60.0
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise BenchError(f"BENCH_CHECKPOINT_EVERY must be a number of seconds ≥ 0, got {text!r}")
-    return value
+    return cfgmod.env_seconds("BENCH_CHECKPOINT_EVERY", 60.0)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from bench.config import env_seconds
 from bench.errors import BenchError
 
 SCHEMA_VERSION = 1
@@ -110,14 +111,7 @@ def load_torch(path: Path) -> Any:
 
 def db_timeout() -> float:
     """Seconds to wait for a results database that another process holds: BENCH_DB_TIMEOUT, else 60."""
-    text = os.environ.get("BENCH_DB_TIMEOUT", "").strip()
-    try:
-        value = float(text) if text else 60.0
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise BenchError(f"BENCH_DB_TIMEOUT must be a number of seconds ≥ 0, got {text!r}")
-    return value
+    return env_seconds("BENCH_DB_TIMEOUT", 60.0)
 
 
 def db_error(path: Path, e: sqlite3.DatabaseError) -> str:
