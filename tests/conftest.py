@@ -56,18 +56,27 @@ def bench(*args: str) -> Result:
 
 
 class InterruptAt(NullProgress):
-    """A Progress that keeps the state of the n-th checkpoint, as an interrupted run's checkpoint file
-    would, and resumes from `state` when given."""
+    """A Progress that keeps (a copy of) the state of the n-th checkpoint, as an interrupted run's checkpoint file
+    would, or with n = "half" of the first checkpoint at or after half the fit's units; it resumes from `state`
+    when given, and counts the units (`done`, of `total`)."""
 
-    def __init__(self, n: int, state: dict | None = None) -> None:
+    def __init__(self, n: int | str, state: dict | None = None) -> None:
         self.n, self.calls, self.saved, self.state = n, 0, None, state
+        self.total = self.done = 0
+
+    def start(self, total: int, description: str = "") -> None:
+        self.total = total
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
 
     def resume(self) -> dict | None:
         return self.state
 
     def checkpoint(self, state_fn) -> None:
         self.calls += 1
-        if self.calls == self.n:
+        due = self.done >= max(1, self.total // 2) and self.saved is None if self.n == "half" else self.calls == self.n
+        if due and self.state is None:
             buffer = io.BytesIO()
             torch.save(state_fn(), buffer)  # a copy, as on disk
             self.saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)

@@ -8,7 +8,6 @@ No per-method branches: a new method passes by adding its tiny settings to tests
 from __future__ import annotations
 
 import contextlib
-import io
 import math
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 from bench import config, data, dpsgd, registry
 from bench.contract import ImageDataset, NullProgress
 from bench.privacy import Budget, PrivacyLedger, epsilon
-from tests.conftest import TINY_PROFILE
+from tests.conftest import TINY_PROFILE, InterruptAt
 
 METHODS = sorted(registry.methods())
 DATASETS = ("synthetic", "synthetic-rgb32")  # 1×16×16 and 3×32×32
@@ -176,36 +175,12 @@ def test_save_load_round_trip(fitted, train, tmp_path) -> None:
     assert torch.equal(a, b)
 
 
-class Midway(NullProgress):
-    """A Progress that keeps (a copy of) the state of the first checkpoint at or after half the fit's units, as
-    an interrupted run's checkpoint file would, and resumes from `state` when given."""
-
-    def __init__(self, state: dict | None = None) -> None:
-        self.total = self.done = 0
-        self.saved, self.state = None, state
-
-    def start(self, total: int, description: str = "") -> None:
-        self.total = total
-
-    def advance(self, n: int = 1) -> None:
-        self.done += n
-
-    def resume(self) -> dict | None:
-        return self.state
-
-    def checkpoint(self, state_fn) -> None:
-        if self.saved is None and self.state is None and self.done >= max(1, self.total // 2):
-            buffer = io.BytesIO()
-            torch.save(state_fn(), buffer)  # a copy, as on disk
-            self.saved = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
-
-
 def test_same_fit_seed_same_model_and_a_resumed_fit_ends_where_it_would_have(fitted, train) -> None:
     """The same seed gives the same model; a fit resumed from a mid-fit checkpoint under ANOTHER seed ends with
     that model and that ledger too (so a resume that ignored its checkpoint, or restored only part of the state,
     would fail: a fresh fit with seed 7 gives another model, checked last)."""
     name, method, ledger, budget = fitted
-    again, midway = build(name, train), Midway()
+    again, midway = build(name, train), InterruptAt("half")
     again.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=midway)
     n = train.num_classes
     labels = labels_for(method, n, train.num_classes)
@@ -217,7 +192,7 @@ def test_same_fit_seed_same_model_and_a_resumed_fit_ends_where_it_would_have(fit
     assert midway.saved is not None, f"{name}: no checkpoint offered in the second half of its fit"
     resumed = build(name, train)
     resumed_ledger = resumed.fit(
-        train, budget=budget, generator=torch.Generator().manual_seed(7), progress=Midway(midway.saved)
+        train, budget=budget, generator=torch.Generator().manual_seed(7), progress=InterruptAt("half", midway.saved)
     )
     assert torch.equal(samples(resumed), samples(method)), f"{name}: the resumed fit ended elsewhere"
     assert resumed_ledger.stages == ledger.stages, f"{name}: the resumed fit charged other stages"

@@ -13,6 +13,7 @@ from bench.dpsgd import DPSGD, poisson_stream
 from bench.errors import BenchError
 from bench.privacy import Stage
 from bench.training import FitState, ShuffledEpochs, dp_steps, ledger_of, plain_step, poisson_rate, steps_for
+from tests.conftest import InterruptAt
 
 
 def test_every_record_once_per_epoch_in_a_new_order_each_epoch() -> None:
@@ -57,26 +58,7 @@ def test_plain_step_updates_the_model_and_its_ema() -> None:
     assert torch.allclose(ema.model.weight, 0.5 * ema_before + 0.5 * model.weight.detach())
 
 
-class _Progress:
-    """A Progress that checkpoints after every step and can hand back the last checkpoint (an interrupted fit)."""
-
-    def __init__(self, saved: dict | None = None) -> None:
-        self.saved, self.units, self.total = saved, 0, 0
-
-    def start(self, total: int, description: str = "") -> None:
-        self.total = total
-
-    def advance(self, n: int = 1) -> None:
-        self.units += n
-
-    def resume(self) -> dict | None:
-        return self.saved
-
-    def checkpoint(self, state_fn) -> None:  # type: ignore[no-untyped-def]
-        self.saved = state_fn()
-
-
-def _dp_fit(progress: _Progress, stop_after: int | None = None) -> tuple[torch.nn.Linear, int]:
+def _dp_fit(progress: InterruptAt, stop_after: int | None = None) -> tuple[torch.nn.Linear, int]:
     """A tiny DP-SGD fit over FitState + dp_steps; `stop_after` interrupts it after that many steps."""
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 1)
@@ -101,34 +83,34 @@ def _dp_fit(progress: _Progress, stop_after: int | None = None) -> tuple[torch.n
 
 
 def test_a_fit_resumed_from_its_checkpoint_ends_where_an_uninterrupted_one_does() -> None:
-    whole, seen = _dp_fit(_Progress())
-    progress = _Progress()
+    whole, seen = _dp_fit(InterruptAt(0))
+    progress = InterruptAt(3)  # the state after 3 steps, then interrupted
     _dp_fit(progress, stop_after=3)
     assert progress.saved is not None and progress.saved["dpsgd"]["steps"] == 3
-    resumed_progress = _Progress(progress.saved)
+    resumed_progress = InterruptAt(0, progress.saved)
     resumed, resumed_seen = _dp_fit(resumed_progress)
-    assert resumed_progress.units == 8  # 3 already taken (start) + 5 more
+    assert resumed_progress.done == 8  # 3 already taken (start) + 5 more
     assert resumed_seen == seen and torch.equal(resumed.weight, whole.weight)
 
 
 def test_a_resume_that_drops_the_generator_state_diverges() -> None:
     """The check above can fail: a checkpoint without the generators' state continues on another stream."""
-    whole, _ = _dp_fit(_Progress())
-    progress = _Progress()
+    whole, _ = _dp_fit(InterruptAt(0))
+    progress = InterruptAt(3)
     _dp_fit(progress, stop_after=3)
     assert progress.saved is not None
     tampered = dict(progress.saved, generator=torch.Generator().manual_seed(99).get_state())
     tampered["noise_generator"] = tampered["generator"]
-    resumed, _ = _dp_fit(_Progress(tampered))
+    resumed, _ = _dp_fit(InterruptAt(0, tampered))
     assert not torch.equal(resumed.weight, whole.weight)
 
 
 def test_fit_state_refuses_a_name_used_twice_and_the_rate_check_names_the_field() -> None:
     g = torch.Generator()
     with pytest.raises(ValueError, match="names used twice"):
-        FitState(_Progress(), g, g, {"step": torch.nn.Linear(1, 1)}, {"step": 0})
+        FitState(InterruptAt(0), g, g, {"step": torch.nn.Linear(1, 1)}, {"step": 0})
     with pytest.raises(ValueError, match="names used twice"):
-        FitState(_Progress(), g, g, {"generator": torch.nn.Linear(1, 1)})
+        FitState(InterruptAt(0), g, g, {"generator": torch.nn.Linear(1, 1)})
     with pytest.raises(BenchError, match="dpx: batch_size 64 exceeds the 10 training records"):
         poisson_rate("dpx: batch_size", 64, 10)
     assert poisson_rate("b", 10, 40) == 0.25 and steps_for(2.0, 0.25) == 8 and steps_for(0.01, 0.25) == 1
