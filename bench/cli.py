@@ -11,11 +11,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from bench.errors import BenchError, one_line
+
+if TYPE_CHECKING:
+    import torch
+
+    from bench import runner as runner_
 
 app = typer.Typer(
     help="Benchmark differentially private generative models of images at matched (ε, δ).",
@@ -96,6 +101,29 @@ DataRoot = Annotated[
 Download = Annotated[
     bool, typer.Option("--download", help="Let torchvision download missing datasets (needs internet).")
 ]
+ExecutorKind = Annotated[
+    str,
+    typer.Option(
+        "--executor",
+        help="local: the cells one after another in this process | ray: one Ray task per cell, on a local Ray "
+        "instance or the cluster at --ray-address (pip install 'bench-dp-gen[ray]').",
+    ),
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option("--ray-address", help="With --executor ray: the cluster to join (default: a local Ray instance)."),
+]
+GpusPerRun = Annotated[
+    float | None,
+    typer.Option(
+        "--gpus-per-run",
+        help="With --executor ray: GPUs each cell reserves (0.5: two cells share one; default 1 when the cluster "
+        "has GPUs, else 0).",
+    ),
+]
+CpusPerRun = Annotated[
+    int, typer.Option("--cpus-per-run", help="With --executor ray: CPUs each cell reserves (its torch threads).")
+]
 
 
 def _check_weights(path: str | None) -> None:
@@ -111,6 +139,20 @@ def _err(line: str) -> None:
     typer.echo(line, err=True)
 
 
+def _executor(
+    kind: str, ray_address: str | None, gpus_per_run: float | None, cpus_per_run: int, device: str
+) -> tuple[runner_.Executor, torch.device]:
+    """The executor the options ask for, and the device of this (the driver's) process: --device itself for the
+    local executor; under Ray the workers resolve --device, and the driver only loads data (and, for `bench
+    paper`, scores reused runs) on what it has."""
+    from bench import runner
+    from bench.cluster import make_executor
+
+    ex = make_executor(kind, ray_address=ray_address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run,
+                       device=device)  # fmt: skip
+    return ex, runner.resolve_device(device if kind == "local" else "auto")
+
+
 @app.command()
 def run(
     methods: Annotated[str, typer.Option("--methods", help="Comma-separated method names (see `bench list`).")],
@@ -124,6 +166,10 @@ def run(
     profile: Profile = "smoke",
     set_: Sets = None,
     device: Device = "auto",
+    executor: ExecutorKind = "local",
+    ray_address: RayAddress = None,
+    gpus_per_run: GpusPerRun = None,
+    cpus_per_run: CpusPerRun = 1,
     results: ResultsDir = Path("results"),
     data_root: DataRoot = None,
     download: Download = False,
@@ -149,7 +195,7 @@ def run(
         seed_list = runner.parse_seeds(seeds)
         if delta is not None and not 0 < delta < 1:
             raise BenchError(f"--delta must be in (0, 1), got {delta}")
-        dev = runner.resolve_device(device)
+        ex, dev = _executor(executor, ray_address, gpus_per_run, cpus_per_run, device)
         from bench.metrics import select_metrics
 
         metric_names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
@@ -183,7 +229,8 @@ def run(
             inception_weights=inception_weights,
             debug=debug(),
         )
-        grid = runner.run_grid(r, specs, real=not no_real, echo=_err)
+        with ex:
+            grid = runner.run_grid(r, specs, real=not no_real, executor=ex, echo=_err)
         if grid.count("done") + grid.count("skipped"):
             from bench.report import build_report
 
@@ -260,6 +307,10 @@ def paper(
     accountant: Accountant = "rdp",
     set_: Sets = None,
     device: Device = "auto",
+    executor: ExecutorKind = "local",
+    ray_address: RayAddress = None,
+    gpus_per_run: GpusPerRun = None,
+    cpus_per_run: CpusPerRun = 1,
     results: ResultsDir = Path("results"),
     data_root: DataRoot = None,
     download: Download = False,
@@ -289,6 +340,7 @@ def paper(
         if paper_id is None:
             raise BenchError(f"give a paper id or --list; known: {', '.join(known)}")
         chosen = papers_.get_paper(known, paper_id)
+        ex, dev = _executor(executor, ray_address, gpus_per_run, cpus_per_run, device)
         plugins = tuple(str(p) for p in plugin or ())
         plan = papers_.plan_paper(
             chosen,
@@ -315,7 +367,7 @@ def paper(
             _check_weights(inception_weights)
             r = runner.Runner(
                 store,
-                device=runner.resolve_device(device),
+                device=dev,
                 data_root=data_root,
                 download=download,
                 plugins=plugins,
@@ -323,7 +375,8 @@ def paper(
                 inception_weights=inception_weights,
                 debug=debug(),
             )
-        frame, failed = papers_.reproduce(plan, store, r, echo=_err)
+        with ex:
+            frame, failed = papers_.reproduce(plan, store, r, echo=_err, executor=ex)
         typer.echo(papers_.to_markdown(plan, frame))
         if out is not None:
             paths = papers_.write_tables(plan, frame, out, formats)

@@ -441,15 +441,16 @@ def plan_text(plan: PaperPlan) -> str:
 
 
 def reproduce(
-    plan: PaperPlan, store: Store, r: runner.Runner | None, *, echo: Callable[[str], None]
-) -> tuple[pd.DataFrame, list[RunSpec]]:
+    plan: PaperPlan, store: Store, r: runner.Runner | None, *, echo: Callable[[str], None],
+    executor: runner.Executor | None = None,
+) -> tuple[pd.DataFrame, list[RunSpec]]:  # fmt: skip
     """The comparison frame of a planned paper (see `compare`), and the cells that failed. With a runner `r`,
-    first run the cells not finished yet (a dataset that cannot be loaded leaves its cells "dataset not
-    available") and score the metrics the tables need on reused runs that lack them."""
+    first run the cells not finished yet through `executor` (a dataset that cannot be loaded leaves its cells
+    "dataset not available") and score the metrics the tables need on reused runs that lack them."""
     missing_data: dict[str, str] = {}
     failed: list[RunSpec] = []
     if r is not None and plan.specs:
-        grid = runner.run_grid(r, list(plan.specs), real=False, skip_missing_data=True, echo=echo)
+        grid = runner.run_grid(r, list(plan.specs), real=False, skip_missing_data=True, executor=executor, echo=echo)
         missing_data, failed = grid.missing_data, grid.failed
         score_reused(r, [s for s, _ in grid.outcomes], plan.metrics, echo=echo)
     return compare(plan, store, missing_data=missing_data), failed

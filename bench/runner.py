@@ -13,15 +13,17 @@ import fcntl
 import hashlib
 import json
 import math
+import os
 import re
 import resource
+import socket
 import time
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -101,6 +103,26 @@ def real_key(dataset: str, eval_plan: EvalPlan, data_version: str = "") -> str:
         ident["data_version"] = data_version
     blob = json.dumps(ident, sort_keys=True, default=str)
     return f"{REAL}-{data.file_stem(dataset)}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RealRow:
+    """A dataset's real-data row as a job of the grid (Runner.run_real), with the fields a progress line shows."""
+
+    dataset: str
+    eval: EvalPlan
+    profile: str
+    data_version: str = ""
+    method: str = REAL
+    epsilon: float = math.inf
+    seed: int = 0
+
+    @property
+    def key(self) -> str:
+        return real_key(self.dataset, self.eval, self.data_version)
+
+
+Job = RunSpec | RealRow  # what an executor runs: a cell of the grid or a real-data row
 
 
 def spec_from_json(d: dict[str, Any]) -> RunSpec:
@@ -226,6 +248,15 @@ def plan(
     return specs
 
 
+def _index_fields(job: Job) -> dict[str, Any]:
+    """The index columns that describe a job (the rest are its outcome)."""
+    fields = {"method": job.method, "dataset": job.dataset, "target_epsilon": job.epsilon, "seed": job.seed,
+              "profile": job.profile}  # fmt: skip
+    if isinstance(job, RunSpec):
+        fields |= {"delta": job.delta, "accountant": job.accountant}
+    return fields
+
+
 def fit_generator(seed: int) -> torch.Generator:
     """The contract's generator of a fit: on the CPU, seeded by the run's seed (a resumed fit restores its state
     from the checkpoint)."""
@@ -322,14 +353,17 @@ class Runner:
         metrics: tuple[str, ...] | None = None,
         inception_weights: str | None = None,
         debug: bool = False,
+        datasets: dict[tuple[str, str], ImageDataset] | None = None,
     ) -> None:
+        """`datasets`: a cache of loaded splits to share with other runners of the same data root (a Ray worker
+        keeps one across its tasks)."""
         self.store, self.device, self.data_root, self.download = store, device, data_root, download
         self.plugins, self.force, self.metrics = plugins, force, metrics
         self.inception_weights = inception_weights
         self.debug = debug  # print a failed cell's traceback on stderr too (it is always in its log.txt)
         self.errors: dict[str, str] = {}  # key -> the one-line error of each cell that failed in this process
         self.checkpoint_every_s = checkpoint_every_s if checkpoint_every_s is not None else checkpoint_interval()
-        self._data: dict[tuple[str, str], ImageDataset] = {}
+        self._data: dict[tuple[str, str], ImageDataset] = {} if datasets is None else datasets
 
     def dataset(self, name: str, split: str) -> ImageDataset:
         if (name, split) not in self._data:
@@ -350,38 +384,62 @@ class Runner:
         with open(run_dir / "log.txt", "a") as f:
             f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
 
-    def run(self, spec: RunSpec, *, ui: Any = None) -> str:
-        """Run one cell; returns "skipped", "done", "failed" or "busy". A cell fails when its ε exceeds the budget
-        or anything in it raises: its index row says "failed" with a one-line `error` (also in `self.errors`),
-        its log.txt has the traceback, and the caller goes on with the next cell. A cell that another process is
-        running (a second `bench run` on the same results folder) is "busy" and left alone. `ui`
-        (bench.ui.GridUI) shows the fit's progress bar."""
-        key = spec.key
-        with self.cell_lock(key) as mine:
+    def run(self, job: Job, *, ui: Any = None, wait: bool = False) -> str:
+        """Run one cell (or a real-data row: `run_real`); returns "skipped", "done", "failed" or "busy". A cell
+        fails when its ε exceeds the budget or anything in it raises: its index row says "failed" with a one-line
+        `error` (also in `self.errors`), its log.txt has the traceback, and the caller goes on with the next cell.
+        A cell that another process is running (a second `bench run` on the same results folder, a Ray worker) is
+        "busy" and left alone, or with `wait` waited for, then skipped when that process finished it, or resumed
+        when it did not. `ui` (bench.ui.GridUI) shows the fit's progress bar."""
+        if isinstance(job, RealRow):
+            return self.run_real(job.dataset, job.eval, profile=job.profile, data_version=job.data_version, wait=wait)
+        key = job.key
+        with self.cell_lock(key, wait=wait) as mine:
             if not mine:
                 return "busy"
             if (run_dir := self._run_dir(key)) is None:
                 return "skipped"
-            return self._guarded(key, run_dir, lambda: self._run(spec, run_dir, ui))
+            return self._guarded(key, run_dir, lambda: self._run(job, run_dir, ui))
+
+    def lock_path(self, key: str) -> Path:
+        return self.store.root / "locks" / f"{key}.lock"
 
     @contextmanager
-    def cell_lock(self, key: str) -> Iterator[bool]:
+    def cell_lock(self, key: str, *, wait: bool = False) -> Iterator[bool]:
         """An exclusive lock on cell `key` for this process (results/locks/<key>.lock, fcntl.flock, released when
-        the cell ends or the process dies): True when taken, False when another process holds it. Taken before
-        the run folder is touched, so a second process never resumes, clears (--force) or writes a cell in
-        progress."""
-        path = self.store.root / "locks" / f"{key}.lock"
+        the cell ends or the process dies): True when taken, False when another process holds it (with `wait`:
+        blocks until it is free). Taken before the run folder is touched, so a second process never resumes,
+        clears (--force) or writes a cell in progress. The holder writes its host and pid into the file
+        (`lock_holder`)."""
+        path = self.lock_path(key)
         path.parent.mkdir(exist_ok=True)
-        with open(path, "a") as f:
+        with open(path, "a+") as f:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
                 yield False
                 return
             try:
+                f.truncate(0)
+                f.write(f"{socket.gethostname()} pid {os.getpid()}\n")
+                f.flush()
                 yield True
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+    def lock_holder(self, key: str) -> str:
+        """Who holds (or last held) cell `key`'s lock: "host pid N", or "" when unknown."""
+        try:
+            return self.lock_path(key).read_text().strip()
+        except OSError:
+            return ""
+
+    def record_failure(self, job: Job, error: str) -> None:
+        """Record job `job` as failed with `error` from outside it (its worker was lost): index and log.txt."""
+        run_dir = self.store.run_dir(job.key)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.log(run_dir, f"FAILED: {error}")
+        self.store.record_run(job.key, **_index_fields(job), status="failed", error=error)
 
     def _guarded(self, key: str, run_dir: Path, body: Callable[[], str]) -> str:
         """`body()`, with any exception but an interrupt recorded as the cell's failure (see `run`)."""
@@ -406,18 +464,7 @@ class Runner:
         cls = registry.get(spec.method, self.plugins)
         code = registry.code_record(cls)
         write_json(run_dir / "config.json", spec.to_json() | {"device": str(self.device), "code": code})
-        self.store.record_run(
-            key,
-            method=spec.method,
-            dataset=spec.dataset,
-            target_epsilon=spec.epsilon,
-            delta=spec.delta,
-            accountant=spec.accountant,
-            seed=spec.seed,
-            profile=spec.profile,
-            status="running",
-            error=None,
-        )
+        self.store.record_run(key, **_index_fields(spec), status="running", error=None)
         self.log(run_dir, f"start {key} on {self.device}")
         for note in spec.notes:
             self.log(run_dir, f"warning: {note}")
@@ -458,7 +505,9 @@ class Runner:
         self._sample_and_score(spec, method, train, run_dir, costs)
         return "done"
 
-    def run_real(self, dataset: str, eval_plan: EvalPlan, *, profile: str, data_version: str = "") -> str:
+    def run_real(
+        self, dataset: str, eval_plan: EvalPlan, *, profile: str, data_version: str = "", wait: bool = False
+    ) -> str:
         """The dataset's real-data row: the same metrics with real data in place of samples.
 
         Fidelity: `n_gen` real test images (a fixed seeded subset) against the training set, the floor a
@@ -468,7 +517,7 @@ class Runner:
         "skipped", "done", "failed" or "busy" (as `run`).
         """
         key = real_key(dataset, eval_plan, data_version)
-        with self.cell_lock(key) as mine:
+        with self.cell_lock(key, wait=wait) as mine:
             if not mine:
                 return "busy"
             if (run_dir := self._run_dir(key)) is None:
@@ -484,10 +533,10 @@ class Runner:
             {"kind": REAL, "method": REAL, "dataset": dataset, "epsilon": None, "delta": None, "accountant": None,
              "seed": 0, "profile": profile, "eval": dataclasses.asdict(eval_plan), "key": key},
         )  # fmt: skip
+        row = RealRow(dataset=dataset, eval=eval_plan, profile=profile)
         self.store.record_run(
-            key, method=REAL, dataset=dataset, target_epsilon=math.inf, seed=0, profile=profile,
-            status="running", guarantee="none", epsilon=math.inf, error=None,
-        )  # fmt: skip
+            key, **_index_fields(row), status="running", guarantee="none", epsilon=math.inf, error=None
+        )
         train, test = self.dataset(dataset, "train"), self.dataset(dataset, "test")
         settings = EvalSettings(**eval_plan.settings)
         wanted = select_metrics(self.metrics or eval_plan.metrics)
@@ -654,16 +703,60 @@ def _bar_callbacks(ui: Any, spec: RunSpec) -> tuple[Callable[[int, str], None], 
     return ui.run_callbacks(spec)  # type: ignore[no-any-return]
 
 
-class LocalExecutor:
-    """Runs the cells one after another in this process (the seam a many-GPU executor replaces): `ui` shows
-    each fit's bar and advances the grid's bar after each cell."""
+class Executor(Protocol):
+    """Runs a grid's jobs (cells or real-data rows) and returns each one's outcome ("done", "skipped", "failed"),
+    in order; the one-line error of each failed job lands in `runner.errors`. `ui` (bench.ui.GridUI) shows the
+    progress, `echo` gets the one-line messages. Implementations: LocalExecutor, bench.cluster.RayExecutor."""
 
-    def run(self, runner: Runner, specs: list[RunSpec], ui: Any) -> list[str]:
-        outcomes = []
-        for spec in specs:
-            outcomes.append(runner.run(spec, ui=ui))
-            ui.grid_advance(spec, outcomes[-1], runner.errors.get(spec.key))
-        return outcomes
+    def run(self, runner: Runner, jobs: list[Job], ui: Any, echo: Callable[[str], None]) -> list[str]: ...
+
+    def __enter__(self) -> Executor: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+def wait_for_busy(
+    runner: Runner,
+    jobs: list[Job],
+    one_pass: Callable[[list[Job], bool], list[str]],
+    echo: Callable[[str], None],
+) -> list[str]:
+    """Both executors' two passes: every job without waiting (a cell another process holds is "busy"), then the
+    busy ones again, waiting for their locks: each ends skipped (the other process finished it) or resumed here
+    (it did not), so every process of a shared results folder ends with the whole grid."""
+    outcomes = one_pass(jobs, False)
+    busy = [i for i, o in enumerate(outcomes) if o == "busy"]
+    if busy:
+        holders = sorted({h for i in busy if (h := runner.lock_holder(jobs[i].key))})
+        echo(
+            f"waiting for {len(busy)} cell(s) that another process is running ({'; '.join(holders) or 'unknown'}); "
+            "each is skipped if it finishes there, resumed here if not; Ctrl-C stops waiting"
+        )
+        for i, outcome in zip(busy, one_pass([jobs[i] for i in busy], True), strict=True):
+            outcomes[i] = outcome
+    return outcomes
+
+
+class LocalExecutor:
+    """Runs the jobs one after another in this process: `ui` shows each fit's bar and advances the grid's bar
+    after each job."""
+
+    def __enter__(self) -> LocalExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def run(self, runner: Runner, jobs: list[Job], ui: Any, echo: Callable[[str], None]) -> list[str]:
+        def one_pass(batch: list[Job], wait: bool) -> list[str]:
+            outcomes = []
+            for job in batch:
+                outcomes.append(runner.run(job, ui=ui, wait=wait))
+                if outcomes[-1] != "busy":
+                    ui.grid_advance(job, outcomes[-1], runner.errors.get(job.key))
+            return outcomes
+
+        return wait_for_busy(runner, jobs, one_pass, echo)
 
 
 @dataclass
@@ -711,15 +804,16 @@ def run_grid(
     *,
     real: bool = True,
     skip_missing_data: bool = False,
-    executor: LocalExecutor | None = None,
+    executor: Executor | None = None,
     echo: Callable[[str], None] = lambda line: None,
 ) -> GridOutcome:
     """Execute a planned grid: the data of every dataset is loaded first (missing data fails before any training,
-    or, with `skip_missing_data`, leaves that dataset's cells out), the cells run through `executor` with the
-    grid's progress bars, then each dataset's real-data row (`real`) unless every cell failed. `echo` gets the
-    one-line messages the command prints."""
+    or, with `skip_missing_data`, leaves that dataset's cells out), the cells run through `executor` (default:
+    LocalExecutor) with the grid's progress bars, then each dataset's real-data row (`real`) unless every cell
+    failed. `echo` gets the one-line messages the command prints."""
     from bench.ui import GridUI
 
+    executor = executor or LocalExecutor()
     missing: dict[str, str] = {}
     for ds in dict.fromkeys(s.dataset for s in specs):
         try:
@@ -731,7 +825,7 @@ def run_grid(
             echo(f"warning: {ds}: dataset not available, its cells are skipped: {e}")
     specs = [s for s in specs if s.dataset not in missing]
     with GridUI(len(specs)) as ui:
-        outcomes = (executor or LocalExecutor()).run(r, specs, ui)
+        outcomes = executor.run(r, list(specs), ui, echo)
     result = GridOutcome(list(zip(specs, outcomes, strict=True)), missing_data=missing)
     result.errors = {s.key: r.errors.get(s.key, "failed") for s in result.failed}
     if stale := older_code(r, [s for s, o in result.outcomes if o == "skipped"]):
@@ -739,22 +833,23 @@ def run_grid(
             f"note: {len(stale)} finished cell(s) reused, computed by older code of the same version "
             f"({'; '.join(sorted(set(stale.values())))}); `--force` recomputes them"
         )
-    busy = f", {result.count('busy')} running in another process (left to it)" if result.count("busy") else ""
     echo(
         f"{result.count('done')} run(s) done, {result.count('skipped')} already finished, "
-        f"{result.count('failed')} failed{busy}; results in {r.store.root}"
+        f"{result.count('failed')} failed; results in {r.store.root}"
     )
     if real and result.count("done") + result.count("skipped"):
-        rows = {real_key(s.dataset, s.eval, s.data_version): s for s, o in result.outcomes if o != "failed"}
-        for key, spec in rows.items():
-            outcome = r.run_real(spec.dataset, spec.eval, profile=spec.profile, data_version=spec.data_version)
-            said = {"skipped": "already finished", "failed": f"failed ({r.errors.get(key)})",
-                    "busy": "running in another process"}.get(outcome, outcome)  # fmt: skip
-            echo(f"real-data row of {spec.dataset}: {said}")
+        done = (s for s, o in result.outcomes if o != "failed")
+        each = (RealRow(dataset=s.dataset, eval=s.eval, profile=s.profile, data_version=s.data_version) for s in done)
+        rows: list[Job] = list({row.key: row for row in each}.values())
+        with GridUI(len(rows), title="real-data rows", lines=False) as ui:
+            row_outcomes = executor.run(r, rows, ui, echo)
+        for row, outcome in zip(rows, row_outcomes, strict=True):
+            said = {"skipped": "already finished", "failed": f"failed ({r.errors.get(row.key)})"}.get(outcome, outcome)
+            echo(f"real-data row of {row.dataset}: {said}")
             if outcome == "failed":
-                result.errors[key] = r.errors.get(key, "failed")
-            elif outcome != "busy":
-                result.real_keys.add(key)
+                result.errors[row.key] = r.errors.get(row.key, "failed")
+            else:
+                result.real_keys.add(row.key)
     for key, error in result.errors.items():
         echo(f"error: run {key} failed: {error}; its log: {r.store.run_dir(key) / 'log.txt'}")
     return result

@@ -24,6 +24,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -138,19 +139,22 @@ def db_error(path: Path, e: sqlite3.DatabaseError) -> str:
 
 
 class Store:
-    """A results folder: run directories plus the SQLite index."""
+    """A results folder: run directories plus the SQLite index. `index=False`: the folder only, for a subclass
+    that sends its index writes elsewhere (a Ray worker sends them to the driver: bench.cluster)."""
 
-    def __init__(self, root: str | Path) -> None:
+    def __init__(self, root: str | Path, *, index: bool = True) -> None:
         self.root = Path(root)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             (self.root / "runs").mkdir(exist_ok=True)
-            probe = self.root / ".write-test"
+            probe = self.root / f".write-test-{uuid.uuid4().hex}"  # one per process: two may probe at once
             probe.write_text("")
             probe.unlink()
         except OSError as e:
             raise BenchError(f"results folder {self.root} is not usable: {e.strerror or e}") from None
         self.db_path = self.root / "bench.sqlite"
+        if not index:
+            return
         with self._connect() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
@@ -183,7 +187,11 @@ class Store:
         return (self.run_dir(key) / "metrics.json").is_file()
 
     def clear(self, key: str) -> None:
+        """Delete run `key`: its folder and its index rows."""
         shutil.rmtree(self.run_dir(key), ignore_errors=True)
+        self.clear_index(key)
+
+    def clear_index(self, key: str) -> None:
         with self._connect() as db:
             db.execute("DELETE FROM runs WHERE key = ?", (key,))
             db.execute("DELETE FROM metrics WHERE key = ?", (key,))

@@ -20,10 +20,17 @@ from rich.progress import (
 console = Console(stderr=True)
 
 
-class GridUI:
-    """One bar for the grid, one for the run in progress."""
+def describe(job: Any) -> str:
+    """A job of the grid in a few words: method, dataset, ε, seed."""
+    return f"{job.method} {job.dataset} ε={job.epsilon:g} seed={job.seed}"
 
-    def __init__(self, total_runs: int) -> None:
+
+class GridUI:
+    """One bar for the grid, and one for each job in progress (several at once under the Ray executor, labelled
+    with where each runs). Without a terminal (logs, CI) one line per finished job, and one per started job that
+    runs elsewhere; with `lines=False` none (the caller says what happened)."""
+
+    def __init__(self, total_runs: int, *, title: str = "grid", lines: bool = True) -> None:
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -34,9 +41,10 @@ class GridUI:
             transient=False,
             disable=not console.is_terminal,
         )
-        self.total, self.finished = total_runs, 0
-        self.grid: TaskID = self.progress.add_task("grid", total=total_runs)
-        self.current: TaskID | None = None
+        self.total, self.finished, self.lines = total_runs, 0, lines
+        self.grid: TaskID = self.progress.add_task(title, total=total_runs)
+        self.bars: dict[str, TaskID] = {}  # job key -> its bar
+        self.where: dict[str, str] = {}  # job key -> where it runs (Ray: host, pid, GPU)
 
     def __enter__(self) -> GridUI:
         self.progress.start()
@@ -45,34 +53,40 @@ class GridUI:
     def __exit__(self, *exc: object) -> None:
         self.progress.stop()
 
-    def grid_advance(self, spec: Any, outcome: str, error: str | None = None) -> None:
-        """One run of the grid is over; without a terminal (logs, CI) say so in one line, and with one too
-        when it failed (with its one-line error)."""
+    def _line(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False, markup=False, soft_wrap=True)
+
+    def started(self, job: Any, where: str) -> None:
+        """A job started on another process or machine (`where`)."""
+        self.where[job.key] = where
+        if self.progress.disable and self.lines:
+            self._line(f"started {describe(job)} on {where}")
+
+    def grid_advance(self, job: Any, outcome: str, error: str | None = None) -> None:
+        """One job of the grid is over; without a terminal say so in one line, and with one too when it failed
+        (with its one-line error)."""
         self.finished += 1
         self.progress.advance(self.grid)
-        if self.progress.disable or error:
-            self.progress.console.print(
-                f"[{self.finished}/{self.total}] {spec.method} {spec.dataset} ε={spec.epsilon:g} "
-                f"seed={spec.seed}: {outcome}" + (f" ({error})" if error else ""),
-                highlight=False,
-                markup=False,
-                soft_wrap=True,
+        if self.lines and (self.progress.disable or error):
+            where = f" on {w}" if (w := self.where.pop(job.key, "")) else ""
+            self._line(
+                f"[{self.finished}/{self.total}] {describe(job)}{where}: {outcome}" + (f" ({error})" if error else "")
             )
-        if self.current is not None:
-            self.progress.remove_task(self.current)
-            self.current = None
+        if (bar := self.bars.pop(job.key, None)) is not None:
+            self.progress.remove_task(bar)
 
-    def run_callbacks(self, spec: Any) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
-        label = f"  {spec.method} {spec.dataset} ε={spec.epsilon:g} seed={spec.seed}"
+    def run_callbacks(self, job: Any) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
+        key = job.key
 
         def start(total: int, description: str) -> None:
-            if self.current is not None:
-                self.progress.remove_task(self.current)
-            self.current = self.progress.add_task(f"{label} {description}", total=total)
+            if (bar := self.bars.pop(key, None)) is not None:
+                self.progress.remove_task(bar)
+            where = f" on {w}" if (w := self.where.get(key)) else ""
+            self.bars[key] = self.progress.add_task(f"  {describe(job)}{where} {description}", total=total)
 
         def advance(n: int) -> None:
-            if self.current is not None and n:
-                self.progress.advance(self.current, n)
+            if (bar := self.bars.get(key)) is not None and n:
+                self.progress.advance(bar, n)
 
         return start, advance
 

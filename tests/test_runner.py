@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -377,9 +379,10 @@ def test_reusing_a_cell_computed_by_older_code_says_so(tmp_path: Path) -> None:
     assert r.exit_code == 0 and (d / "metrics.json").stat().st_mtime_ns != stamp
 
 
-def test_a_cell_another_process_runs_is_left_to_it(tmp_path: Path) -> None:
+def test_a_cell_another_process_runs_is_waited_for(tmp_path: Path) -> None:
     """Two `bench run` on one results folder: a cell whose lock another process holds is "busy": its folder is
-    not touched (not resumed, not cleared by --force, not written), the grid says so; once free it runs."""
+    not touched (not resumed, not cleared by --force, not written). A grid waits for it (saying who holds it),
+    then runs it here when the other process let it go unfinished."""
     good = str(TESTS / "plugins" / "good_plugin.py")
     (spec,) = runner.plan(methods=["noisy-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
                           accountant="rdp", profile=TINY_PROFILE, sets=[], plugins=(good,))  # fmt: skip
@@ -389,13 +392,19 @@ def test_a_cell_another_process_runs_is_left_to_it(tmp_path: Path) -> None:
                              force=force)  # fmt: skip
 
     other, mine = make(), make()
-    with other.cell_lock(spec.key) as held:  # a separate open file: flock treats it as another process's lock
-        assert held
+    with contextlib.ExitStack() as stack:
+        held = stack.enter_context(other.cell_lock(spec.key))  # a separate open file: another process's lock
+        assert held and f"pid {os.getpid()}" in mine.lock_holder(spec.key)
         assert mine.run(spec) == "busy" and make(force=True).run(spec) == "busy"
         assert not (tmp_path / "runs" / spec.key).exists()
+        release = threading.Timer(1.0, stack.close)  # the other process ends without finishing the cell
+        release.start()
         lines: list[str] = []
+        t0 = time.monotonic()
         grid = runner.run_grid(mine, [spec], real=False, echo=lines.append)
-        assert grid.count("busy") == 1 and "1 running in another process (left to it)" in lines[0]
-    assert mine.run(spec) == "done"
+        release.join()
+    assert time.monotonic() - t0 >= 1.0 and grid.count("done") == 1
+    assert lines[0].startswith("waiting for 1 cell(s) that another process is running (")
+    assert f"pid {os.getpid()}" in lines[0]
     with other.cell_lock(spec.key) as held:  # released after the cell
         assert held

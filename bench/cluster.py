@@ -1,0 +1,440 @@
+"""The Ray executor: one grid across the GPUs of one machine or of a cluster, one Ray task per cell.
+
+    bench run ... --executor ray [--ray-address ADDR] [--gpus-per-run F] [--cpus-per-run N]
+
+Each job (a cell, or a dataset's real-data row) is one Ray task with `--cpus-per-run` CPUs (its torch threads)
+and `--gpus-per-run` GPUs (Ray sets CUDA_VISIBLE_DEVICES; a fraction shares a GPU). Without an address a local
+Ray instance is started (with every core of this machine) and shut down at the end; with one, the driver joins
+that cluster (`ray start --head` / `ray start --address` on each node first).
+
+What stays as with the local executor: the keys, the run folders, the checkpoints and the per-cell locks
+(bench.runner.Runner.cell_lock: fcntl.flock on the shared results folder), so a cell interrupted on any worker
+resumes from its checkpoint on any other, with its privacy ledger restored from that checkpoint: no step is
+charged twice.
+
+What differs:
+- Only the driver writes the SQLite index (SQLite over a network file system is not safe to share): a worker's
+  Store (`SendingStore`) writes the run folder and sends each index write to the driver through a mailbox actor,
+  in order; the driver applies them as they arrive, so `bench report` during a grid sees the cells running.
+- Before any task, a probe task on every node checks that it sees the results folder (a file the driver wrote,
+  by content: the same path on a node's local disk is not enough), can write there, runs the same bench code
+  (the harness hash), and sees the plugin files and --data-root; a node that does not is named in the error.
+- A job whose worker dies (killed, out of memory, node lost) is recorded as failed with Ray's reason, in the
+  index and the run's log.txt; the grid goes on. Tasks are not retried (max_retries = 0): rerunning the
+  command resumes that cell from its last checkpoint.
+- The driver shows the grid's bar and one bar per running job, labelled with its host, pid and GPU.
+
+Ray is an optional dependency (`pip install 'bench-dp-gen[ray]'`, part of the dev extra); without it
+`--executor ray` fails with that install line.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import socket
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+
+from bench import registry
+from bench.contract import ImageDataset
+from bench.errors import BenchError, one_line
+from bench.runner import Executor, Job, LocalExecutor, Runner, resolve_device, wait_for_busy
+from bench.store import Store
+
+EXECUTORS = ("local", "ray")
+INSTALL = "pip install 'bench-dp-gen[ray]'"
+_INDEX_OPS = ("record_run", "record_metrics", "clear_index")
+_ADVANCE_EVERY_S = 0.5  # a worker sends its bar's progress at most this often
+
+
+def require_ray() -> ModuleType:
+    try:
+        import ray
+    except ImportError:
+        raise BenchError(f"--executor ray needs Ray, which is not installed: {INSTALL}") from None
+    return ray
+
+
+def make_executor(
+    kind: str,
+    *,
+    ray_address: str | None = None,
+    gpus_per_run: float | None = None,
+    cpus_per_run: int = 1,
+    device: str = "auto",
+) -> Executor:
+    """The executor the command-line options ask for (checked here: a bad option fails before anything runs)."""
+    if kind not in EXECUTORS:
+        raise BenchError(f"--executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
+    if kind == "local":
+        for given, option in ((ray_address, "--ray-address"), (gpus_per_run, "--gpus-per-run")):
+            if given is not None:
+                raise BenchError(f"{option} needs --executor ray")
+        if cpus_per_run != 1:
+            raise BenchError("--cpus-per-run needs --executor ray")
+        return LocalExecutor()
+    if cpus_per_run < 1:
+        raise BenchError(f"--cpus-per-run must be an integer ≥ 1, got {cpus_per_run}")
+    if gpus_per_run is not None and (
+        not math.isfinite(gpus_per_run) or gpus_per_run < 0 or (gpus_per_run > 1 and not gpus_per_run.is_integer())
+    ):
+        raise BenchError(f"--gpus-per-run must be a fraction in [0, 1] or a whole number, got {gpus_per_run:g}")
+    if not re.fullmatch(r"auto|cpu|cuda", device):
+        raise BenchError(f"with --executor ray, --device is auto, cpu or cuda (Ray assigns the GPU), got {device!r}")
+    if device == "cpu" and gpus_per_run:
+        raise BenchError("--device cpu with --gpus-per-run > 0: the GPUs would be reserved and left idle")
+    if device == "cuda" and gpus_per_run == 0:
+        raise BenchError("--device cuda with --gpus-per-run 0: a task sees no GPU unless it reserves one")
+    require_ray()
+    return RayExecutor(address=ray_address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, device=device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The worker side
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What a worker needs to build the driver's Runner (paths absolute, as every node must see them)."""
+
+    root: str
+    device: str  # auto | cpu | cuda, resolved on the worker
+    threads: int
+    data_root: str | None
+    download: bool
+    plugins: tuple[str, ...]
+    force: bool
+    checkpoint_every_s: float
+    metrics: tuple[str, ...] | None
+    inception_weights: str | None
+    debug: bool
+
+    @classmethod
+    def of(cls, runner: Runner, device: str, threads: int) -> WorkerSettings:
+        def absolute(path: str | None) -> str | None:
+            return None if path is None else str(Path(path).resolve())
+
+        return cls(
+            root=str(runner.store.root.resolve()),
+            device=device,
+            threads=threads,
+            data_root=absolute(runner.data_root),
+            download=runner.download,
+            plugins=tuple(str(absolute(p)) for p in runner.plugins),
+            force=runner.force,
+            checkpoint_every_s=runner.checkpoint_every_s,
+            metrics=runner.metrics,
+            inception_weights=absolute(runner.inception_weights),
+            debug=runner.debug,
+        )
+
+
+class SendingStore(Store):
+    """A worker's view of the results folder: the run folders as usual, the index writes sent to the driver."""
+
+    def __init__(self, root: str | Path, send: Callable[[tuple[Any, ...]], None]) -> None:
+        super().__init__(root, index=False)
+        self._send = send
+
+    def record_run(self, key: str, **fields: Any) -> None:
+        self._send(("index", key, "record_run", fields))
+
+    def record_metrics(self, key: str, metrics: dict[str, dict[str, Any]]) -> None:
+        self._send(("index", key, "record_metrics", {"metrics": metrics}))
+
+    def clear_index(self, key: str) -> None:
+        self._send(("index", key, "clear_index", {}))
+
+    def rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        raise RuntimeError("a worker does not read the index")
+
+
+class SendingUI:
+    """A worker's progress bar: its start and (at most every 0.5 s) its progress, sent to the driver."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self._send, self._pending, self._last, self._key = send, 0, 0.0, ""
+
+    def run_callbacks(self, job: Any) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
+        self._key = job.key
+
+        def start(total: int, description: str) -> None:
+            self.flush()
+            self._send(("bar", self._key, total, description))
+
+        def advance(n: int) -> None:
+            self._pending += n
+            if time.monotonic() - self._last >= _ADVANCE_EVERY_S:
+                self.flush()
+
+        return start, advance
+
+    def flush(self) -> None:
+        if self._pending:
+            self._send(("advance", self._key, self._pending))
+        self._pending, self._last = 0, time.monotonic()
+
+
+_datasets: dict[tuple[str | None, bool], dict[tuple[str, str], ImageDataset]] = {}  # a worker's loaded data
+
+
+def run_job(settings: WorkerSettings, job: Job, wait: bool, mailbox: Any) -> tuple[str, str | None]:
+    """A Ray task: run one job with a Runner like the driver's; returns (outcome, one-line error or None)."""
+    ray = require_ray()
+
+    def send(item: tuple[Any, ...]) -> None:
+        ray.get(mailbox.put.remote(item))  # synchronous: the driver has every message before the result
+
+    torch.set_num_threads(settings.threads)
+    gpus = ray.get_gpu_ids()
+    device = resolve_device("cpu" if settings.device == "auto" and not gpus else settings.device)
+    where = f"{socket.gethostname()} pid {os.getpid()}" + (f" gpu {','.join(map(str, gpus))}" if gpus else "")
+    send(("start", job.key, where))
+    runner = Runner(
+        SendingStore(settings.root, send),
+        device=device,
+        data_root=settings.data_root,
+        download=settings.download,
+        plugins=settings.plugins,
+        force=settings.force,
+        checkpoint_every_s=settings.checkpoint_every_s,
+        metrics=settings.metrics,
+        inception_weights=settings.inception_weights,
+        debug=settings.debug,
+        datasets=_datasets.setdefault((settings.data_root, settings.download), {}),  # kept for the next task
+    )
+    ui = SendingUI(send)
+    try:
+        outcome = runner.run(job, ui=ui, wait=wait)
+    finally:
+        ui.flush()
+    return outcome, runner.errors.get(job.key)
+
+
+def probe_node(root: str, probe: str, token: str, plugins: tuple[str, ...], data_root: str | None) -> dict[str, Any]:
+    """A Ray task pinned to one node: what that node cannot see or do of what the grid needs."""
+    problems = []
+    try:
+        seen = (Path(root) / probe).read_text()
+    except OSError as e:
+        seen = f"({e.strerror or e})"
+    if seen != token:
+        problems.append(f"does not see the results folder {root} (the driver's probe file: {seen[:80]!r})")
+    else:
+        try:
+            Store(root, index=False)
+        except BenchError as e:
+            problems.append(str(e))
+    problems += [f"does not see the plugin file {p}" for p in plugins if not Path(p).is_file()]
+    if data_root is not None and not Path(data_root).is_dir():
+        problems.append(f"does not see --data-root {data_root}")
+    return {"host": socket.gethostname(), "harness": registry.harness_hash(), "problems": problems}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver side
+# ---------------------------------------------------------------------------------------------------
+
+
+class _Mailbox:
+    """The actor the workers send their messages to; the driver takes them in the order they were sent."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[Any, ...]] = []
+
+    def put(self, item: tuple[Any, ...]) -> None:
+        self.items.append(item)
+
+    def take(self) -> list[tuple[Any, ...]]:
+        items, self.items = self.items, []
+        return items
+
+
+class RayExecutor:
+    """Runs each job as a Ray task (see the module docstring). Use as a context manager: the connection (or the
+    local instance) lives until exit."""
+
+    def __init__(
+        self, *, address: str | None = None, gpus_per_run: float | None = None, cpus_per_run: int = 1,
+        device: str = "auto",
+    ) -> None:  # fmt: skip
+        self.address, self.gpus_per_run, self.cpus_per_run, self.device = address, gpus_per_run, cpus_per_run, device
+        self._ray: ModuleType | None = None
+        self._started = False  # whether this executor connected (and so disconnects)
+        self._checked: set[str] = set()  # results folders checked on every node
+
+    def __enter__(self) -> RayExecutor:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._ray is not None and self._started:
+            self._ray.shutdown()
+        self._ray, self._started = None, False
+
+    def _connect(self) -> ModuleType:
+        if self._ray is not None:
+            return self._ray
+        ray = require_ray()
+        if not ray.is_initialized():
+            try:
+                ray.init(
+                    address=self.address, include_dashboard=False, log_to_driver=False, logging_level="ERROR",
+                    configure_logging=True,
+                )  # fmt: skip
+            except (ConnectionError, RuntimeError, ValueError) as e:
+                where = f"the Ray cluster at {self.address}" if self.address else "a local Ray instance"
+                raise BenchError(f"cannot connect to {where}: {one_line(e)}") from None
+            self._started = True
+        self._ray = ray
+        return ray
+
+    def _nodes(self) -> list[dict[str, Any]]:
+        assert self._ray is not None
+        return [n for n in self._ray.nodes() if n.get("Alive")]
+
+    def gpus(self) -> float:
+        """--gpus-per-run, or by default 1 when the cluster has GPUs and --device is not cpu, else 0."""
+        if self.gpus_per_run is not None:
+            return self.gpus_per_run
+        has_gpus = any(n["Resources"].get("GPU", 0) >= 1 for n in self._nodes())
+        if self.device == "cuda" and not has_gpus:
+            raise BenchError("--device cuda: no node of the Ray cluster has a GPU")
+        return 1.0 if has_gpus and self.device != "cpu" else 0.0
+
+    def check(self, settings: WorkerSettings, gpus: float) -> None:
+        """Every node can run the grid: enough resources on some node, and each one sees the results folder, the
+        plugin files and --data-root, and runs this bench (probe_node). One line naming each node that cannot."""
+        ray = self._connect()
+        nodes = self._nodes()
+        for need, resource, option in ((settings.threads, "CPU", "--cpus-per-run"), (gpus, "GPU", "--gpus-per-run")):
+            if need > (most := max((n["Resources"].get(resource, 0.0) for n in nodes), default=0.0)):
+                raise BenchError(f"{option} {need:g}: the Ray cluster's largest node has {most:g} {resource}s")
+        if settings.root in self._checked:
+            return
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        token = uuid.uuid4().hex
+        probe = f".probe-{token}"
+        probe_path = Path(settings.root) / probe
+        probe_path.write_text(token)
+        task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
+        try:
+            refs = {
+                n["NodeManagerAddress"]: task.options(
+                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
+                ).remote(settings.root, probe, token, settings.plugins, settings.data_root)
+                for n in nodes
+            }
+            failures = []
+            for address, ref in refs.items():
+                try:
+                    seen = ray.get(ref, timeout=300)
+                except Exception as e:  # noqa: BLE001 - any failure of the probe is that node's problem
+                    failures.append(f"node {address}: cannot run bench ({one_line(e)}); install the same bench there")
+                    continue
+                problems = list(seen["problems"])
+                if seen["harness"] != registry.harness_hash():
+                    problems.append(
+                        f"runs other bench code (harness {seen['harness']}, here {registry.harness_hash()}); "
+                        "install the same version on every node"
+                    )
+                failures += [f"node {seen['host']} ({address}) {p}" for p in problems]
+        finally:
+            probe_path.unlink(missing_ok=True)
+        if failures:
+            raise BenchError("; ".join(failures) + "; every node must see the same folders (a shared file system)")
+        self._checked.add(settings.root)
+
+    def run(self, runner: Runner, jobs: list[Job], ui: Any, echo: Callable[[str], None]) -> list[str]:
+        if not jobs:
+            return []
+        ray = self._connect()
+        gpus = self.gpus()
+        settings = WorkerSettings.of(runner, self.device, self.cpus_per_run)
+        self.check(settings, gpus)
+        task = ray.remote(run_job).options(num_cpus=self.cpus_per_run, num_gpus=gpus, max_retries=0)
+        mailbox = ray.remote(num_cpus=0)(_Mailbox).remote()
+
+        def one_pass(batch: list[Job], wait: bool) -> list[str]:
+            return self._pass(ray, task, mailbox, settings, runner, batch, wait, ui)
+
+        try:
+            return wait_for_busy(runner, jobs, one_pass, echo)
+        finally:
+            ray.kill(mailbox)
+
+    def _pass(
+        self, ray: ModuleType, task: Any, mailbox: Any, settings: WorkerSettings, runner: Runner, batch: list[Job],
+        wait: bool, ui: Any,
+    ) -> list[str]:  # fmt: skip
+        by_key = {job.key: job for job in batch}
+        pending = {task.remote(settings, job, wait, mailbox): i for i, job in enumerate(batch)}
+        outcomes = [""] * len(batch)
+        bars: dict[str, tuple[Callable[[int, str], None], Callable[[int], None]]] = {}
+        try:
+            while pending:
+                ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
+                for item in ray.get(mailbox.take.remote()):
+                    self._deliver(item, runner, ui, by_key, bars)
+                for ref in ready:
+                    i = pending.pop(ref)
+                    outcomes[i] = self._outcome(ray, ref, batch[i], runner)
+                    if outcomes[i] != "busy":
+                        ui.grid_advance(batch[i], outcomes[i], runner.errors.get(batch[i].key))
+        except KeyboardInterrupt:
+            for ref in pending:
+                ray.cancel(ref)  # a KeyboardInterrupt in the task: its cell records "interrupted"
+            ray.wait(list(pending), num_returns=len(pending), timeout=10)
+            for item in ray.get(mailbox.take.remote()):
+                if item[0] == "index":
+                    self._deliver(item, runner, ui, by_key, bars)
+            raise
+        return outcomes
+
+    @staticmethod
+    def _deliver(
+        item: tuple[Any, ...], runner: Runner, ui: Any, by_key: dict[str, Job],
+        bars: dict[str, tuple[Callable[[int, str], None], Callable[[int], None]]],
+    ) -> None:  # fmt: skip
+        kind, key, *rest = item
+        if kind == "index":
+            op, kwargs = rest
+            if op not in _INDEX_OPS:
+                raise RuntimeError(f"unknown index operation from a worker: {op!r}")
+            getattr(runner.store, op)(key, **kwargs)
+        elif kind == "start":
+            ui.started(by_key[key], rest[0])
+        elif kind == "bar":
+            bars[key] = ui.run_callbacks(by_key[key])
+            bars[key][0](*rest)
+        elif kind == "advance" and key in bars:
+            bars[key][1](rest[0])
+
+    @staticmethod
+    def _outcome(ray: ModuleType, ref: Any, job: Job, runner: Runner) -> str:
+        """A finished task's outcome; a task that raised outside the cell's guard (its worker could not load
+        the data or the device) or whose worker was lost is recorded as failed here."""
+        try:
+            outcome, error = ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
+            error = one_line(cause)
+        except ray.exceptions.RayError as e:
+            error = f"worker lost: {one_line(e)}"
+        else:
+            if error is not None:
+                runner.errors[job.key] = error
+            return str(outcome)
+        runner.errors[job.key] = error
+        runner.record_failure(job, error)
+        return "failed"
