@@ -193,7 +193,9 @@ def run_job(settings: WorkerSettings, job: Job, wait: bool, mailbox: Any) -> tup
     ray = require_ray()
 
     def send(item: tuple[Any, ...]) -> None:
-        ray.get(mailbox.put.remote(item))  # synchronous: the driver has every message before the result
+        # Not waited for: a task blocked in ray.get lends its CPUs back to Ray, which would start another cell on
+        # them. One caller's calls to an actor run in the order they were made, and the last one is "end".
+        mailbox.put.remote(item)
 
     torch.set_num_threads(settings.threads)
     gpus = ray.get_gpu_ids()
@@ -218,6 +220,7 @@ def run_job(settings: WorkerSettings, job: Job, wait: bool, mailbox: Any) -> tup
         outcome = runner.run(job, ui=ui, wait=wait)
     finally:
         ui.flush()
+        send(("end", job.key))
     return outcome, runner.errors.get(job.key)
 
 
@@ -366,75 +369,95 @@ class RayExecutor:
         mailbox = ray.remote(num_cpus=0)(_Mailbox).remote()
 
         def one_pass(batch: list[Job], wait: bool) -> list[str]:
-            return self._pass(ray, task, mailbox, settings, runner, batch, wait, ui)
+            return _Pass(ray, mailbox, runner, ui, batch).run(task, settings, wait)
 
         try:
             return wait_for_busy(runner, jobs, one_pass, echo)
         finally:
             ray.kill(mailbox)
 
-    def _pass(
-        self, ray: ModuleType, task: Any, mailbox: Any, settings: WorkerSettings, runner: Runner, batch: list[Job],
-        wait: bool, ui: Any,
-    ) -> list[str]:  # fmt: skip
-        by_key = {job.key: job for job in batch}
-        pending = {task.remote(settings, job, wait, mailbox): i for i, job in enumerate(batch)}
-        outcomes = [""] * len(batch)
-        bars: dict[str, tuple[Callable[[int, str], None], Callable[[int], None]]] = {}
+
+_END_WAIT_S = 60.0  # how long the driver waits for the last messages of a task that has returned
+
+
+class _Pass:
+    """One pass of the driver over a batch of jobs: submit each as a task, apply the workers' messages as they
+    arrive (index writes, progress), and turn each finished task into its outcome."""
+
+    def __init__(self, ray: ModuleType, mailbox: Any, runner: Runner, ui: Any, batch: list[Job]) -> None:
+        self.ray, self.mailbox, self.runner, self.ui, self.batch = ray, mailbox, runner, ui, batch
+        self.by_key = {job.key: job for job in batch}
+        self.bars: dict[str, tuple[Callable[[int, str], None], Callable[[int], None]]] = {}
+        self.ended: set[str] = set()  # jobs whose worker sent its last message
+        self.closed: set[str] = set()  # jobs recorded as lost: a late message from their worker is dropped
+
+    def run(self, task: Any, settings: WorkerSettings, wait: bool) -> list[str]:
+        ray = self.ray
+        pending = {task.remote(settings, job, wait, self.mailbox): i for i, job in enumerate(self.batch)}
+        outcomes = [""] * len(self.batch)
         try:
             while pending:
                 ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.25)
-                for item in ray.get(mailbox.take.remote()):
-                    self._deliver(item, runner, ui, by_key, bars)
+                self.drain()
                 for ref in ready:
                     i = pending.pop(ref)
-                    outcomes[i] = self._outcome(ray, ref, batch[i], runner)
+                    job = self.batch[i]
+                    outcomes[i] = self.outcome(ref, job)
                     if outcomes[i] != "busy":
-                        ui.grid_advance(batch[i], outcomes[i], runner.errors.get(batch[i].key))
+                        self.ui.grid_advance(job, outcomes[i], self.runner.errors.get(job.key))
         except KeyboardInterrupt:
             for ref in pending:
                 ray.cancel(ref)  # a KeyboardInterrupt in the task: its cell records "interrupted"
             ray.wait(list(pending), num_returns=len(pending), timeout=10)
-            for item in ray.get(mailbox.take.remote()):
-                if item[0] == "index":
-                    self._deliver(item, runner, ui, by_key, bars)
+            time.sleep(0.5)
+            self.drain(index_only=True)
             raise
         return outcomes
 
-    @staticmethod
-    def _deliver(
-        item: tuple[Any, ...], runner: Runner, ui: Any, by_key: dict[str, Job],
-        bars: dict[str, tuple[Callable[[int, str], None], Callable[[int], None]]],
-    ) -> None:  # fmt: skip
-        kind, key, *rest = item
-        if kind == "index":
-            op, kwargs = rest
-            if op not in _INDEX_OPS:
-                raise RuntimeError(f"unknown index operation from a worker: {op!r}")
-            getattr(runner.store, op)(key, **kwargs)
-        elif kind == "start":
-            ui.started(by_key[key], rest[0])
-        elif kind == "bar":
-            bars[key] = ui.run_callbacks(by_key[key])
-            bars[key][0](*rest)
-        elif kind == "advance" and key in bars:
-            bars[key][1](rest[0])
+    def drain(self, index_only: bool = False) -> None:
+        for item in self.ray.get(self.mailbox.take.remote()):
+            kind, key, *rest = item
+            if key in self.closed:
+                continue
+            if kind == "index":
+                op, kwargs = rest
+                if op not in _INDEX_OPS:
+                    raise RuntimeError(f"unknown index operation from a worker: {op!r}")
+                getattr(self.runner.store, op)(key, **kwargs)
+            elif kind == "end":
+                self.ended.add(key)
+            elif index_only:
+                continue
+            elif kind == "start":
+                self.ui.started(self.by_key[key], rest[0])
+            elif kind == "bar":
+                self.bars[key] = self.ui.run_callbacks(self.by_key[key])
+                self.bars[key][0](*rest)
+            elif kind == "advance" and key in self.bars:
+                self.bars[key][1](rest[0])
 
-    @staticmethod
-    def _outcome(ray: ModuleType, ref: Any, job: Job, runner: Runner) -> str:
-        """A finished task's outcome; a task that raised outside the cell's guard (its worker could not load
-        the data or the device) or whose worker was lost is recorded as failed here."""
+    def outcome(self, ref: Any, job: Job) -> str:
+        """A finished task's outcome, once its last message is in. A task that raised outside the cell's guard
+        (its worker could not load the data or the device) or whose worker was lost is recorded as failed here."""
+        ray, runner = self.ray, self.runner
+        raised: str | None = None  # the error of a task that raised or was lost: not recorded by its worker
+        lost = False
         try:
             outcome, error = ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             cause = e.cause if isinstance(getattr(e, "cause", None), BaseException) else e
-            error = one_line(cause)
+            outcome, error = "failed", one_line(cause)
+            raised = error
         except ray.exceptions.RayError as e:
-            error = f"worker lost: {one_line(e)}"
-        else:
-            if error is not None:
-                runner.errors[job.key] = error
-            return str(outcome)
-        runner.errors[job.key] = error
-        runner.record_failure(job, error)
-        return "failed"
+            outcome, error = "failed", f"worker lost: {one_line(e)}"
+            raised, lost = error, True
+        deadline = time.monotonic() + (1.0 if lost else _END_WAIT_S)
+        while job.key not in self.ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+            self.drain()
+        if error is not None:
+            runner.errors[job.key] = error
+        if raised is not None:
+            self.closed.add(job.key)
+            runner.record_failure(job, raised)
+        return str(outcome)

@@ -27,7 +27,8 @@ def _threads(request: pytest.FixtureRequest) -> Any:
 
 @pytest.fixture(scope="session")
 def ratios(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
-    """{case: {"reference": (min_s, median_s), mode: (min_s, median_s), ...}}, shared by one session."""
+    """{case: {reference: (min_s, median_s), mode: (min_s, median_s), ...}}, shared by one session; the reference
+    row is "non-private" (a DP step's) or "local" (a grid's executor)."""
     return request.config.stash.setdefault(_RATIOS, {})
 
 
@@ -38,12 +39,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     write = terminalreporter.write_line
     write("")
     write(
-        f"DP step throughput ÷ non-private step, same network and batch, side by side in this run "
-        f"({config.stash.get(_THREADS, '?')} torch threads)"
+        f"speed ÷ the reference's (a DP step: the non-private step of the same network and batch; a grid: the local "
+        f"executor's wall time), side by side in this run ({config.stash.get(_THREADS, '?')} torch threads)"
     )
     write(f"{'case':<22} {'mode':<12} {'min ms':>8} {'median ms':>10} {'ratio(min)':>11} {'ratio(median)':>14}")
     for case, rows in table.items():
-        ref = rows.get("non-private")
+        ref = rows.get("non-private", rows.get("local"))
         for mode, (t_min, t_med) in rows.items():
             r_min = f"{ref[0] / t_min:.2f}x" if ref else "-"
             r_med = f"{ref[1] / t_med:.2f}x" if ref else "-"
