@@ -217,3 +217,12 @@ def test_two_bench_run_processes_compute_each_cell_once(tmp_path: Path) -> None:
         assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
         statuses = dict(db.execute("SELECT key, status FROM runs").fetchall())
     assert len(statuses) == 5 and set(statuses.values()) == {"done"}
+
+
+def test_bench_paper_takes_the_same_executor_options(tmp_path: Path) -> None:
+    r = bench("paper", "dpsad-eccv24", "--run", "--results", str(tmp_path), "--executor", "ray", "--gpus-per-run",
+              "2.5")  # fmt: skip
+    assert (
+        r.exit_code == 2 and "error: --gpus-per-run must be a fraction in [0, 1] or a whole number, got 2.5" in r.output
+    )
+    assert not (tmp_path / "runs").exists()
