@@ -240,6 +240,60 @@ def run(
 
 
 @app.command()
+def audit(
+    methods: Annotated[str, typer.Option("--methods", help="Comma-separated private methods to audit.")],
+    eps: Annotated[str, typer.Option("--eps", help="Comma-separated target ε values, e.g. 1,10.")] = "10",
+    dataset: Annotated[str, typer.Option("--dataset", "--datasets", help="Comma-separated datasets.")] = "fmnist",
+    canaries: Annotated[int, typer.Option("--canaries", help="m: held-out canaries, each in with prob. 1/2.")] = 1000,
+    samples: Annotated[int, typer.Option("--samples", help="Generated samples the black-box score searches.")] = 2000,
+    positive_eps: Annotated[
+        float, typer.Option("--positive-eps", help="ε of the positive control (the method with its noise all but off).")
+    ] = 1000.0,
+    seeds: Seeds = "0",
+    delta: Annotated[float | None, typer.Option("--delta", help="δ (default as bench run).")] = None,
+    accountant: Accountant = "rdp",
+    profile: Profile = "smoke",
+    set_: Sets = None,
+    device: Device = "auto",
+    results: ResultsDir = Path("results"),
+    data_root: DataRoot = None,
+    download: Download = False,
+    plugin: Plugins = None,
+    force: Annotated[bool, typer.Option("--force", help="Recompute finished audits.")] = False,
+) -> None:
+    """Audit each (method, dataset, ε, seed) with one training run and m canaries (Steinke et al. 2023): an
+    empirical ε lower bound at 95%, AUCs, a negative and a positive control, and a verdict (exit 1 on a
+    VIOLATION: the lower bound exceeds the ledger's ε)."""
+    from bench import audit as audits
+    from bench import runner, tables
+    from bench.store import Store
+
+    with user_errors():
+        plugins = tuple(str(p) for p in plugin or ())
+        if delta is not None and not 0 < delta < 1:
+            raise BenchError(f"--delta must be in (0, 1), got {delta}")
+        dev = runner.resolve_device(device)
+        specs = audits.plan_audits(
+            methods=runner.parse_list(methods, "--methods"), epsilons=runner.parse_epsilons(eps),
+            datasets=runner.parse_list(dataset, "--dataset"), seeds=runner.parse_seeds(seeds), delta=delta,
+            accountant=accountant, profile=profile, sets=set_ or [], plugins=plugins, data_root=data_root,
+            canaries=canaries, samples=samples, positive_epsilon=positive_eps,
+        )  # fmt: skip
+        store = Store(results)
+        r = runner.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins, force=force,
+                          debug=debug())  # fmt: skip
+        for ds in dict.fromkeys(s.dataset for s in specs):
+            r.dataset(ds, "train"), r.dataset(ds, "test")
+        audits.run_audits(r, specs, echo=_err)
+        keys = {s.key for s in specs}
+        found = [a for a in audits.stored_audits(store) if a["key"] in keys]
+        if found:
+            typer.echo(tables.markdown(audits.audit_table(found)))
+        if r.errors or any(a["verdict"] == "VIOLATION" for a in found):
+            raise typer.Exit(1)
+
+
+@app.command()
 def score(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (results/runs/<key>) to re-score.")],
     metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,

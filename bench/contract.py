@@ -122,6 +122,13 @@ class Method(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
+    # Optional members (the harness checks for them with getattr):
+    # - released_model() -> nn.Module: the model a user would publish (its parameter count goes in the cost table).
+    # - membership_scores(images, labels, *, generator) -> Tensor [m]: `bench audit`'s white-box score of each
+    #   image (higher = more likely a training record), computed from the released model only, with every random
+    #   draw from `generator` and shared by all images (bench.diffusion.ConditionalDenoiser: minus the denoising
+    #   loss). A method without it is audited black-box (nearest generated sample) only.
+
 
 def device_generator(generator: torch.Generator, device: torch.device | str) -> torch.Generator:
     """The contract's CPU `generator` itself on the CPU; elsewhere a generator on `device` seeded from it

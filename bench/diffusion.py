@@ -458,6 +458,21 @@ class ConditionalDenoiser:
             out.append(to_uint8(x).cpu())
         return torch.cat(out)
 
+    def membership_scores(self, images: Tensor, labels: Tensor, *, generator: torch.Generator) -> Tensor:
+        """The contract's optional audit member (bench.audit's white-box score): minus the released (EMA)
+        network's denoising loss of each image at its label, over one draw of K = 8 noise levels and noises from
+        `generator` shared by every image (so scores differ by the images only). Higher = more likely trained on."""
+        model = self.released_model()
+        was_training = model.training
+        model.eval()
+        _, level, noise = self.training_draws(torch.zeros(1, dtype=torch.long), 8, generator)
+        x0 = to_model_range(images).to(self.device)
+        y = labels.to(self.device)
+        with torch.no_grad():
+            losses = torch.stack([self.example_loss(model, x0[i], y[i], level[0], noise[0]) for i in range(len(x0))])
+        model.train(was_training)
+        return -losses
+
     def released_model(self) -> nn.Module:
         """The network that is released (its parameter count is a cost figure)."""
         return self.ema.model

@@ -197,8 +197,21 @@ def build_report(
     metrics: Collection[str] | None = None,
     plots: bool = False,
 ) -> pd.DataFrame:
-    """Print the summary table; with `out`, write every table in `formats` (and the plots) there."""
+    """Print the summary table; with `out`, write every table in `formats` (and the plots) there, and the audit
+    table when the folder holds audits (bench.audit)."""
+    from bench.audit import audit_table, stored_audits
+
     formats = tables.check_formats(formats)
+    audits = stored_audits(store) if keys is None else []
+    if audits:
+        audit = audit_table(audits)
+        if out is not None:
+            out.mkdir(parents=True, exist_ok=True)
+            tables.write(audit, out / "audit", [], formats, index=False,
+                         caption="Privacy audits (one run, 95% lower bounds)")  # fmt: skip
+        if not store.rows()[0]:  # audits only
+            echo(tables.markdown(audit))
+            return audit
     df = load_frame(store, keys, metrics)
     summary = summary_table(df)
     notes = footnotes(df)
@@ -219,6 +232,8 @@ def build_report(
     if not privacy.empty:
         tables.write(privacy, out / "privacy", notes, formats, index=False, caption="Privacy accounting per row")
     tables.write(cost_table(df), out / "cost", [], formats, index=False, caption="Cost per run")
+    if audits:
+        echo("privacy audits:\n" + tables.markdown(audit))
     written = f"tables ({', '.join(formats)}) written to {out}/"
     if plots:
         files = write_plots(df, out / "plots", metrics=metrics)

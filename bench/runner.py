@@ -441,20 +441,25 @@ class Runner:
         self.log(run_dir, f"FAILED: {error}")
         self.store.record_run(job.key, **_index_fields(job), status="failed", error=error)
 
-    def _guarded(self, key: str, run_dir: Path, body: Callable[[], str]) -> str:
-        """`body()`, with any exception but an interrupt recorded as the cell's failure (see `run`)."""
+    def _guarded(
+        self, key: str, run_dir: Path, body: Callable[[], str],
+        record: Callable[[str, str | None, str], None] | None = None,
+    ) -> str:  # fmt: skip
+        """`body()`, with any exception but an interrupt recorded as the cell's failure (see `run`); `record(key,
+        error, status)` writes the index row (default: the runs table's)."""
+        record = record or (lambda k, error, status: self.store.record_run(k, status=status, error=error))
         try:
             return body()
         except KeyboardInterrupt:
             with contextlib.suppress(Exception):
-                self.store.record_run(key, status="interrupted")
+                record(key, None, "interrupted")
                 self.log(run_dir, "interrupted: rerun the same command to resume from the last checkpoint")
             raise
         except Exception as e:  # noqa: BLE001 - a cell's failure must not end the grid
             error = one_line(e)
             self.errors[key] = error
             self.log(run_dir, f"FAILED: {error}\n{traceback.format_exc()}")
-            self.store.record_run(key, status="failed", error=error)
+            record(key, error, "failed")
             if self.debug:
                 traceback.print_exc()
             return "failed"

@@ -45,6 +45,10 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS metrics (
     key TEXT, metric TEXT, value REAL, info TEXT, PRIMARY KEY (key, metric)
 );
+CREATE TABLE IF NOT EXISTS audits (
+    key TEXT PRIMARY KEY, method TEXT, dataset TEXT, target_epsilon REAL, seed INTEGER, profile TEXT,
+    status TEXT, verdict TEXT, lower_bound REAL, info TEXT, error TEXT, updated TEXT
+);
 """
 
 
@@ -201,16 +205,33 @@ class Store:
         with self._connect() as db:
             self._upsert(db, key, fields)
 
-    def _upsert(self, db: sqlite3.Connection, key: str, fields: dict[str, Any]) -> None:
-        fields = _clean(fields) | {"key": key, "run_dir": str(self.run_dir(key))}
+    def _upsert(self, db: sqlite3.Connection, key: str, fields: dict[str, Any], table: str = "runs") -> None:
+        fields = _clean(fields) | {"key": key}
+        if table == "runs":
+            fields["run_dir"] = str(self.run_dir(key))
         cols = ", ".join(fields)
         marks = ", ".join("?" for _ in fields)
         updates = ", ".join(f"{c} = excluded.{c}" for c in fields if c != "key")
         db.execute(
-            f"INSERT INTO runs ({cols}, updated) VALUES ({marks}, datetime('now')) "
+            f"INSERT INTO {table} ({cols}, updated) VALUES ({marks}, datetime('now')) "
             f"ON CONFLICT(key) DO UPDATE SET {updates}, updated = datetime('now')",
             tuple(fields.values()),
         )
+
+    def record_audit(self, key: str, **fields: Any) -> None:
+        """Insert or update the row of an audit cell (bench.audit): its own table, never in the utility tables."""
+        with self._connect() as db:
+            self._upsert(db, key, fields, table="audits")
+
+    def clear_audit(self, key: str) -> None:
+        shutil.rmtree(self.run_dir(key), ignore_errors=True)
+        with self._connect() as db:
+            db.execute("DELETE FROM audits WHERE key = ?", (key,))
+
+    def audits(self) -> list[dict[str, Any]]:
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM audits")]
 
     def record_metrics(self, key: str, metrics: dict[str, dict[str, Any]]) -> None:
         with self._connect() as db:
@@ -237,12 +258,24 @@ class Store:
         """Re-create the index from the run folders, in one transaction; a folder whose files cannot be read is
         left out with a warning naming it (its files are not touched). Returns the number of finished runs."""
         found = []
+        audits: list[tuple[str, dict[str, Any]]] = []
         for run in sorted((self.root / "runs").iterdir()):
             cfg_path, card_path, met_path = run / "config.json", run / "privacy.json", run / "metrics.json"
             if not cfg_path.is_file():
                 continue
             try:
                 cfg = read_json(cfg_path)
+                if cfg.get("kind") == "audit":
+                    audit_path = run / "audit.json"
+                    if audit_path.is_file():
+                        result = read_json(audit_path)
+                        audits.append((run.name, {
+                            "method": cfg["method"], "dataset": cfg["dataset"], "target_epsilon": cfg["epsilon"],
+                            "seed": cfg["seed"], "profile": cfg["profile"], "status": "done",
+                            "verdict": result["verdict"], "lower_bound": result["epsilon_lb"],
+                            "info": json.dumps(_clean(result)),
+                        }))  # fmt: skip
+                    continue
                 card = read_json(card_path) if card_path.is_file() else {}
                 met = read_json(met_path) if met_path.is_file() else None
                 fields = {
@@ -262,8 +295,11 @@ class Store:
         with self._connect() as db:
             db.execute("DELETE FROM runs")
             db.execute("DELETE FROM metrics")
+            db.execute("DELETE FROM audits")
             for key, fields, metrics in found:
                 self._upsert(db, key, fields)
                 if metrics is not None:
                     self._put_metrics(db, key, metrics)
+            for key, fields in audits:
+                self._upsert(db, key, fields, table="audits")
         return sum(m is not None for _, _, m in found)

@@ -1,0 +1,146 @@
+"""bench audit: the one-run bound (Steinke, Nasr, Jagielski 2023), the canary pipeline with both controls, and
+the verdicts on a plugin that claims ε = 1 without noise and on a correct one."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+
+from bench import audit, registry
+from bench.audit import epsilon_lower_bound, p_value
+from tests.conftest import TESTS, TINY_PROFILE, bench
+
+COPIES = str(TESTS / "plugins" / "copies.py")
+
+
+def logit(p: float) -> float:
+    return math.log(p / (1 - p))
+
+
+@pytest.mark.parametrize("r", [10, 100, 1000])
+def test_all_guesses_correct_gives_the_closed_form_bound(r: int) -> None:
+    """δ = 0, v = r: P[Binomial(r, q) ≥ r] = q^r < β  ⇔  q < β^(1/r), so ε = logit(β^(1/r)) (r = 100: 3.4930)."""
+    assert epsilon_lower_bound(10_000, r, r, 0.0) == pytest.approx(logit(0.05 ** (1 / r)), abs=2e-5)
+    if r == 100:
+        assert epsilon_lower_bound(10_000, 100, 100, 0.0) == pytest.approx(3.4930, abs=1e-4)
+
+
+def test_the_bound_is_where_the_p_value_crosses_beta() -> None:
+    """A partial score (90 of 100 correct): the bound is the ε at which P[Binomial(100, q(ε)) ≥ 90] = 0.05."""
+    lb = epsilon_lower_bound(1000, 100, 90, 0.0)
+    q = 1 / (1 + math.exp(-lb))
+    assert scipy.stats.binom.sf(89, 100, q) == pytest.approx(0.05, abs=1e-4)
+    assert p_value(1000, 100, 90, lb, 0.0) < 0.05 <= p_value(1000, 100, 90, lb + 1e-4, 0.0)
+    assert epsilon_lower_bound(1000, 100, 50, 0.0) == 0.0  # chance level proves nothing
+    assert epsilon_lower_bound(1000, 100, 90, 1e-5) < lb  # δ > 0 only loosens the bound
+
+
+def test_the_delta_term_by_hand() -> None:
+    """m = 10, r = v = 2, ε = 0 (q = 1/2): P[B ≥ 2] = 1/4; max_i P[2 − i ≤ B < 2]/i = max(1/2, 3/4 / 2) = 1/2;
+    p = 1/4 + 1/2 · δ · 2m = 0.25 + 0.1 at δ = 0.01."""
+    assert p_value(10, 2, 2, 0.0, 0.01) == pytest.approx(0.35)
+    assert p_value(10, 2, 2, 0.0, 0.0) == pytest.approx(0.25)
+    with pytest.raises(ValueError):
+        p_value(10, 2, 3, 0.0, 0.0)
+
+
+def test_canaries_are_held_out_relabelled_and_half_in() -> None:
+    from bench import data
+
+    test = data.load("synthetic", "test")
+    c = audit.draw_canaries(test, 200, seed=3)
+    assert c.images.shape == (200, 1, 16, 16) and bool((c.labels != c.labels.new_tensor(-1)).all())
+    originals = {bytes(img.numpy()): int(y) for img, y in zip(test.images, test.labels, strict=True)}
+    assert all(originals[bytes(img.numpy())] != int(y) for img, y in zip(c.images, c.labels, strict=True))
+    assert 70 < c.members.sum() < 130  # each in with probability 1/2
+    again = audit.draw_canaries(test, 200, seed=3)
+    assert np.array_equal(again.members, c.members) and torch.equal(again.images, c.images)
+
+
+def test_a_plugin_without_its_noise_is_a_violation_and_a_correct_one_is_consistent(tmp_path: Path) -> None:
+    """leaky-copies claims ε = 1 and releases exact copies: its lower bound exceeds 1 (VIOLATION, exit 1) and
+    its positive control shows power; noisy-copies (the same with its noise) is consistent; both negative
+    controls' AUC intervals contain 0.5. `bench report` shows the audits in their own table."""
+    args = ["audit", "--methods", "leaky-copies,noisy-copies", "--eps", "1", "--dataset", "synthetic", "--canaries",
+            "200", "--samples", "2500", "--positive-eps", "10000", "--plugin", COPIES, "--profile", TINY_PROFILE,
+            "--results", str(tmp_path), "--device", "cpu"]  # fmt: skip
+    r = bench(*args)
+    assert r.exit_code == 1, r.output
+    results = {a["method"]: a for a in audit.stored_audits(audit_store(tmp_path))}
+    leaky, noisy = results["leaky-copies"], results["noisy-copies"]
+    assert leaky["verdict"] == "VIOLATION" and leaky["epsilon_lb"] > 1 and leaky["positive_power"]
+    assert noisy["verdict"] == "consistent" and noisy["epsilon_lb"] <= noisy["audit"]["epsilon"]
+    for result in (leaky, noisy):
+        ((_, lo, hi),) = result["negative"]["auc"].values()
+        assert lo <= 0.5 <= hi and result["negative_ok"]
+    assert "| leaky-copies | synthetic | 1 |" in r.stdout and "VIOLATION" in r.stdout
+    # resumable part by part: a finished audit is skipped; with its positive part gone, only that part reruns
+    run_dir = tmp_path / "runs" / leaky["key"]
+    (run_dir / "audit.json").unlink()
+    (run_dir / "scores-positive.json").unlink()
+    bench(*args)
+    log = (run_dir / "log.txt").read_text()
+    assert log.count("audit: fit") == 1 and log.count("positive: fit") == 2
+    assert json.loads((run_dir / "audit.json").read_text())["epsilon_lb"] == leaky["epsilon_lb"]
+    report = bench("report", "--results", str(tmp_path), "--out", str(tmp_path / "reports"), "--format", "md,csv")
+    assert report.exit_code == 0, report.output
+    assert "VIOLATION" in (tmp_path / "reports" / "audit.md").read_text()
+
+
+def audit_store(root: Path):  # noqa: ANN201 - a Store
+    from bench.store import Store
+
+    return Store(root)
+
+
+def test_the_diffusion_methods_white_box_score_is_the_released_models_loss() -> None:
+    """ConditionalDenoiser.membership_scores: one score per image, the same for the same generator seed, from
+    the EMA (released) network; an image the network denoises worse scores lower."""
+    from bench import config as cfgmod
+    from bench import data
+
+    cls = registry.get("ddpm")
+    cfg, _ = cfgmod.resolve(cls.Config, profile=cfgmod.load_profile(TINY_PROFILE), method="ddpm", dataset="synthetic",
+                            epsilon=math.inf, sets={})  # fmt: skip
+    train = data.load("synthetic", "train")
+    method = cls(cfg, spec=train.spec, device=torch.device("cpu"))
+    method._build()
+    images, labels = train.images[:6], train.labels[:6]
+    a = method.membership_scores(images, labels, generator=torch.Generator().manual_seed(1))
+    b = method.membership_scores(images, labels, generator=torch.Generator().manual_seed(1))
+    assert a.shape == (6,) and torch.equal(a, b) and bool(torch.isfinite(a).all()) and len(set(a.tolist())) == 6
+    with torch.no_grad():
+        for p in method.ema.model.parameters():
+            p.add_(0.5)  # a different released network: different scores (the EMA model is the one scored)
+    assert not torch.equal(a, method.membership_scores(images, labels, generator=torch.Generator().manual_seed(1)))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--methods", "ddpm"], "ddpm is not differentially private: there is no ε to audit"),
+        (["--methods", "dpmerf", "--canaries", "5"], "--canaries must be at least 10, got 5"),
+        (["--methods", "dpmerf", "--eps", "10", "--positive-eps", "5"], "--positive-eps must be finite and above"),
+    ],
+)
+def test_bad_audit_options_are_one_line(tmp_path: Path, options: list[str], message: str) -> None:
+    r = bench("audit", "--dataset", "synthetic", "--results", str(tmp_path), *options)
+    assert r.exit_code == 2 and f"error: {message}" in r.output
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["dpdm", "dpgan", "pategan", "dpmerf", "dphp", "dpsad", "dpsad-e2e"])
+def test_every_private_builtin_can_be_audited(tmp_path: Path, method: str) -> None:
+    """The audit of every private built-in on the tiny profile finishes with a verdict (on a CPU and a few
+    steps, "inconclusive" is the honest one: the attack has no power against so little training)."""
+    r = bench("audit", "--methods", method, "--eps", "10", "--dataset", "synthetic", "--canaries", "100",
+              "--samples", "400", "--profile", TINY_PROFILE, "--results", str(tmp_path), "--device", "cpu")  # fmt: skip
+    (result,) = audit.stored_audits(audit_store(tmp_path))
+    assert result["verdict"] in ("consistent", "inconclusive", "VIOLATION"), r.output
+    assert r.exit_code == (1 if result["verdict"] == "VIOLATION" else 0), r.output
