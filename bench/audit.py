@@ -291,7 +291,7 @@ class Auditor:
         config = cfgmod.build_dataclass(cls.Config, spec.config, spec.method)
         method = cls(config, spec=trainset.spec, device=self.r.device)
         progress = RunProgress(run_dir / f"checkpoint-{part}.pt", self.r.checkpoint_every_s,
-                               *_bar_callbacks(ui, spec))  # type: ignore[arg-type]  # fmt: skip
+                               *_bar_callbacks(ui, spec))  # fmt: skip
         t0 = time.perf_counter()
         ledger = method.fit(trainset, budget=budget, generator=fit_generator(spec.seed), progress=progress)
         fit_s = time.perf_counter() - t0

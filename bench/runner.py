@@ -702,7 +702,7 @@ class Runner:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _bar_callbacks(ui: Any, spec: RunSpec) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
+def _bar_callbacks(ui: Any, spec: Any) -> tuple[Callable[[int, str], None], Callable[[int], None]]:
     if ui is None:
         return (lambda total, desc: None), (lambda n: None)
     return ui.run_callbacks(spec)  # type: ignore[no-any-return]

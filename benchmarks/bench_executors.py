@@ -35,18 +35,10 @@ def local_ray() -> Iterator[None]:
     ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("executor", ["local", "ray"])  # the reference first: ratios need it
 def test_grid_wall_time(
     benchmark: Any, ratios: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory, local_ray: None,
-    one_thread: None, executor: str,
+    executor: str,
 ) -> None:  # fmt: skip
     specs = runner.plan(methods=["dpdm"], epsilons=[1.0, 10.0], datasets=["synthetic"], seeds=[0, 1], delta=None,
                         accountant="rdp", profile=TINY, sets=["dpdm.epochs=2"])  # fmt: skip
@@ -61,7 +53,12 @@ def test_grid_wall_time(
             outcome = runner.run_grid(r, specs, real=False, executor=ex)
         assert outcome.count("done") == 4, outcome.errors
 
-    benchmark.pedantic(grid, setup=fresh, rounds=2, iterations=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the local executor's cells: one thread each, as each Ray task's
+    try:
+        benchmark.pedantic(grid, setup=fresh, rounds=2, iterations=1)
+    finally:
+        torch.set_num_threads(threads)
     benchmark.extra_info.update(case=CASE, executor=executor, cells=len(specs))
     if benchmark.stats is None:  # --benchmark-disable
         return
