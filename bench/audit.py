@@ -17,8 +17,12 @@ One audit cell (method, dataset, ε, seed):
      canary's (new) label (all samples for an unconditional method), `--samples` samples;
    - white-box, where the method offers the optional contract member `membership_scores(images, labels,
      generator)` (bench.contract.Method): for the diffusion methods, minus the released (EMA) network's
-     denoising loss of the canary at one fixed draw of noise levels and noise shared by all canaries.
-4. Guesses: for each score and each number of guesses r in R = {m/50, m/20, m/10, m/5, m/2, m} (at least 2),
+     denoising loss of the canary at one fixed draw of noise levels and noise shared by all canaries;
+   - calibrated, for the audit run and the positive control: each score minus the same score under the
+     negative control's model (trained without any canary, so independent of which canaries are in: a valid
+     input of the guesses), which removes how typical a canary is from its score (a reference model, as in
+     the offline membership-inference attacks).
+4. Guesses: for each score of the part and each number of guesses r in R = {m/50, m/20, m/10, m/5, m/2, m} (at least 2),
    the top ⌈r/2⌉ scores are guessed "in", the bottom ⌊r/2⌋ "out"; v = correct guesses. The ε lower bound of
    each (score, r) is the paper's at confidence 1 − β/|family| (β = 0.05, Bonferroni over the whole family of
    guesses, fixed in advance), and the cell's lower bound is their maximum: a valid 95% bound.
@@ -74,7 +78,7 @@ BETA = 0.05  # 1 − confidence of the lower bound
 GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 BOOTSTRAP = 1000
 PARTS = ("audit", "negative", "positive")
-AUDIT_VERSION = 1  # bump when a change here changes an audit's result
+AUDIT_VERSION = 2  # bump when a change here changes an audit's result (2: calibrated scores)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -321,16 +325,18 @@ def analyse(spec: AuditSpec, canaries: Canaries, parts: dict[str, dict[str, Any]
                                "target_epsilon": spec.epsilon, "delta": spec.delta, "seed": spec.seed,
                                "canaries": spec.canaries, "inserted": int(members.sum()), "samples": spec.samples,
                                "positive_epsilon": spec.positive_epsilon, "confidence": 1 - BETA}  # fmt: skip
+    raw = {part: _finite(record["scores"]) for part, record in parts.items()}
+    for part in ("audit", "positive"):  # calibrated: minus the reference model's score of the same canary
+        raw[part] |= {f"{k} calibrated": v - raw["negative"][k] for k, v in list(raw[part].items())}
     for part, record in parts.items():
-        scores = {k: np.asarray(v, dtype=np.float64) for k, v in record["scores"].items()}
-        scores = {k: np.nan_to_num(v, neginf=np.min(v[np.isfinite(v)], initial=0.0) - 1.0) for k, v in scores.items()}
+        scores = raw[part]
         aucs = {k: auc_interval(v, members, spec.seed + i) for i, (k, v) in enumerate(sorted(scores.items()))}
         summary[part] = {"epsilon": record["epsilon"], "target_epsilon": record["target_epsilon"],
                          "fit_s": record["fit_s"], "auc": {k: list(v) for k, v in aucs.items()},
                          **best_guesses(scores, members, spec.delta, canaries.tiebreak)}  # fmt: skip
     audit, negative, positive = (summary[p] for p in PARTS)
     summary["epsilon_lb"] = audit["epsilon_lb"]
-    biased = [k for k, (_, lo, hi) in negative["auc"].items() if not lo <= 0.5 <= hi]
+    biased = [k for k, (_, lo, hi) in negative["auc"].items() if not lo <= 0.5 <= hi]  # raw scores only
     power = [k for k, (_, lo, _) in positive["auc"].items() if lo > 0.5]
     summary["negative_ok"], summary["positive_power"] = not biased, bool(power)
     if biased:
@@ -343,6 +349,15 @@ def analyse(spec: AuditSpec, canaries: Canaries, parts: dict[str, dict[str, Any]
         verdict, why = "consistent", f"lower bound {audit['epsilon_lb']:.3g} ≤ ε {audit['epsilon']:.3g}"
     summary["verdict"], summary["reason"] = verdict, why
     return summary
+
+
+def _finite(scores: dict[str, list[float]]) -> dict[str, np.ndarray]:
+    """Scores as arrays, −∞ (no sample of the canary's label) replaced by one below the lowest finite score."""
+    out = {}
+    for k, v in scores.items():
+        a = np.asarray(v, dtype=np.float64)
+        out[k] = np.nan_to_num(a, neginf=np.min(a[np.isfinite(a)], initial=0.0) - 1.0)
+    return out
 
 
 def _auc_text(aucs: dict[str, list[float]]) -> str:
