@@ -249,6 +249,10 @@ def audit(
     positive_eps: Annotated[
         float, typer.Option("--positive-eps", help="ε of the positive control (the method with its noise all but off).")
     ] = 1000.0,
+    canary_kind: Annotated[
+        str,
+        typer.Option("--canary-kind", help="inverted (held-out, relabelled, 255 − x) | mislabelled (not inverted)."),
+    ] = "inverted",
     seeds: Seeds = "0",
     delta: Annotated[float | None, typer.Option("--delta", help="δ (default as bench run).")] = None,
     accountant: Accountant = "rdp",
@@ -277,7 +281,7 @@ def audit(
             methods=runner.parse_list(methods, "--methods"), epsilons=runner.parse_epsilons(eps),
             datasets=runner.parse_list(dataset, "--dataset"), seeds=runner.parse_seeds(seeds), delta=delta,
             accountant=accountant, profile=profile, sets=set_ or [], plugins=plugins, data_root=data_root,
-            canaries=canaries, samples=samples, positive_epsilon=positive_eps,
+            canaries=canaries, samples=samples, positive_epsilon=positive_eps, canary_kind=canary_kind,
         )  # fmt: skip
         store = Store(results)
         r = runner.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins, force=force,

@@ -54,13 +54,15 @@ def test_canaries_are_held_out_relabelled_and_half_in() -> None:
     from bench import data
 
     test = data.load("synthetic", "test")
-    c = audit.draw_canaries(test, 200, seed=3)
+    c = audit.draw_canaries(test, 200, seed=3, kind="mislabelled")
     assert c.images.shape == (200, 1, 16, 16) and bool((c.labels != c.labels.new_tensor(-1)).all())
     originals = {bytes(img.numpy()): int(y) for img, y in zip(test.images, test.labels, strict=True)}
     assert all(originals[bytes(img.numpy())] != int(y) for img, y in zip(c.images, c.labels, strict=True))
     assert 70 < c.members.sum() < 130  # each in with probability 1/2
-    again = audit.draw_canaries(test, 200, seed=3)
+    again = audit.draw_canaries(test, 200, seed=3, kind="mislabelled")
     assert np.array_equal(again.members, c.members) and torch.equal(again.images, c.images)
+    inverted = audit.draw_canaries(test, 200, seed=3)  # the default: the same draw, each image 255 − x
+    assert torch.equal(inverted.images, 255 - c.images) and torch.equal(inverted.labels, c.labels)
 
 
 def test_a_plugin_without_its_noise_is_a_violation_and_a_correct_one_is_consistent(tmp_path: Path) -> None:
@@ -68,8 +70,8 @@ def test_a_plugin_without_its_noise_is_a_violation_and_a_correct_one_is_consiste
     its positive control shows power; noisy-copies (the same with its noise) is consistent; both negative
     controls' AUC intervals contain 0.5. `bench report` shows the audits in their own table."""
     args = ["audit", "--methods", "leaky-copies,noisy-copies", "--eps", "1", "--dataset", "synthetic", "--canaries",
-            "200", "--samples", "2500", "--positive-eps", "10000", "--plugin", COPIES, "--profile", TINY_PROFILE,
-            "--results", str(tmp_path), "--device", "cpu"]  # fmt: skip
+            "200", "--samples", "2500", "--positive-eps", "10000", "--canary-kind", "mislabelled", "--plugin", COPIES,
+            "--profile", TINY_PROFILE, "--results", str(tmp_path), "--device", "cpu"]  # fmt: skip
     r = bench(*args)
     assert r.exit_code == 1, r.output
     results = {a["method"]: a for a in audit.stored_audits(audit_store(tmp_path))}
@@ -93,6 +95,22 @@ def test_a_plugin_without_its_noise_is_a_violation_and_a_correct_one_is_consiste
                    "--rebuild")  # fmt: skip
     assert report.exit_code == 0, report.output
     assert "VIOLATION" in (tmp_path / "reports" / "audit.md").read_text() and "consistent" in report.stdout
+
+
+def test_inverted_canaries_are_stronger_than_mislabelled_ones(tmp_path: Path) -> None:
+    """The same correct mechanism (noisy-copies) and positive control: the attack separates members from
+    non-members far better with inverted canaries (255 − x, far from every training image) than with the
+    mislabelled originals, which an unconditional method cannot tell from ordinary images."""
+    aucs = {}
+    for kind in ("mislabelled", "inverted"):
+        r = bench("audit", "--methods", "noisy-copies", "--eps", "1", "--dataset", "synthetic", "--canaries", "200",
+                  "--samples", "2500", "--positive-eps", "10000", "--canary-kind", kind, "--plugin", COPIES,
+                  "--profile", TINY_PROFILE, "--results", str(tmp_path / kind), "--device", "cpu")  # fmt: skip
+        assert r.exit_code == 0, r.output
+        (result,) = audit.stored_audits(audit_store(tmp_path / kind))
+        aucs[kind] = result["positive"]["auc"]["black-box"]
+    assert aucs["inverted"][1] > aucs["mislabelled"][2]  # the intervals do not overlap
+    assert aucs["inverted"][0] > 0.85 and aucs["mislabelled"][0] < 0.7
 
 
 def audit_store(root: Path):  # noqa: ANN201 - a Store
