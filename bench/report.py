@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from bench import tables
+from bench.errors import BenchError
 from bench.frame import REAL_LABEL, SHORTENED_MARK, TEST_SELECTED_MARK, eps_order, load_frame
 from bench.plots import write_plots
 from bench.store import Store, read_json
@@ -209,10 +210,13 @@ def build_report(
             out.mkdir(parents=True, exist_ok=True)
             tables.write(audit, out / "audit", [], formats, index=False,
                          caption="Privacy audits (one run, 95% lower bounds)")  # fmt: skip
-        if not store.rows()[0]:  # audits only
-            echo(tables.markdown(audit))
-            return audit
-    df = load_frame(store, keys, metrics)
+    try:
+        df = load_frame(store, keys, metrics)
+    except BenchError:  # no finished runs: a folder of audits only shows them
+        if not audits:
+            raise
+        echo(tables.markdown(audit))
+        return audit
     summary = summary_table(df)
     notes = footnotes(df)
     echo(tables.markdown(summary))
