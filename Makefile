@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-all lint bench data clean
+.PHONY: demo test test-all lint bench data browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,26 @@ data:
 		     "to a folder with the IDX files (train-images-idx3-ubyte.gz, ...)"; \
 	fi
 
+# Chromium from Debian for the HTML report's browser tests (tests/test_html.py; they skip without it).
+browser:
+	@if command -v chromium >/dev/null || [ -n "$$BENCH_CHROMIUM" ]; then \
+		true; \
+	elif command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ]; then \
+		(apt-get install -y -q chromium >/dev/null 2>&1 || \
+		 (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1)) || \
+		echo "could not install chromium; the HTML report's browser tests will skip"; \
+	else \
+		echo "chromium not found: 'sudo apt-get install chromium' (or BENCH_CHROMIUM=PATH) runs the HTML report's" \
+		     "browser tests; they skip without it"; \
+	fi
+
 demo: $(STAMP) data
 	$(VENV)/bin/bench run --methods dpsad,dpsad-e2e,dpdm,dpgan,dpmerf --eps 10 --dataset fmnist --profile smoke
 
-test: $(STAMP) data
+test: $(STAMP) data browser
 	$(VENV)/bin/pytest -q
 
-test-all: $(STAMP) data
+test-all: $(STAMP) data browser
 	$(VENV)/bin/pytest -q -m ''
 
 lint: $(STAMP)

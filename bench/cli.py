@@ -330,7 +330,9 @@ def score(
 def report(
     results: ResultsDir = Path("results"),
     out: Annotated[Path, typer.Option("--out", help="Folder for the tables and plots.")] = Path("reports"),
-    format_: Annotated[str, typer.Option("--format", help="Comma-separated: md, csv, tex.")] = "md,csv,tex",
+    format_: Annotated[
+        str, typer.Option("--format", help="Comma-separated: md, csv, tex, html (OUT/index.html).")
+    ] = "md,csv,tex,html",
     metrics: Annotated[
         str | None, typer.Option("--metrics", help="Comma-separated metrics to report (default: all stored).")
     ] = None,
@@ -341,12 +343,12 @@ def report(
     a privacy table, a cost table and plots."""
     from bench import runner
     from bench.metrics import select_metrics
-    from bench.report import build_report
+    from bench.report import FORMATS, build_report
     from bench.store import Store
     from bench.tables import check_formats
 
     with user_errors():
-        formats = check_formats(runner.parse_list(format_, "--format"))
+        formats = check_formats(runner.parse_list(format_, "--format"), FORMATS)
         names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
         if not results.is_dir():
             raise BenchError(f"results folder {results} does not exist (run `bench run` first)")
@@ -435,6 +437,11 @@ def paper(
             )
         with ex:
             frame, failed = papers_.reproduce(plan, store, r, echo=_err, executor=ex)
+        if plan.specs:  # `bench report` shows this paper's table on its HTML page
+            papers_.record_run(store, chosen.id, profile=profile, seeds=runner.parse_seeds(seeds),
+                               accountant=accountant, sets=set_ or [],
+                               plugins=[str(Path(p).resolve()) for p in plugins],
+                               data_root=str(Path(data_root).resolve()) if data_root else None)  # fmt: skip
         typer.echo(papers_.to_markdown(plan, frame))
         if out is not None:
             paths = papers_.write_tables(plan, frame, out, formats)

@@ -62,6 +62,8 @@ def load_frame(store: Store, keys: set[str] | None = None, metrics: Collection[s
         runs_df = runs_df[runs_df["key"].isin(keys)]
     if runs_df.empty:
         raise BenchError(f"no finished runs in {store.root}")
+    # where the folder is now: the index records the path a run was started with (relative to its cwd then)
+    runs_df = runs_df.assign(run_dir=[str(store.run_dir(k)) for k in runs_df["key"]])
     met_df = pd.DataFrame(metric_rows, columns=["key", "metric", "value", "info"])
     if metrics is not None:
         met_df = met_df[met_df["metric"].isin(set(metrics))]

@@ -38,7 +38,7 @@ from bench.frame import FOOTNOTES, PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_M
 from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
 from bench.metrics.protocols import PROTOCOLS
 from bench.runner import RunSpec
-from bench.store import Store, read_json
+from bench.store import Store, read_json, write_json
 
 COLUMNS = (
     "paper", "method", "setting", "dataset", "epsilon", "delta", "metric", "protocol", "source_kind", "value", "source",
@@ -696,3 +696,45 @@ def write_tables(plan: PaperPlan, frame: pd.DataFrame, out: Path, formats: Itera
 def footnotes(frame: pd.DataFrame) -> list[str]:
     """The footnote of every mark the cells of `frame` carry."""
     return tables.footnotes([*frame["marks"], *frame["method"], *frame["ours_metric"]], PAPER_FOOTNOTES)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which papers ran on a results folder (for `bench report`'s HTML page)
+# ---------------------------------------------------------------------------------------------------
+
+RECORD_OPTIONS = ("profile", "seeds", "accountant", "sets", "plugins", "data_root")
+
+
+def _records_dir(store: Store) -> Path:
+    return store.root / "papers"
+
+
+def record_run(store: Store, paper_id: str, **options: Any) -> Path:
+    """results/papers/<ID>.json: the options `bench paper ID` planned with, so that `bench report` can compare the
+    paper's table with the folder's runs again (the latest call wins)."""
+    unknown = sorted(set(options) - set(RECORD_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown paper record option {unknown[0]!r}")
+    path = _records_dir(store) / f"{paper_id}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_json(path, {"paper": paper_id, **options})
+    return path
+
+
+def recorded_runs(store: Store) -> list[dict[str, Any]]:
+    """The records of every `bench paper ID` that ran on this folder, by paper id."""
+    folder = _records_dir(store)
+    return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
+
+
+def replan(record: dict[str, Any]) -> PaperPlan:
+    """The plan a record describes (BenchError when the paper or a plugin is gone)."""
+    known = load_papers()
+    try:
+        paper = get_paper(known, record["paper"])
+        return plan_paper(paper, known, load_published(known), profile=str(record["profile"]),
+                          seeds=[int(s) for s in record["seeds"]], accountant=str(record["accountant"]),
+                          sets=list(record["sets"]), plugins=tuple(record["plugins"]),
+                          data_root=record["data_root"])  # fmt: skip
+    except (KeyError, TypeError, ValueError) as e:
+        raise BenchError(f"paper record {record.get('paper', '?')!r} cannot be read ({e!r})") from None

@@ -29,13 +29,13 @@ from bench.store import Store, read_json
 LOWER_IS_BETTER = ("fd_", "fid_", "kid_")  # metric name prefixes; every other metric: higher is better
 
 
-def _cost(runs: pd.DataFrame, key: str) -> list[float]:
-    values = [json.loads(c).get(key) for c in runs.get("cost", pd.Series(dtype=object)).dropna()]
-    return [float(v) for v in values if isinstance(v, int | float)]
+def _costs(runs: pd.DataFrame) -> list[dict[str, Any]]:
+    """The cost records of `runs` (JSON text in the index), parsed."""
+    return [json.loads(c) for c in runs.get("cost", pd.Series(dtype=object)).dropna()]
 
 
-def _fmt_cost(runs: pd.DataFrame, key: str, digits: int = 0) -> str:
-    values = _cost(runs, key)
+def _fmt_cost(costs: list[dict[str, Any]], key: str, digits: int = 0) -> str:
+    values = [float(v) for v in (c.get(key) for c in costs) if isinstance(v, int | float)]
     return f"{sum(values) / len(values):.{digits}f}" if values else "n/a"
 
 
@@ -49,14 +49,18 @@ def _sorted(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 
 def _groups(df: pd.DataFrame) -> Iterable[tuple[tuple[str, str, str], pd.DataFrame]]:
-    return df.groupby(["label", "dataset", "eps"], sort=False)  # type: ignore[return-value]
+    """(label, dataset, ε) and its runs, one row per run."""
+    return df.drop_duplicates("key").groupby(["label", "dataset", "eps"], sort=False)  # type: ignore[return-value]
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, ε): the recomputed ε, δ, accountant, guarantee and every metric."""
+    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    scored = df.dropna(subset=["metric_label"])
+    for (label, dataset, eps, metric), m in scored.groupby(["label", "dataset", "eps", "metric_label"], sort=True):
+        cells.setdefault((label, dataset, eps), {})[metric] = tables.mean_std(m["values"])
     rows = []
-    for (label, dataset, eps), g in _groups(df):
-        runs = g.drop_duplicates("key")
+    for (label, dataset, eps), runs in _groups(df):
         real = label == REAL_LABEL
         recomputed = runs["epsilon"].dropna()
         recomputed = recomputed[recomputed.map(math.isfinite)]
@@ -69,11 +73,9 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
             "accountant": "—" if real else runs["accountant"].iloc[0],
             "guarantee": "—" if real else runs["guarantee"].iloc[0],
             "seeds": len(runs),
-            "fit [s]": _fmt_cost(runs, "fit_s"),
+            "fit [s]": _fmt_cost(_costs(runs), "fit_s"),
         }
-        for metric, m in g.dropna(subset=["metric_label"]).groupby("metric_label"):
-            row[metric] = tables.mean_std(m["values"])
-        rows.append(row)
+        rows.append(row | cells.get((label, dataset, eps), {}))
     return _sorted(rows)
 
 
@@ -111,8 +113,7 @@ def best_cells(numbers: pd.DataFrame, metric: str) -> set[tuple[str, str]]:
 def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, ε) with a privacy card: accountant, δ, ε, and each stage's σ, q, steps."""
     rows = []
-    for (label, dataset, eps), g in _groups(df):
-        runs = g.drop_duplicates("key")
+    for (label, dataset, eps), runs in _groups(df):
         if label == REAL_LABEL:
             continue
         cards = [read_json(Path(d) / "privacy.json") for d in runs["run_dir"] if (Path(d) / "privacy.json").is_file()]
@@ -151,19 +152,18 @@ def _stage(stage: dict[str, Any]) -> str:
     return f"{stage['name']} ({stage['mechanism']}: {', '.join(parts)})"
 
 
-def _hours(cost: str) -> float:
+def _hours(c: dict[str, Any]) -> float:
     """Hours of one run: fit + sample + score."""
-    c = json.loads(cost)
     return sum(float(c.get(k) or 0.0) for k in ("fit_s", "sample_s", "score_s")) / 3600
 
 
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, ε): mean seconds per stage, hours per run, peak memory, device, size."""
     rows = []
-    for (label, dataset, eps), g in _groups(df):
-        runs = g.drop_duplicates("key")
-        hours = [_hours(c) for c in runs["cost"].dropna()]
-        devices = sorted({json.loads(c).get("device", "?") for c in runs["cost"].dropna()})
+    for (label, dataset, eps), runs in _groups(df):
+        costs = _costs(runs)
+        hours = [_hours(c) for c in costs]
+        devices = sorted({c.get("device", "?") for c in costs})
         kind = "GPU" if any(d.startswith("cuda") for d in devices) else "CPU"
         rows.append(
             {
@@ -171,14 +171,14 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
                 "dataset": dataset,
                 "ε target": eps,
                 "runs": len(runs),
-                "fit [s]": _fmt_cost(runs, "fit_s"),
-                "sample [s]": _fmt_cost(runs, "sample_s"),
-                "score [s]": _fmt_cost(runs, "score_s"),
+                "fit [s]": _fmt_cost(costs, "fit_s"),
+                "sample [s]": _fmt_cost(costs, "sample_s"),
+                "score [s]": _fmt_cost(costs, "score_s"),
                 f"{kind}-hours/run": f"{sum(hours) / len(hours):.3g}" if hours else "n/a",
-                "peak RSS [MiB]": _fmt_cost(runs, "peak_rss_mib"),
-                "peak GPU [MiB]": _fmt_cost(runs, "peak_gpu_mib"),
+                "peak RSS [MiB]": _fmt_cost(costs, "peak_rss_mib"),
+                "peak GPU [MiB]": _fmt_cost(costs, "peak_gpu_mib"),
                 "device": ", ".join(devices) or "n/a",
-                "parameters": _fmt_cost(runs, "released_parameters"),
+                "parameters": _fmt_cost(costs, "released_parameters"),
             }
         )
     return _sorted(rows)
@@ -186,6 +186,38 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
 
 def footnotes(df: pd.DataFrame) -> list[str]:
     return tables.footnotes([*df["label"], *df["metric_label"].dropna()])
+
+
+HTML = "html"
+FORMATS = (*tables.FORMATS, HTML)  # what `bench report --format` takes: the tables' formats and the page
+
+
+def metric_name(metric_label: str) -> str:
+    """ "fd_domain [bench-domain-cnn]" -> "fd_domain"; "acc_cnn‡° [datalens]" -> "acc_cnn"."""
+    return metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK + SHORTENED_MARK)
+
+
+def paper_sections(
+    store: Store, out: Path, formats: Collection[str], echo: Callable[[str], None]
+) -> list[tuple[str, Any, pd.DataFrame | None, str]]:
+    """Each paper `bench paper ID` ran on this folder, compared again with the folder's runs, its tables written
+    to OUT/paper-ID.*: (paper id, plan, comparison frame, error); a record that cannot be planned any more (a
+    plugin gone) gives its error instead."""
+    from bench import paper
+
+    found: list[tuple[str, Any, pd.DataFrame | None, str]] = []
+    for record in paper.recorded_runs(store):
+        paper_id = str(record.get("paper", "?"))
+        try:
+            plan = paper.replan(record)
+            frame = paper.compare(plan, store)
+        except BenchError as e:
+            echo(f"warning: paper {paper_id}: {e}")
+            found.append((paper_id, None, None, str(e)))
+            continue
+        paper.write_tables(plan, frame, out, [f for f in formats if f in tables.FORMATS])
+        found.append((paper_id, plan, frame, ""))
+    return found
 
 
 def build_report(
@@ -198,11 +230,12 @@ def build_report(
     metrics: Collection[str] | None = None,
     plots: bool = False,
 ) -> pd.DataFrame:
-    """Print the summary table; with `out`, write every table in `formats` (and the plots) there, and the audit
-    table when the folder holds audits (bench.audit)."""
+    """Print the summary table; with `out`, write every table in `formats` (and the plots) there, the audit
+    table when the folder holds audits (bench.audit), each paper `bench paper ID` ran on the folder, and with
+    "html" in `formats` the page OUT/index.html (bench.html)."""
     from bench.audit import audit_table, stored_audits
 
-    formats = tables.check_formats(formats)
+    formats = tables.check_formats(formats, FORMATS)
     audits = stored_audits(store) if keys is None else []
     if audits:
         audit = audit_table(audits)
@@ -225,22 +258,37 @@ def build_report(
     if out is None:
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    tables.write(summary, out / "summary", notes, formats, index=False, caption="Summary")
+    written = tables.write(summary, out / "summary", notes, formats, index=False, caption="Summary")
+    per_metric = []
     for metric_label in sorted(df["metric_label"].dropna().unique()):
-        metric = metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK + SHORTENED_MARK)
+        metric = metric_name(metric_label)
         table, numbers = metric_table(df, metric_label)
-        tables.write(table, out / metric, [f"metric: {metric_label}", *notes], formats, index=True,
-               caption=f"{metric_label}: mean ± std (n = generator × classifier seeds)",
-               bold=best_cells(numbers, metric))  # fmt: skip
+        bold = best_cells(numbers, metric)
+        written += tables.write(table, out / metric, [f"metric: {metric_label}", *notes], formats, index=True,
+                                caption=f"{metric_label}: mean ± std (n = generator × classifier seeds)",
+                                bold=bold)  # fmt: skip
+        per_metric.append((metric_label, metric, table, bold))
     privacy = privacy_table(df)
     if not privacy.empty:
-        tables.write(privacy, out / "privacy", notes, formats, index=False, caption="Privacy accounting per row")
-    tables.write(cost_table(df), out / "cost", [], formats, index=False, caption="Cost per run")
+        written += tables.write(privacy, out / "privacy", notes, formats, index=False,
+                                caption="Privacy accounting per row")  # fmt: skip
+    cost = cost_table(df)
+    written += tables.write(cost, out / "cost", [], formats, index=False, caption="Cost per run")
+    papers = paper_sections(store, out, formats, echo) if keys is None else []
     if audits:
         echo("privacy audits:\n" + tables.markdown(audit))
-    written = f"tables ({', '.join(formats)}) written to {out}/"
+    shown = [f for f in formats if f != HTML]
+    message = f"tables ({', '.join(shown)}) written to {out}/" if shown else ""
+    files = None
     if plots:
         files = write_plots(df, out / "plots", metrics=metrics)
-        written += f"; {len(files)} plot files to {out / 'plots'}/"
-    echo(written)
+        message += f"; {len(files)} plot files to {out / 'plots'}/"
+    if HTML in formats:
+        from bench import html
+
+        page = html.build_page(out, store=store, df=df, summary=summary, notes=notes, per_metric=per_metric,
+                               cost=cost, audits=audit if audits else None, papers=papers, plots=files,
+                               files=written + sorted(out.glob("audit.*")) + sorted(out.glob("paper-*.*")))  # fmt: skip
+        message += f"; page {page}"
+    echo(message.removeprefix("; "))
     return summary

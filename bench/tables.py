@@ -61,10 +61,11 @@ def footnotes(texts: Iterable[str], notes: Mapping[str, str] = FOOTNOTES) -> lis
     return [f"{mark} {text}" for mark, text in notes.items() if mark in used]
 
 
-def check_formats(formats: Collection[str]) -> list[str]:
-    bad = [f for f in formats if f not in FORMATS]
+def check_formats(formats: Collection[str], allowed: Collection[str] = FORMATS) -> list[str]:
+    """`formats` without repeats, each one of `allowed` (BenchError otherwise)."""
+    bad = [f for f in formats if f not in allowed]
     if bad or not formats:
-        raise BenchError(f"unknown format {bad[0] if bad else '(none)'!r}; choose from {', '.join(FORMATS)}")
+        raise BenchError(f"unknown format {bad[0] if bad else '(none)'!r}; choose from {', '.join(allowed)}")
     return list(dict.fromkeys(formats))
 
 

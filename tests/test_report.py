@@ -153,8 +153,8 @@ def test_metrics_and_format_options(results: Path, tmp_path: Path) -> None:
               "acc_logreg", "--no-plots")  # fmt: skip
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["acc_logreg.tex", "cost.tex", "privacy.tex", "summary.tex"]
-    r = bench("report", "--results", str(results), "--format", "html")
-    assert r.exit_code == 2 and "unknown format 'html'" in r.stderr
+    r = bench("report", "--results", str(results), "--out", str(tmp_path), "--format", "tex,pdf")
+    assert r.exit_code == 2 and "unknown format 'pdf'; choose from md, csv, tex, html" in r.stderr
     r = bench("report", "--results", str(results), "--metrics", "fid")
     assert r.exit_code == 2 and "unknown metric 'fid'" in r.stderr
 
