@@ -42,6 +42,7 @@ browser:
 
 demo: $(STAMP) data
 	$(VENV)/bin/bench run --methods dpsad,dpsad-e2e,dpdm,dpgan,dpmerf --eps 10 --dataset fmnist --profile smoke
+	$(VENV)/bin/bench report >/dev/null && echo "tables, plots and the page reports/index.html (open it in a browser)"
 
 test: $(STAMP) data browser
 	$(VENV)/bin/pytest -q

@@ -288,9 +288,7 @@ def build_page(
 
     metric_tables = []
     for label, name, table, bold in per_metric:
-        caption = f"{label}: mean ± std (n = generator × classifier seeds)"
-        t = frame_table(table, id=f"metric-{name}", caption=caption, notes=notes, csv=_csv(out, name), index=True,
-                        bold=bold)  # fmt: skip
+        t = frame_table(table, id=f"metric-{name}", caption=label, csv=_csv(out, name), index=True, bold=bold)
         shown = figures(plots or [], out, f"metric_vs_eps_{name}.") + figures(plots or [], out, f"cost_{name}.")
         metric_tables.append(Table(**{**t.__dict__, "figures": shown}))
     sections = []
@@ -308,16 +306,17 @@ def build_page(
         cost=frame_table(cost, id="cost", caption="Cost per run", csv=_csv(out, "cost")),
         audits=None if audits is None else frame_table(audits, id="audits", caption="Privacy audits (95% lower bounds)",
                                                        csv=_csv(out, "audit")),  # fmt: skip
-        papers=sections, plots=plots, files=files,
+        papers=sections, plots=plots, files=files, notes=notes,
     )  # fmt: skip
 
 
 def write_page(
     out: Path, *, store: Store, df: pd.DataFrame, summary_table: Table, metric_tables: list[Table],
     cost: Table | None, audits: Table | None, papers: list[PaperSection], plots: list[Path] | None,
-    files: list[Path],
+    files: list[Path], notes: list[str],
 ) -> Path:  # fmt: skip
-    """Render OUT/index.html; returns its path."""
+    """Render OUT/index.html; returns its path. `notes`: the footnotes of the marks, shown once above the metric
+    tables (the summary table carries them too)."""
     page = out / "index.html"
     samples = figures(plots or [], out, "samples_")
     runs = df.drop_duplicates("key")
@@ -337,6 +336,7 @@ def write_page(
             },
             summary=summary_table,
             metric_tables=metric_tables,
+            metric_notes=notes,
             samples=samples,
             cost=cost,
             audits=audits,
