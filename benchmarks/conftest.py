@@ -40,11 +40,12 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     write("")
     write(
         f"speed ÷ the reference's (a DP step: the non-private step of the same network and batch; a grid: the local "
-        f"executor's wall time), side by side in this run ({config.stash.get(_THREADS, '?')} torch threads)"
+        f"executor's wall time; a report: pandas' to_html of the same tables), side by side in this run "
+        f"({config.stash.get(_THREADS, '?')} torch threads)"
     )
     write(f"{'case':<22} {'mode':<12} {'min ms':>8} {'median ms':>10} {'ratio(min)':>11} {'ratio(median)':>14}")
     for case, rows in table.items():
-        ref = rows.get("non-private", rows.get("local"))
+        ref = rows.get("non-private", rows.get("local", rows.get("pandas")))
         for mode, (t_min, t_med) in rows.items():
             r_min = f"{ref[0] / t_min:.2f}x" if ref else "-"
             r_med = f"{ref[1] / t_med:.2f}x" if ref else "-"

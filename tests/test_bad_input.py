@@ -101,7 +101,7 @@ def test_bad_environment_and_other_commands_are_one_line(
     privacy = ["privacy", "epsilon", "--sampling-rate", "0.01"]
     cases = [
         (["report", "--results", str(tmp_path / "none")], "does not exist"),
-        (["report", "--results", str(results), "--format", "html"], "unknown format 'html'"),
+        (["report", "--results", str(results), "--format", "pdf"], "unknown format 'pdf'"),
         (["report", "--results", str(results), "--metrics", "nope"], "nope"),
         (["score", str(tmp_path)], "samples.npz"),
         (["score", str(tmp_path / "none")], "is not a folder"),

@@ -104,7 +104,7 @@ def site(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterator
         assert r.exit_code == 0, r.output
         r = bench("report", "--results", str(results), "--out", str(out))
         assert r.exit_code == 0, r.output
-    yield {"results": results, "out": out, "page": out / "index.html", "stdout": r.stdout}
+    yield {"results": results, "out": out, "page": out / "index.html", "stdout": r.stdout, "reference": ref}
 
 
 def test_report_writes_the_page_and_says_so(site: dict[str, Any]) -> None:
@@ -325,3 +325,19 @@ def test_in_chromium_a_page_of_a_thousand_runs_stays_responsive(tmp_path: Path, 
     assert ms < 1000, ms
     assert not problems, problems
     tab.close()
+
+
+def test_a_paper_record_that_cannot_be_planned_any_more_is_shown_not_fatal(
+    site: dict[str, Any], tmp_path: Path
+) -> None:
+    results = tmp_path / "results"
+    shutil.copytree(site["results"], results)
+    record = results / "papers" / "toy-html.json"
+    record.write_text(record.read_text().replace("good_plugin.py", "gone_plugin.py"))
+    with toy_reference(site["reference"]):
+        r = bench("report", "--results", str(results), "--out", str(tmp_path / "out"), "--no-plots")
+    assert r.exit_code == 0, r.output
+    assert "warning: paper toy-html: " in r.output
+    tree = parse((tmp_path / "out" / "index.html").read_text(encoding="utf-8"))
+    errors = ["".join(p.itertext()) for p in tree.iter("p") if p.get("class") == "error"]
+    assert len(errors) == 1 and "gone_plugin.py" in errors[0]
