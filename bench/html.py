@@ -26,7 +26,7 @@ import math
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata, resources
 from pathlib import Path
@@ -201,7 +201,7 @@ def summary_rows(store: Store, df: pd.DataFrame, table: pd.DataFrame, notes: lis
     for row, raw in zip(page.rows, table.itertuples(index=False), strict=True):
         runs = groups.get((raw[0], raw[1], raw[2]), [])
         rows.append(Row(row.cells, [run_card(store, r, base) for r in runs]))
-    return Table(id=page.id, caption=page.caption, columns=page.columns, rows=rows, notes=notes, csv=csv)
+    return replace(page, rows=rows)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -290,7 +290,7 @@ def build_page(
     for label, name, table, bold in per_metric:
         t = frame_table(table, id=f"metric-{name}", caption=label, csv=_csv(out, name), index=True, bold=bold)
         shown = figures(plots or [], out, f"metric_vs_eps_{name}.") + figures(plots or [], out, f"cost_{name}.")
-        metric_tables.append(Table(**{**t.__dict__, "figures": shown}))
+        metric_tables.append(replace(t, figures=shown))
     sections = []
     for paper_id, plan, frame, error in papers:
         if plan is None or frame is None:
