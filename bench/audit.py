@@ -375,7 +375,9 @@ def _auc_text(aucs: dict[str, list[float]]) -> str:
 
 
 def audit_table(results: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per audit cell: method, dataset, ε, lower bound, AUC [95% CI] of the audit and both controls."""
+    """One row per audit cell: method, dataset, ε, lower bound, AUC [95% CI] of the audit and both controls; the
+    index holds each cell's key (not written to the tables' files)."""
+    ordered = sorted(results, key=lambda r: (r["dataset"], r["method"], r["target_epsilon"], r["seed"]))
     rows = [
         {
             "method": r["method"],
@@ -389,9 +391,9 @@ def audit_table(results: list[dict[str, Any]]) -> pd.DataFrame:
             "verdict": r["verdict"],
             "why": r["reason"],
         }  # fmt: skip
-        for r in sorted(results, key=lambda r: (r["dataset"], r["method"], r["target_epsilon"], r["seed"]))
+        for r in ordered
     ]
-    return pd.DataFrame(rows)
+    return pd.DataFrame(rows, index=pd.Index([r["key"] for r in ordered], name="key"))
 
 
 def stored_audits(store: Any) -> list[dict[str, Any]]:

@@ -52,6 +52,7 @@ class Cell:
     sort: str = ""  # the number the column sorts by ("" when the cell has none: sorted as text, after numbers)
     bold: bool = False
     cls: str = ""
+    href: str = ""  # the cell's text links there
     title: str = ""
 
     @property
@@ -271,6 +272,14 @@ def figures(plots: Iterable[Path], base: Path, prefix: str) -> list[tuple[str, s
     return [(href(p, base), p.stem.replace("_", " ")) for p in found]
 
 
+def audit_rows(store: Store, audits: pd.DataFrame, base: Path) -> Table:
+    """bench.audit's table (indexed by the audit cells' keys), each row's method linking to its audit's folder."""
+    page = frame_table(audits, id="audits", caption="Privacy audits (95% lower bounds)", csv=_csv(base, "audit"))
+    rows = [Row([replace(row.cells[0], href=href(store.run_dir(str(key)), base)), *row.cells[1:]])
+            for row, key in zip(page.rows, audits.index, strict=True)]  # fmt: skip
+    return replace(page, rows=rows)
+
+
 def _csv(out: Path, stem: str) -> str:
     return f"{stem}.csv" if (out / f"{stem}.csv").is_file() else ""
 
@@ -304,8 +313,7 @@ def build_page(
         summary_table=summary_rows(store, df, summary, notes, out, _csv(out, "summary")),
         metric_tables=metric_tables,
         cost=frame_table(cost, id="cost", caption="Cost per run", csv=_csv(out, "cost")),
-        audits=None if audits is None else frame_table(audits, id="audits", caption="Privacy audits (95% lower bounds)",
-                                                       csv=_csv(out, "audit")),  # fmt: skip
+        audits=None if audits is None else audit_rows(store, audits, out),
         papers=sections, plots=plots, files=files, notes=notes,
     )  # fmt: skip
 

@@ -139,6 +139,8 @@ def test_page_is_self_contained_and_its_links_resolve(site: dict[str, Any]) -> N
     keys = {d.name for d in (site["results"] / "runs").iterdir() if (d / "config.json").is_file()}
     linked = {unquote(a.get("href")).rstrip("/").rsplit("/", 1)[-1] for a in tree.iter("a") if a.get("class") == "key"}
     assert {k for k in keys if not k.startswith("audit-")} <= linked  # every run's key links to its folder
+    folders = {unquote(a.get("href")).rstrip("/").rsplit("/", 1)[-1] for a in tree.iter("a") if a.get("href")}
+    assert keys <= folders  # and every audit's row too
     imgs = [e.get("src") for e in tree.iter("img")]
     assert any("samples_synthetic_eps1" in s for s in imgs) and any("metric_vs_eps_acc_logreg" in s for s in imgs)
 
