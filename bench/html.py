@@ -37,6 +37,7 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from bench import tables
 from bench.frame import REAL_LABEL
 from bench.store import Store, read_json
 
@@ -141,20 +142,17 @@ def frame_table(
 
 
 def _stage(stage: dict[str, Any]) -> dict[str, str]:
-    """A stage of a privacy card, numbers formatted as bench.report's privacy table prints them."""
-
-    def fmt(k: str, spec: str) -> str:
-        v = stage.get(k)
-        return "—" if v is None else format(v, spec)
-
+    """A stage of a privacy card, its numbers as bench.report's privacy table prints them."""
+    n = tables.stage_numbers(stage)
+    batch = stage.get("expected_batch_size")
     return {
-        "stage": str(stage.get("name", "?")),
-        "mechanism": str(stage.get("mechanism", "?")),
-        "noise": ("b=" if stage.get("mechanism") == "laplace" else "σ=") + fmt("noise_multiplier", ".4g"),
-        "q": fmt("sampling_rate", ".4g"),
-        "steps": fmt("steps", "d") if "steps" in stage else fmt("count", "d"),
-        "C": fmt("max_grad_norm", "g"),
-        "batch": fmt("expected_batch_size", "g"),
+        "stage": str(stage["name"]),
+        "mechanism": str(stage["mechanism"]),
+        "noise": next(f"{k}={n[k]}" for k in ("σ", "b") if k in n),
+        "q": n.get("q", "—"),
+        "steps": n.get("steps", n.get("count", "—")),
+        "C": n.get("C", "—"),
+        "batch": "—" if batch is None else f"{batch:g}",
     }
 
 
@@ -210,10 +208,6 @@ def summary_rows(store: Store, df: pd.DataFrame, table: pd.DataFrame, notes: lis
 # ---------------------------------------------------------------------------------------------------
 
 
-def lower_is_better(metric: str) -> bool:
-    return metric.lower().startswith(("fd", "fid", "kid"))
-
-
 def diff_cell(text: str, row: pd.Series) -> Cell:
     """ "ours − published", coloured by its size relative to the published value, with a tooltip saying which
     way is better."""
@@ -223,7 +217,7 @@ def diff_cell(text: str, row: pd.Series) -> Cell:
     rel = abs(diff) / abs(published) if published else math.inf
     cls = "diff-close" if rel <= CLOSE else "diff-near" if rel <= NEAR else "diff-far"
     metric = str(row["ours_metric"] or row["metric"])
-    better = (diff < 0) == lower_is_better(metric) if diff else None
+    better = (diff < 0) == tables.lower_is_better(metric) if diff else None
     way = "equal" if better is None else "better" if better else "worse"
     return cell(text, cls=cls, title=f"{rel:.1%} of the published value; ours is {way} ({metric})")
 

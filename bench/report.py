@@ -26,8 +26,6 @@ from bench.frame import REAL_LABEL, SHORTENED_MARK, TEST_SELECTED_MARK, eps_orde
 from bench.plots import write_plots
 from bench.store import Store, read_json
 
-LOWER_IS_BETTER = ("fd_", "fid_", "kid_")  # metric name prefixes; every other metric: higher is better
-
 
 def _costs(runs: pd.DataFrame) -> list[dict[str, Any]]:
     """The cost records of `runs` (JSON text in the index), parsed."""
@@ -100,7 +98,7 @@ def metric_table(df: pd.DataFrame, metric_label: str) -> tuple[pd.DataFrame, pd.
 
 def best_cells(numbers: pd.DataFrame, metric: str) -> set[tuple[str, str]]:
     """(method, column) of the best mean per column, the real-data row excluded (it is a reference)."""
-    lower = metric.startswith(LOWER_IS_BETTER)
+    lower = tables.lower_is_better(metric)
     best = set()
     for col in numbers.columns:
         s = numbers[col].drop(REAL_LABEL, errors="ignore").dropna()
@@ -139,16 +137,7 @@ def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
 
 
 def _stage(stage: dict[str, Any]) -> str:
-    scale = "b" if stage["mechanism"] == "laplace" else "σ"  # Laplace: scale relative to L1 sensitivity 1
-    parts = [f"{scale}={stage['noise_multiplier']:.4g}"]
-    if stage.get("sampling_rate") is not None:
-        parts.append(f"q={stage['sampling_rate']:.4g}")
-    if "steps" in stage:
-        parts.append(f"steps={stage['steps']}")
-    if "count" in stage:
-        parts.append(f"count={stage['count']}")
-    if stage.get("max_grad_norm") is not None:
-        parts.append(f"C={stage['max_grad_norm']:g}")
+    parts = [f"{k}={v}" for k, v in tables.stage_numbers(stage).items()]
     return f"{stage['name']} ({stage['mechanism']}: {', '.join(parts)})"
 
 
@@ -198,11 +187,11 @@ def metric_name(metric_label: str) -> str:
 
 
 def paper_sections(
-    store: Store, out: Path, formats: Collection[str], echo: Callable[[str], None]
+    store: Store, out: Path, formats: Collection[str], echo: Callable[[str], None], written: list[Path]
 ) -> list[tuple[str, Any, pd.DataFrame | None, str]]:
     """Each paper `bench paper ID` ran on this folder, compared again with the folder's runs, its tables written
-    to OUT/paper-ID.*: (paper id, plan, comparison frame, error); a record that cannot be planned any more (a
-    plugin gone) gives its error instead."""
+    to OUT/paper-ID.* (their paths added to `written`): (paper id, plan, comparison frame, error); a record that
+    cannot be planned any more (a plugin gone) gives its error instead."""
     from bench import paper
 
     found: list[tuple[str, Any, pd.DataFrame | None, str]] = []
@@ -215,7 +204,7 @@ def paper_sections(
             echo(f"warning: paper {paper_id}: {e}")
             found.append((paper_id, None, None, str(e)))
             continue
-        paper.write_tables(plan, frame, out, [f for f in formats if f in tables.FORMATS])
+        written += paper.write_tables(plan, frame, out, [f for f in formats if f in tables.FORMATS])
         found.append((paper_id, plan, frame, ""))
     return found
 
@@ -237,12 +226,13 @@ def build_report(
 
     formats = tables.check_formats(formats, FORMATS)
     audits = stored_audits(store) if keys is None else []
+    written: list[Path] = []  # every file this report writes, listed at the end of its page
     if audits:
         audit = audit_table(audits)
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
-            tables.write(audit, out / "audit", [], formats, index=False,
-                         caption="Privacy audits (one run, 95% lower bounds)")  # fmt: skip
+            written += tables.write(audit, out / "audit", [], formats, index=False,
+                                    caption="Privacy audits (one run, 95% lower bounds)")  # fmt: skip
     try:
         df = load_frame(store, keys, metrics)
     except BenchError:  # no finished runs: a folder of audits only shows them
@@ -258,7 +248,7 @@ def build_report(
     if out is None:
         return summary
     out.mkdir(parents=True, exist_ok=True)
-    written = tables.write(summary, out / "summary", notes, formats, index=False, caption="Summary")
+    written += tables.write(summary, out / "summary", notes, formats, index=False, caption="Summary")
     per_metric = []
     for metric_label in sorted(df["metric_label"].dropna().unique()):
         metric = metric_name(metric_label)
@@ -274,7 +264,7 @@ def build_report(
                                 caption="Privacy accounting per row")  # fmt: skip
     cost = cost_table(df)
     written += tables.write(cost, out / "cost", [], formats, index=False, caption="Cost per run")
-    papers = paper_sections(store, out, formats, echo) if keys is None else []
+    papers = paper_sections(store, out, formats, echo, written) if keys is None else []
     if audits:
         echo("privacy audits:\n" + tables.markdown(audit))
     shown = [f for f in formats if f != HTML]
@@ -288,7 +278,7 @@ def build_report(
 
         page = html.build_page(out, store=store, df=df, summary=summary, notes=notes, per_metric=per_metric,
                                cost=cost, audits=audit if audits else None, papers=papers, plots=files,
-                               files=written + sorted(out.glob("audit.*")) + sorted(out.glob("paper-*.*")))  # fmt: skip
+                               files=written)  # fmt: skip
         message += f"; page {page}"
     echo(message.removeprefix("; "))
     return summary

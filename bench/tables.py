@@ -26,6 +26,26 @@ from bench.errors import BenchError
 from bench.frame import FOOTNOTES
 
 FORMATS = ("md", "csv", "tex")
+LOWER_IS_BETTER = ("fd_", "fid_", "kid_")  # metric name prefixes; every other metric: higher is better
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric.startswith(LOWER_IS_BETTER)
+
+
+def stage_numbers(stage: Mapping[str, Any]) -> dict[str, str]:
+    """The numbers of one stage of a privacy card as every table prints them (name -> text), only those the stage
+    has: σ (b for Laplace: its scale relative to L1 sensitivity 1), q, steps, count, C."""
+    scale = "b" if stage["mechanism"] == "laplace" else "σ"
+    out = {scale: f"{stage['noise_multiplier']:.4g}"}
+    if stage.get("sampling_rate") is not None:
+        out["q"] = f"{stage['sampling_rate']:.4g}"
+    for k in ("steps", "count"):
+        if k in stage:
+            out[k] = str(stage[k])
+    if stage.get("max_grad_norm") is not None:
+        out["C"] = f"{stage['max_grad_norm']:g}"
+    return out
 
 
 def pooled(values: Iterable[Iterable[float]]) -> list[float]:
