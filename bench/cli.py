@@ -94,6 +94,14 @@ Sets = Annotated[
     list[str] | None,
     typer.Option("--set", help="Set a config field: field=value (all methods), METHOD.field=value, eval.key=value."),
 ]
+Sweeps = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--sweep",
+        help="A grid axis over a config field: METHOD.field=v1,v2,... (or field=v1,v2,... for all methods); "
+        "repeatable, several multiply.",
+    ),
+]
 Device = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N].")]
 DataRoot = Annotated[
     str | None, typer.Option("--data-root", envvar="BENCH_DATA", help="Folder with the dataset files.")
@@ -165,6 +173,7 @@ def run(
     accountant: Accountant = "rdp",
     profile: Profile = "smoke",
     set_: Sets = None,
+    sweep: Sweeps = None,
     device: Device = "auto",
     executor: ExecutorKind = "local",
     ray_address: RayAddress = None,
@@ -211,6 +220,7 @@ def run(
             sets=set_ or [],
             plugins=plugins,
             data_root=data_root,
+            sweeps=sweep or [],
         )
         for note in dict.fromkeys(n for spec in specs for n in spec.notes):
             typer.echo(f"warning: {note}", err=True)
@@ -366,6 +376,7 @@ def paper(
     seeds: Seeds = "0",
     accountant: Accountant = "rdp",
     set_: Sets = None,
+    sweep: Sweeps = None,
     device: Device = "auto",
     executor: ExecutorKind = "local",
     ray_address: RayAddress = None,
@@ -412,6 +423,7 @@ def paper(
             sets=set_ or [],
             plugins=plugins,
             data_root=data_root,
+            sweeps=sweep or [],
         )
         for note in dict.fromkeys(n for spec in plan.specs for n in spec.notes):
             typer.echo(f"warning: {note}", err=True)
@@ -439,7 +451,7 @@ def paper(
             frame, failed = papers_.reproduce(plan, store, r, echo=_err, executor=ex)
         if plan.specs:  # `bench report` shows this paper's table on its HTML page
             papers_.record_run(store, chosen.id, profile=profile, seeds=runner.parse_seeds(seeds),
-                               accountant=accountant, sets=set_ or [],
+                               accountant=accountant, sets=set_ or [], sweeps=sweep or [],
                                plugins=[str(Path(p).resolve()) for p in plugins],
                                data_root=str(Path(data_root).resolve()) if data_root else None)  # fmt: skip
         typer.echo(papers_.to_markdown(plan, frame))

@@ -52,7 +52,7 @@ from bench.store import Store
 
 EXECUTORS = ("local", "ray")
 INSTALL = "pip install 'bench-dp-gen[ray]'"
-_INDEX_OPS = ("record_run", "record_metrics", "clear_index")
+_INDEX_OPS = ("record_run", "record_metrics", "record_curve", "clear_index")
 _ADVANCE_EVERY_S = 0.5  # a worker sends its bar's progress at most this often
 
 
@@ -114,6 +114,7 @@ class WorkerSettings:
     download: bool
     plugins: tuple[str, ...]
     force: bool
+    force_since: float | None  # the driver's: a shared stage is retrained once per grid, not once per worker
     checkpoint_every_s: float
     metrics: tuple[str, ...] | None
     inception_weights: str | None
@@ -132,6 +133,7 @@ class WorkerSettings:
             download=runner.download,
             plugins=tuple(str(absolute(p)) for p in runner.plugins),
             force=runner.force,
+            force_since=runner.force_since,
             checkpoint_every_s=runner.checkpoint_every_s,
             metrics=runner.metrics,
             inception_weights=absolute(runner.inception_weights),
@@ -151,6 +153,9 @@ class SendingStore(Store):
 
     def record_metrics(self, key: str, metrics: dict[str, dict[str, Any]]) -> None:
         self._send(("index", key, "record_metrics", {"metrics": metrics}))
+
+    def record_curve(self, key: str, points: list[dict[str, Any]]) -> None:
+        self._send(("index", key, "record_curve", {"points": points}))
 
     def clear_index(self, key: str) -> None:
         self._send(("index", key, "clear_index", {}))
@@ -209,6 +214,7 @@ def run_job(settings: WorkerSettings, job: Job, wait: bool, mailbox: Any) -> tup
         download=settings.download,
         plugins=settings.plugins,
         force=settings.force,
+        force_since=settings.force_since,
         checkpoint_every_s=settings.checkpoint_every_s,
         metrics=settings.metrics,
         inception_weights=settings.inception_weights,

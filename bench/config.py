@@ -17,6 +17,7 @@ while other ε do uses the nearest tuned ε, with a warning that is recorded in 
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import tomllib
@@ -245,31 +246,83 @@ def parse_sets(items: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     return method_sets, eval_sets
 
 
-def method_sets(sets: dict[str, Any], methods: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def method_sets(sets: dict[str, Any], methods: dict[str, Any], option: str = "--set") -> dict[str, dict[str, Any]]:
     """The `--set` overrides of each method of a grid (name -> class): METHOD.field=value sets one method's
     field, a bare field=value sets it for every method, which must all have it (else an error naming those that
-    lack it); a scoped value wins over a bare one."""
+    lack it); a scoped value wins over a bare one. `option="--sweep"`: the same rules for `--sweep` (each value
+    a list of values), its errors naming that option."""
     out: dict[str, dict[str, Any]] = {m: {} for m in methods}
     scoped = {}
     for key, value in sets.items():
         scope, _, name = key.rpartition(".")
         if scope:
             if scope not in methods:
-                raise BenchError(f"--set {key}: {scope!r} is not a method of this grid ({', '.join(methods)})")
+                raise BenchError(f"{option} {key}: {scope!r} is not a method of this grid ({', '.join(methods)})")
             scoped[scope, name] = value
             continue
         having = [m for m, cls in methods.items() if key in _field_types(cls.Config)]
         lacking = [m for m in methods if m not in having]
         if having and lacking:
+            example = ",".join(map(_text, value)) if option == "--sweep" else _text(value)
             raise BenchError(
-                f"--set {key}: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no field {key!r}; "
-                f"set it for one method as METHOD.{key}=VALUE (e.g. --set {having[0]}.{key}={_text(value)})"
+                f"{option} {key}: {', '.join(lacking)} {'has' if len(lacking) == 1 else 'have'} no field {key!r}; "
+                f"{option.removeprefix('--')} it for one method as METHOD.{key}="
+                f"{'V1,V2,...' if option == '--sweep' else 'VALUE'} "
+                f"(e.g. {option} {having[0]}.{key}={example})"
             )
         for m in methods:
             out[m][key] = value
     for (m, name), value in scoped.items():
         out[m][name] = value
     return out
+
+
+def parse_sweeps(items: list[str]) -> dict[str, list[Any]]:
+    """`--sweep key=v1,v2,...` items: key (a field, or METHOD.field; see method_sets) -> its values, each parsed as
+    a `--set` value (commas inside [...] or quotes do not split). Checked against the methods' Configs when the
+    grid is planned (bench.runner.plan)."""
+    out: dict[str, list[Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise BenchError(f"--sweep expects key=v1,v2,..., got {item!r}")
+        if key.startswith("eval."):
+            raise BenchError(f"--sweep {key}: a sweep is over a method's fields; set evaluation settings with --set")
+        if key in out:
+            raise BenchError(f"--sweep {key} is given twice; give all its values in one --sweep {key}=v1,v2,...")
+        parts = split_values(text)
+        if not all(parts):
+            raise BenchError(f"--sweep {key}: empty value in {text.strip()!r} (use e.g. --sweep {key}=1,2)")
+        out[key] = [parse_value(p) for p in parts]
+    return out
+
+
+def split_values(text: str) -> list[str]:
+    """ "1, [2, 3], 'a,b'" -> ["1", "[2, 3]", "'a,b'"]: split at the commas outside brackets and quotes."""
+    parts, depth, quote, start = [], 0, "", 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[]":
+            depth += 1 if ch == "[" else -1
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [*parts, text[start:].strip()]
+
+
+def value_text(value: Any) -> str:
+    """A config value as `--set`/`--sweep` text that parses back to it (TOML: true, 1.5, "s", [1, 2])."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(value_text(v) for v in value) + "]"
+    return repr(value)
 
 
 def _text(value: Any) -> str:

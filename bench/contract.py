@@ -92,6 +92,19 @@ class NullProgress:
         pass
 
 
+SharedBuild = Callable[[Progress], dict[str, Any]]
+
+
+def shared_stage(progress: Progress, name: str, ident: dict[str, Any], build: SharedBuild) -> dict[str, Any]:
+    """A stage that several runs share (DP-SAD's non-private teacher): `build(progress)` trains it (checkpointing and
+    resuming through the Progress it is given, as a fit does) and returns its state; the harness (the optional
+    Progress member `shared`, bench.shared) keys it by `name`, `ident` (everything that determines it: config,
+    seed, code version) and the dataset, builds it once per results folder under a lock and gives every later
+    caller the stored state. A Progress without `shared` (a plugin's own) builds it each time."""
+    member = getattr(progress, "shared", None)
+    return member(name, ident, build) if member is not None else build(NullProgress())
+
+
 @runtime_checkable
 class Method(Protocol):
     """A generative method. See DESIGN.md, "The method contract".
@@ -123,6 +136,7 @@ class Method(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
     # Optional members (the harness checks for them with getattr):
+    # - Progress.shared(name, ident, build): see shared_stage (a stage several runs share, built once).
     # - released_model() -> nn.Module: the model a user would publish (its parameter count goes in the cost table).
     # - membership_scores(images, labels, *, generator) -> Tensor [m]: `bench audit`'s white-box score of each
     #   image (higher = more likely a training record), computed from the released model only, with every random

@@ -11,6 +11,7 @@ Images live in [−1, 1] inside the model and uint8 0..255 outside.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from bench.config import SIGNED, at_least, choice, fraction
+from bench.config import SIGNED, at_least, choice, fraction, positive
 from bench.contract import device_generator
 from bench.edm import (
     PARAMETERIZATIONS,
@@ -238,7 +239,60 @@ def check_resolution(height: int, width: int, channel_mults: tuple[int, ...]) ->
 
 
 @dataclass(frozen=True, kw_only=True)
-class DiffusionConfig:
+class SigmaSpaceFields:
+    """The σ-space fields every EDM/V diffusion config shares (dpdm, ddpm, DP-SAD's edm denoiser), with DPDM's
+    reference values (nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3: configs/fmnist_28/*.yaml): training
+    noise levels, preconditioning, classifier-free guidance and the σ-space samplers. A subclass has `sampler` and
+    `sample_steps` fields and calls `check_sigma_space(parameterization)` from its __post_init__."""
+
+    sigma_data: float = SIGMA_DATA  # edm: σ_d (DPDM: √(1/3))
+    p_mean: float = field(default=-1.2, metadata=SIGNED)  # edm: ln σ ~ N(p_mean, p_std²) in training
+    p_std: float = 1.2
+    logsnr_min: float = field(default=-9.0, metadata=SIGNED)  # v: training log-SNR range
+    logsnr_max: float = field(default=13.0, metadata=SIGNED)
+    label_dropout: float = 0.1  # P(label -> "no label") in training, for classifier-free guidance
+    guidance: float = 0.0  # classifier-free guidance weight w at sampling (reference configs: 0)
+    sigma_min: float = 0.002  # edm/v sampler: σ levels (Karras et al.'s ρ-schedule)
+    sigma_max: float = 80.0
+    rho: float = 7.0
+    s_churn: float = 0.0  # edm-stochastic: noise added back per step (γ = min(s_churn / steps, 1))
+    s_min: float = 0.0  # ... on levels σ in [s_min, s_max]
+    s_max: float | None = None  # None: no upper limit
+    s_noise: float = 1.0
+
+    def check_sigma_space(self, parameterization: str) -> None:
+        at_least(self, 0, "s_min", "s_churn", "s_noise")  # checked whatever the denoiser: a typo never waits
+        positive(self, "sigma_min", "sigma_max", "rho")
+        if not self.sigma_min < self.sigma_max:
+            raise ValueError(f"need sigma_min < sigma_max, got {self.sigma_min}, {self.sigma_max}")
+        if not 0.0 <= self.label_dropout < 1.0:
+            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
+        if not (math.isfinite(self.guidance) and self.guidance >= 0):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if self.guidance > 0 and self.label_dropout == 0:
+            raise ValueError("guidance > 0 needs label_dropout > 0 (the unconditional model is never trained)")
+        Preconditioning("edm" if parameterization == "eps" else parameterization, self.sigma_data)
+        NoiseLevels("edm", self.p_mean, self.p_std, self.logsnr_min, self.logsnr_max)
+        samplers = ("ddim", "ddpm") if parameterization == "eps" else SIGMA_SAMPLERS
+        sampler = self.sampler  # type: ignore[attr-defined]
+        if sampler not in samplers:
+            raise ValueError(
+                f"sampler {sampler!r} does not fit parameterization {parameterization!r}; "
+                f"choose one of {', '.join(samplers)}"
+            )
+        if parameterization != "eps":
+            self.sampler_settings()
+
+    def sampler_settings(self) -> SamplerSettings:
+        return SamplerSettings(
+            sampler=self.sampler, steps=self.sample_steps, sigma_min=self.sigma_min,  # type: ignore[attr-defined]
+            sigma_max=self.sigma_max, rho=self.rho, s_churn=self.s_churn, s_min=self.s_min,
+            s_max=math.inf if self.s_max is None else self.s_max, s_noise=self.s_noise,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True, kw_only=True)
+class DiffusionConfig(SigmaSpaceFields):
     """The diffusion fields DPDM and its non-private twin `ddpm` share, defaulting to DPDM's reference configs
     (nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3:configs/{mnist,fmnist}_28/train_eps_{1.0,10.0}.yaml
     and sample_eps_*.yaml; ε = 0.2 uses parameterization "v"): network, parameterization, label dropout,
@@ -252,25 +306,11 @@ class DiffusionConfig:
     dropout: float = 0.0
     groups: int = 8  # unet only: GroupNorm groups (ncsnpp uses min(channels // 4, 32), as the reference)
     parameterization: Literal["edm", "v", "eps"] = "edm"  # Karras et al.; v: DPDM's ε = 0.2 configs; eps: DDPM
-    sigma_data: float = SIGMA_DATA  # edm: σ_d (DPDM: √(1/3))
-    p_mean: float = field(default=-1.2, metadata=SIGNED)  # edm: ln σ ~ N(p_mean, p_std²) in training
-    p_std: float = 1.2
-    logsnr_min: float = field(default=-9.0, metadata=SIGNED)  # v: training log-SNR range
-    logsnr_max: float = field(default=13.0, metadata=SIGNED)
     T: int = 1000  # eps: diffusion steps, linear β schedule
     beta_start: float = 1e-4
     beta_end: float = 0.02
-    label_dropout: float = 0.1  # P(label -> "no label") in training, for classifier-free guidance
-    guidance: float = 0.0  # classifier-free guidance weight w at sampling (reference configs: 0)
     sampler: Literal["ddim", "ddpm", "edm-heun", "edm-stochastic"] = "ddim"  # eps: ddim, ddpm; else not ddpm
     sample_steps: int = 50  # noise levels (edm/v) or DDIM steps (eps)
-    sigma_min: float = 0.002  # edm/v sampler: σ levels (Karras et al.'s ρ-schedule)
-    sigma_max: float = 80.0
-    rho: float = 7.0
-    s_churn: float = 0.0  # edm-stochastic: noise added back per step (γ = min(s_churn / steps, 1))
-    s_min: float = 0.0  # ... on levels σ in [s_min, s_max]
-    s_max: float | None = None  # None: no upper limit
-    s_noise: float = 1.0
     sampler_preset: Literal["", "fid", "acc"] = ""  # the paper's tuned sampler of its (FID) / (Acc) rows
     ema_decay: float = 0.999  # EMA of the iterates (reference 0.999), the released model
     ema_warmup: bool = True  # the reference's min(decay, (1 + n)/(10 + n)) for update n
@@ -279,45 +319,21 @@ class DiffusionConfig:
         at_least(self, 1, "base_channels", "num_res_blocks", "groups", "sample_steps")
         if not self.channel_mults or min(self.channel_mults) < 1:
             raise ValueError(f"channel_mults must be a non-empty list of integers ≥ 1, got {list(self.channel_mults)}")
-        at_least(self, 0, "s_min")
         fraction(self, "ema_decay")
         choice("network", self.network, ("ncsnpp", "unet"))
         choice("parameterization", self.parameterization, PARAMETERIZATIONS)
-        samplers = ("ddim", "ddpm") if self.parameterization == "eps" else SIGMA_SAMPLERS
         choice("sampler_preset", self.sampler_preset, ("", "fid", "acc"))
-        if self.sampler not in samplers:
-            raise ValueError(
-                f"sampler {self.sampler!r} does not fit parameterization {self.parameterization!r}; "
-                f"choose one of {', '.join(samplers)}"
-            )
-        if not 0.0 <= self.label_dropout < 1.0:
-            raise ValueError(f"label_dropout must be in [0, 1), got {self.label_dropout}")
-        if not (math.isfinite(self.guidance) and self.guidance >= 0):
-            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
-        if self.guidance > 0 and self.label_dropout == 0:
-            raise ValueError("guidance > 0 needs label_dropout > 0 (the unconditional model is never trained)")
+        self.check_sigma_space(self.parameterization)
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         Schedule(self.T, self.beta_start, self.beta_end)  # validates T and β
-        Preconditioning("edm" if self.parameterization == "eps" else self.parameterization, self.sigma_data)
-        NoiseLevels("edm", self.p_mean, self.p_std, self.logsnr_min, self.logsnr_max)
-        if self.parameterization == "eps":
-            if not 1 <= self.sample_steps <= self.T:
-                raise ValueError(f"sample_steps must be in 1..T = {self.T}, got {self.sample_steps}")
-        else:
-            self.sampler_settings()
+        if self.parameterization == "eps" and not 1 <= self.sample_steps <= self.T:
+            raise ValueError(f"sample_steps must be in 1..T = {self.T}, got {self.sample_steps}")
 
     @classmethod
     def preset_fields(cls, preset: str, dataset: str, epsilon: float) -> dict[str, Any]:
         """bench.config.resolve's hook: the fields `sampler_preset` sets for this run's (dataset, ε)."""
         return sampler_preset_fields(preset, dataset, epsilon)
-
-    def sampler_settings(self) -> SamplerSettings:
-        return SamplerSettings(
-            sampler=self.sampler, steps=self.sample_steps, sigma_min=self.sigma_min, sigma_max=self.sigma_max,
-            rho=self.rho, s_churn=self.s_churn, s_min=self.s_min,
-            s_max=math.inf if self.s_max is None else self.s_max, s_noise=self.s_noise,
-        )  # fmt: skip
 
 
 # The DPDM paper's two tuned samplers per cell, behind its Table 1 rows "DPDM (FID)" and "DPDM (Acc)" (paper:
@@ -440,21 +456,32 @@ class ConditionalDenoiser:
 
     def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
         """uint8 [n, C, H, W] from the EMA network, conditioned on int64 `labels` [n]."""
-        if labels is None:
+        if labels is None and getattr(self, "conditional", True):
             raise BenchError(f"{self.name} is class-conditional: sample() needs labels")
+        return self.sample_net(self.ema.model, n, labels=labels, generator=generator)
+
+    def sample_net(
+        self, net: nn.Module, n: int, *, labels: Tensor | None, generator: torch.Generator,
+        sampler: str | None = None, steps: int | None = None,
+    ) -> Tensor:  # fmt: skip
+        """uint8 [n, C, H, W] from `net` (a network of this method's parameterization) with the config's sampler
+        (or `sampler` and `steps` instead) and guidance; `labels` int64 [n], or None for an unconditional network."""
         cfg, shape = self.config, (self.spec.channels, self.spec.height, self.spec.width)
         weight, classes = getattr(cfg, "guidance", 0.0), self.spec.num_classes
+        sampler, steps = sampler or cfg.sampler, steps or cfg.sample_steps
         if self.parameterization == "eps":
             return sample_images(
-                guided(self.ema.model, weight, classes), n, shape=shape, labels=labels, schedule=self.schedule,
-                sampler=cfg.sampler, steps=cfg.sample_steps, generator=generator, device=self.device,
+                guided(net, weight, classes), n, shape=shape, labels=labels, schedule=self.schedule,
+                sampler=sampler, steps=steps, generator=generator, device=self.device,
             )  # fmt: skip
-        net, settings = self.ema.model, cfg.sampler_settings()
+        settings = dataclasses.replace(cfg.sampler_settings(), sampler=sampler, steps=steps)
         denoiser = guided(lambda x, s, y: self.pre.denoise(net, x, s, y), weight, classes)
         gen = device_generator(generator, self.device)
         out = [torch.zeros((0, *shape), dtype=torch.uint8)]
-        for y in labels.split(500):
-            x = sample_sigma(denoiser, (len(y), *shape), y.to(self.device), settings, gen, self.device)
+        for start in range(0, n, 500):
+            m = min(500, n - start)
+            y = labels[start : start + m].to(self.device) if labels is not None else None
+            x = sample_sigma(denoiser, (m, *shape), y, settings, gen, self.device)
             out.append(to_uint8(x).cpu())
         return torch.cat(out)
 

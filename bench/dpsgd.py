@@ -61,6 +61,9 @@ from torch.nn.grad import conv2d_weight
 from bench.privacy import Stage
 
 PerExampleLoss = Callable[..., Tensor]  # (model_call, *example) -> scalar loss of ONE example
+Clipped = tuple[list[Tensor], Tensor, Tensor, Tensor]  # Σ_i ḡ_i per parameter, norms [B], factors [B], losses [B]
+# (outputs [b, R, ...] of the batch's examples `rows`, a slice of its B) -> (∂ℓ_i/∂out_i [b, R, ...], ℓ_i [b])
+OutputGrad = Callable[[Tensor, slice], tuple[Tensor, Tensor]]
 MODES = ("auto", "folded", "functorch", "hooks", "ghost")
 _OPACUS_WARNING = "Full backward hook is firing"  # harmless: our model inputs never need gradients
 _EPS = 1e-6  # clipping factor min(1, C / (‖g‖ + 1e-6)), as in opacus
@@ -225,6 +228,13 @@ def _frozen(params: Sequence[nn.Parameter]) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+def output_surrogate(model_call: Callable[..., Tensor], *example: Tensor) -> Tensor:
+    """⟨model(inputs), o⟩ of ONE example: `example` = (*model inputs [R, ...], o [R, ...]). With o = ∂ℓ/∂out held
+    fixed, its parameter gradient is exactly ∇θ ℓ (chain rule): the per-example loss of `DPSGD.step_outputs`."""
+    *inputs, o = example
+    return (model_call(*inputs) * o).sum()
+
+
 def poisson_stream(num_records: int, sample_rate: float, generator: torch.Generator) -> Iterator[Tensor]:
     """An endless stream of Poisson batches (index tensors); each draw depends only on the generator's state,
     so a fit resumed with the generator's saved state continues the same stream."""
@@ -353,10 +363,41 @@ class DPSGD(ChargedSteps):
 
     def step(self, *batch: Tensor) -> StepStats:
         """One noisy step on a Poisson batch: tensors with leading dim B (B may be 0)."""
-        B = self._batch_size(batch)
+        return self._release(self._batch_size(batch), lambda: self._clipped_sum(*batch))
+
+    def step_outputs(self, inputs: Sequence[Tensor], output_grad: OutputGrad) -> tuple[StepStats, Tensor]:
+        """One noisy step on a Poisson batch for a loss whose gradient with respect to the model's outputs is given:
+        `inputs` [B, R, ...] (R rows per example, the model's positional inputs), `output_grad(out, rows)` maps the
+        model's outputs out [b, R, ...] (float32, no graph) of the examples `rows` (a slice of the B: physical
+        batches come in chunks) to (o [b, R, ...], losses [b]) with o_i = ∂ℓ_i/∂out_i, a function of example i's
+        rows only. The per-example gradient is g_i = J_iᵀ o_i, clipped and noised as in
+        `step`. Mode "folded" runs the model ONCE (one forward, one backward: the outputs come from the graph the
+        per-example gradients are taken on); the other modes run it once without a graph and then take the
+        per-example gradients of ⟨model(inputs_i), o_i⟩, so `per_example_loss` must be `output_surrogate`.
+        Returns the step's statistics and the outputs [B, R, ...] before the step (no graph)."""
+        B = self._batch_size(inputs)
+        if self.per_example_loss is not output_surrogate:
+            raise ValueError("step_outputs needs per_example_loss=output_surrogate (its fallback for other modes)")
+        outs: list[Tensor] = []
+        if self.mode == "folded" and B > 0:
+            try:
+                stats = self._release(B, lambda: self._chunked(inputs, B, self._folded_outputs(output_grad, outs)))
+                return stats, torch.cat(outs)
+            except _NotRowwise as e:
+                if not self._auto:
+                    raise
+                warnings.warn(f"{e}: mode 'auto' switches from 'folded' to 'functorch'", stacklevel=2)
+                self.mode = "functorch"
+        with torch.no_grad():
+            out = self._rows_call(inputs, B) if B > 0 else torch.zeros(0, device=self.params[0].device)
+        o, _ = output_grad(out, slice(0, B)) if B > 0 else (out, None)
+        return self.step(*inputs, o), out
+
+    def _release(self, B: int, clipped_sum: Callable[[], Clipped]) -> StepStats:
+        """Clip (by `clipped_sum`: Σ_i ḡ_i, norms, factors, losses), check, add N(0, σ²C²), divide by q·N, step."""
         C, sigma = self.max_grad_norm, self.noise_multiplier
         try:
-            sums, norms, factors, losses = self._clipped_sum(*batch)
+            sums, norms, factors, losses = clipped_sum()
             if B > 0:
                 checks = torch.stack(
                     [losses.mean(), (factors < 1).float().mean(), norms.mean(), (norms * factors).max()]
@@ -387,22 +428,35 @@ class DPSGD(ChargedSteps):
             raise ValueError(f"batch tensors disagree on the batch size: {[tuple(b.shape) for b in batch]}")
         return B
 
-    def _clipped_sum(self, *batch: Tensor) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    def _clipped_sum(self, *batch: Tensor) -> Clipped:
         """Σ_i ḡ_i (no noise: internal, never release), norms ‖g_i‖ [B], factors [B], losses [B]."""
         B = self._batch_size(batch)
         if B == 0:
             empty = torch.zeros(0, device=self.params[0].device)
             return [torch.zeros_like(p) for p in self.params], empty, empty, empty
-        chunk = self.max_physical_batch_size or B
-        if chunk < B:  # the clipped sum is additive over examples: bounded memory, same result
-            parts = [self._clipped_sum(*(b[i : i + chunk] for b in batch)) for i in range(0, B, chunk)]
-            sums = [torch.stack(s).sum(0) for s in zip(*(part[0] for part in parts), strict=True)]
-            norms, factors = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
-            return sums, norms, factors, torch.cat([part[3] for part in parts])
         if self.mode == "ghost":
-            return self._ghost(batch, B)
-        with self._autocast():
-            grads, losses = self._per_example_grads(*batch)
+            return self._chunked(batch, B, lambda chunk: self._ghost(chunk, len(chunk[0])))
+
+        def clip(chunk: Sequence[Tensor]) -> Clipped:
+            with self._autocast():
+                grads, losses = self._per_example_grads(*chunk)
+            return self._clip(grads, losses)
+
+        return self._chunked(batch, B, clip)
+
+    def _chunked(self, batch: Sequence[Tensor], B: int, clip: Callable[[Sequence[Tensor]], Clipped]) -> Clipped:
+        """`clip` on chunks of at most max_physical_batch_size examples: the clipped sum is additive over examples,
+        so memory is bounded and the result the same."""
+        chunk = self.max_physical_batch_size or B
+        parts = [clip([b[i : i + chunk] for b in batch]) for i in range(0, B, chunk)]
+        if len(parts) == 1:
+            return parts[0]
+        sums = [torch.stack(s).sum(0) for s in zip(*(part[0] for part in parts), strict=True)]
+        norms, factors = torch.cat([part[1] for part in parts]), torch.cat([part[2] for part in parts])
+        return sums, norms, factors, torch.cat([part[3] for part in parts])
+
+    def _clip(self, grads: list[Tensor], losses: Tensor) -> Clipped:
+        """Per-example gradients [B, *p.shape] -> (Σ_i ḡ_i, norms, factors, losses)."""
         grads = [g.float() for g in grads]
         norms = per_example_norms(grads)
         factors = clip_factors(norms, self.max_grad_norm)
@@ -445,7 +499,10 @@ class DPSGD(ChargedSteps):
         grads, losses = vmap(grad_and_value(loss), in_dims=in_dims, randomness="different")(params, *batch)
         return [grads[n] for n in self._names], losses
 
-    def _folded(self, batch: Sequence[Tensor], B: int) -> tuple[list[Tensor], Tensor]:
+    @contextmanager
+    def _folded_hooks(self, B: int) -> Iterator[dict[int, Tensor]]:
+        """Parameters frozen and layer hooks on: a backward inside the block adds each layer's per-example
+        gradients (summed over the example's rows) into the yielded {parameter index: [B, *p.shape]}."""
         acc: dict[int, Tensor] = {}
 
         def forward_hook(m: nn.Module, inputs: tuple[Tensor, ...], out: Tensor) -> Tensor | None:
@@ -467,14 +524,49 @@ class DPSGD(ChargedSteps):
         with _frozen(self.params):
             handles = [m.register_forward_hook(forward_hook) for m in self._layers]
             try:
-                losses = self._rows_forward(batch, B)
+                yield acc
             finally:
                 for h in handles:
                     h.remove()
+
+    def _folded(self, batch: Sequence[Tensor], B: int) -> tuple[list[Tensor], Tensor]:
+        with self._folded_hooks(B) as acc:
+            losses = self._rows_forward(batch, B)
             if losses.requires_grad:
                 losses.sum().backward()
         grads = [acc.get(i, p.new_zeros(B, *p.shape)) for i, p in enumerate(self.params)]
         return grads, losses.detach()
+
+    def _rows_call(self, inputs: Sequence[Tensor], B: int) -> Tensor:
+        """The model on every example's rows at once: inputs [B, R, ...] -> outputs [B, R, ...]."""
+        R = inputs[0].shape[1]
+        out = self.model(*(x.transpose(0, 1).reshape(R * B, *x.shape[2:]) for x in inputs))  # row r·B + b
+        return out.reshape(R, B, *out.shape[1:]).transpose(0, 1)
+
+    def _folded_outputs(self, output_grad: OutputGrad, outs: list[Tensor]) -> Callable[[Sequence[Tensor]], Clipped]:
+        """step_outputs' clip of one chunk in mode "folded": one forward with the layer hooks, o from
+        `output_grad`, one backward of the outputs with gradient o; the outputs (no graph) go to `outs`."""
+
+        def clip(inputs: Sequence[Tensor]) -> Clipped:
+            B, R = inputs[0].shape[0], inputs[0].shape[1]
+            if any(x.dim() < 2 or x.shape[1] != R for x in inputs):
+                raise _NotRowwise("step_outputs needs inputs [B, R, ...] with one common row dimension")
+            with torch.no_grad(), self._autocast():  # example 0 alone: the rows must not mix (a privacy check)
+                alone = self.model(*(x[0] for x in inputs))
+            with self._folded_hooks(B) as acc:
+                with self._autocast():
+                    out = self._rows_call(inputs, B)
+                self._check_rowwise(list(inputs), out[0].detach(), alone, "step_outputs needs")
+                start = sum(len(done) for done in outs)  # the chunks come in order
+                o, losses = output_grad(out.detach().float(), slice(start, start + B))
+                if o.shape != out.shape:
+                    raise ValueError(f"output_grad returned {tuple(o.shape)}, the outputs are {tuple(out.shape)}")
+                out.backward(o.to(out.dtype))
+            outs.append(out.detach().float())
+            grads = [acc.get(i, p.new_zeros(B, *p.shape)) for i, p in enumerate(self.params)]
+            return self._clip(grads, losses.detach())
+
+        return clip
 
     def _hooks(self, batch: Sequence[Tensor], B: int) -> tuple[list[Tensor], Tensor]:
         losses = self._opacus_backward(batch, B, rows=None)
@@ -487,7 +579,7 @@ class DPSGD(ChargedSteps):
             p.grad_sample, p.grad = None, None  # type: ignore[attr-defined]
         return grads, losses.detach()
 
-    def _ghost(self, batch: Sequence[Tensor], B: int) -> tuple[list[Tensor], Tensor, Tensor, Tensor]:
+    def _ghost(self, batch: Sequence[Tensor], B: int) -> Clipped:
         losses = self._opacus_backward(batch, B, rows=1, retain_graph=True)
         norms = self._opacus().get_norm_sample()
         if norms.shape != (B,):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -28,6 +29,8 @@ FOOTNOTES = {
     "`shortened` lists [reference, used]); not comparable with a published cell as it stands.",
 }
 REAL_LABEL = "real data"
+SWEEP_PREFIX = "sweep:"  # frame column of a swept field: "sweep:lambda_adv" (its table column: "lambda_adv")
+NO_VALUE = "—"  # a run without the swept field (another method, the real-data row)
 
 
 def eps_label(e: float | None) -> str:
@@ -64,6 +67,7 @@ def load_frame(store: Store, keys: set[str] | None = None, metrics: Collection[s
         raise BenchError(f"no finished runs in {store.root}")
     # where the folder is now: the index records the path a run was started with (relative to its cwd then)
     runs_df = runs_df.assign(run_dir=[str(store.run_dir(k)) for k in runs_df["key"]])
+    runs_df = with_sweeps(runs_df)
     met_df = pd.DataFrame(metric_rows, columns=["key", "metric", "value", "info"])
     if metrics is not None:
         met_df = met_df[met_df["metric"].isin(set(metrics))]
@@ -79,6 +83,57 @@ def load_frame(store: Store, keys: set[str] | None = None, metrics: Collection[s
         metric_label_of(m, i) if isinstance(m, str) else None for m, i in zip(df["metric"], infos, strict=True)
     ]
     return df
+
+
+def with_sweeps(runs: pd.DataFrame) -> pd.DataFrame:
+    """`runs` (one row per run) with a column SWEEP_PREFIX + field, the value as text, for every field that some run
+    was swept over (`--sweep`; the index's `sweep` column); none when no run was. A run that lacks a recorded value
+    gets the one its config.json holds (a cell reused from a grid without that sweep), else NO_VALUE."""
+    recorded = [info_of(raw) for raw in runs.get("sweep", pd.Series([None] * len(runs), dtype=object))]
+    fields = list(dict.fromkeys(f for sweep in recorded for f in sweep))
+    if not fields:
+        return runs
+    configs = [
+        sweep if all(f in sweep for f in fields) else {**_config_of(run_dir), **sweep}
+        for sweep, run_dir in zip(recorded, runs["run_dir"], strict=True)
+    ]
+    columns = {SWEEP_PREFIX + f: [sweep_text(c[f]) if f in c else NO_VALUE for c in configs] for f in fields}
+    return runs.assign(**columns)
+
+
+def _config_of(run_dir: str) -> dict[str, Any]:
+    try:
+        config = json.loads((Path(run_dir) / "config.json").read_text()).get("config")
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def sweep_columns(df: pd.DataFrame) -> list[str]:
+    """The frame's swept-field columns (SWEEP_PREFIX + field), in the order the fields were first swept."""
+    return [c for c in df.columns if isinstance(c, str) and c.startswith(SWEEP_PREFIX)]
+
+
+def sweep_header(column: str) -> str:
+    """ "sweep:lambda_adv" -> "lambda_adv", the column's name in a table."""
+    return column.removeprefix(SWEEP_PREFIX)
+
+
+def sweep_text(value: Any) -> str:
+    """A swept value as a table shows it: 1.0 -> "1", True -> "true", [1, 2] -> "[1, 2]"."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def sweep_order(text: str) -> tuple[int, float, str]:
+    """Sort key of a swept value's text: numbers by value, then words, NO_VALUE last."""
+    try:
+        return 0, float(text), ""
+    except ValueError:
+        return (2 if text == NO_VALUE else 1), 0.0, text
 
 
 def metric_label_of(metric: str, info: dict[str, Any]) -> str:

@@ -38,11 +38,11 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 from markupsafe import Markup
 
 from bench import tables
-from bench.frame import REAL_LABEL
+from bench.frame import REAL_LABEL, sweep_columns, sweep_header
 from bench.store import Store, read_json
 
 TEMPLATES = resources.files("bench").joinpath("templates")
-RUN_FILES = ("config.json", "privacy.json", "metrics.json", "log.txt", "samples.png")  # linked when present
+RUN_FILES = ("config.json", "privacy.json", "metrics.json", "log.txt", "samples.png", "curve.json")  # when present
 CLOSE, NEAR = 0.05, 0.20  # |ours − published| / |published|: green up to 5%, amber up to 20%, red above
 _NUMBER = re.compile(r"^[-+−]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
@@ -124,14 +124,16 @@ def href(path: Path, base: Path) -> str:
 
 def frame_table(
     df: pd.DataFrame, *, id: str, caption: str, notes: Iterable[str] = (), csv: str = "", index: bool = False,
-    bold: set[tuple[str, str]] | None = None,
+    bold: set[tuple[Any, str]] | None = None,
 ) -> Table:  # fmt: skip
-    """A table of the page from a DataFrame as bench.tables writes it (`index`: the index is the first column)."""
+    """A table of the page from a DataFrame as bench.tables writes it (`index`: the index is the first column, or
+    the first columns for a MultiIndex; a bold cell names its row as tables.row_label does)."""
     t = df.reset_index() if index else df
+    levels = df.index.nlevels if index else 1
     bold = bold or set()
     rows = []
     for values in t.itertuples(index=False):
-        first = str(values[0])
+        first = tables.row_label(values, levels)
         rows.append(Row([cell(v, bold=(first, str(c)) in bold) for c, v in zip(t.columns, values, strict=True)]))
     return Table(id=id, caption=caption, columns=[str(c) for c in t.columns], rows=rows, notes=list(notes), csv=csv)
 
@@ -192,13 +194,15 @@ def run_card(store: Store, run: dict[str, Any], base: Path) -> RunCard:
 
 def summary_rows(store: Store, df: pd.DataFrame, table: pd.DataFrame, notes: list[str], base: Path, csv: str) -> Table:
     """The summary table, each row with the cards of the runs behind it (by seed)."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    swept = sweep_columns(df)
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for run in df.drop_duplicates("key").sort_values("seed").to_dict("records"):
-        groups.setdefault((run["label"], run["dataset"], run["eps"]), []).append(run)
+        groups.setdefault(tuple(run[c] for c in ["label", *swept, "dataset", "eps"]), []).append(run)
     page = frame_table(table, id="summary", caption="Summary", notes=notes, csv=csv)
+    heads = ["method", *map(sweep_header, swept), "dataset", "ε target"]
     rows = []
-    for row, raw in zip(page.rows, table.itertuples(index=False), strict=True):
-        runs = groups.get((raw[0], raw[1], raw[2]), [])
+    for row, raw in zip(page.rows, table[heads].itertuples(index=False), strict=True):
+        runs = groups.get(tuple(raw), [])
         rows.append(Row(row.cells, [run_card(store, r, base) for r in runs]))
     return replace(page, rows=rows)
 
@@ -280,13 +284,14 @@ def _csv(out: Path, stem: str) -> str:
 
 def build_page(
     out: Path, *, store: Store, df: pd.DataFrame, summary: pd.DataFrame, notes: list[str],
-    per_metric: list[tuple[str, str, pd.DataFrame, set[tuple[str, str]]]], cost: pd.DataFrame,
+    per_metric: list[tuple[str, str, pd.DataFrame, set[tuple[Any, str]]]], cost: pd.DataFrame,
     audits: pd.DataFrame | None, papers: list[tuple[str, Any, pd.DataFrame | None, str]], plots: list[Path] | None,
-    files: list[Path],
+    files: list[Path], curves_csv: str = "",
 ) -> Path:  # fmt: skip
     """OUT/index.html from bench.report's tables: `per_metric` is (label, name, table, best cells) per metric,
     `papers` (id, plan, comparison frame, error) per paper record, `plots` the files bench.plots wrote (None:
-    none were), `files` every file the report wrote (listed at the end); returns the page's path."""
+    none were), `files` every file the report wrote (listed at the end), `curves_csv` the CSV of the
+    quality-against-compute points beside the page ("" when no run has a curve); returns the page's path."""
     from bench import paper
 
     metric_tables = []
@@ -308,19 +313,21 @@ def build_page(
         metric_tables=metric_tables,
         cost=frame_table(cost, id="cost", caption="Cost per run", csv=_csv(out, "cost")),
         audits=None if audits is None else audit_rows(store, audits, out),
-        papers=sections, plots=plots, files=files, notes=notes,
+        papers=sections, plots=plots, files=files, notes=notes, curves_csv=curves_csv,
     )  # fmt: skip
 
 
 def write_page(
     out: Path, *, store: Store, df: pd.DataFrame, summary_table: Table, metric_tables: list[Table],
     cost: Table | None, audits: Table | None, papers: list[PaperSection], plots: list[Path] | None,
-    files: list[Path], notes: list[str],
+    files: list[Path], notes: list[str], curves_csv: str = "",
 ) -> Path:  # fmt: skip
     """Render OUT/index.html; returns its path. `notes`: the footnotes of the marks, shown once above the metric
-    tables (the summary table carries them too)."""
+    tables (the summary table carries them too). `curves_csv`: the quality-against-compute points' CSV beside
+    the page; with it, a section shows their figures (bench.plots' curve_* files) and links it."""
     page = out / "index.html"
     samples = figures(plots or [], out, "samples_")
+    curves = {"csv": curves_csv, "figures": figures(plots or [], out, "curve_")} if curves_csv else None
     runs = df.drop_duplicates("key")
     html = (
         _env()
@@ -343,6 +350,7 @@ def write_page(
             cost=cost,
             audits=audits,
             papers=papers,
+            curves=curves,
             plots=plots is not None,
             files=[(p.name, href(p, out)) for p in files],
             css=Markup(TEMPLATES.joinpath("report.css").read_text(encoding="utf-8")),

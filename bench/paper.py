@@ -13,6 +13,10 @@ when both were computed by the same protocol; otherwise the cell says "protocol 
 Y)". A cell we cannot produce says why: method not implemented, dataset not available, metric not
 implemented. Marks: § secondary source, ° our records ran a shortened protocol, ¶ published with a tuned
 setting our runs do not use, ‡ test-selected, † partial guarantee; each with its footnote in every format.
+
+A table may sweep one config field (an ablation, `sweep = { field, values }`): each of its CSV rows names its value
+in `setting` as FIELD=VALUE, our cell of that row runs the method at that value (runner.plan's sweeps), and the
+printed table gains a column for the field. `--sweep` turns each cell we can produce into one per swept value.
 """
 
 from __future__ import annotations
@@ -32,9 +36,18 @@ from typing import Any
 import pandas as pd
 
 from bench import data, registry, runner, tables
-from bench.config import coerce
+from bench.config import coerce, parse_value, value_text
 from bench.errors import BenchError
-from bench.frame import FOOTNOTES, PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
+from bench.frame import (
+    FOOTNOTES,
+    PARTIAL_MARK,
+    SHORTENED_MARK,
+    SWEEP_PREFIX,
+    TEST_SELECTED_MARK,
+    load_frame,
+    sweep_header,
+    sweep_text,
+)
 from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
 from bench.metrics.protocols import PROTOCOLS
 from bench.runner import RunSpec
@@ -64,6 +77,7 @@ _TABLE_KEYS: dict[str, Any] = {
     "delta": float,
     "metrics": dict[str, str],
     "note": str,
+    "sweep": dict,
 }
 _REQUIRED = ("name", "caption", "methods", "datasets", "eps", "metrics")
 
@@ -76,6 +90,15 @@ NOT_RUN = "not run"
 NOT_SCORED = "not scored (rerun with --run to score it)"
 FAILED = "failed"  # followed by the run's one-line error from the index
 PROTOCOL_DIFFERS = "protocol differs"
+SWEEP_CONFLICT = "not run: the table sweeps {field}, which --set or --sweep also gives"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Sweep:
+    """A table's grid axis (an ablation): one of our method's Config fields and the values the paper published."""
+
+    field: str
+    values: tuple[Any, ...]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,6 +115,7 @@ class Table:
     delta: float | None = None  # None: not stated; bench's default δ is used
     metrics: dict[str, str] = field(default_factory=dict)  # published name -> our default ("" = none)
     note: str = ""
+    sweep: Sweep | None = None  # an ablation: each row published at one value (its setting FIELD=VALUE)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -117,6 +141,8 @@ class Published:
     source_kind: str  # "primary" or "secondary"
     value: float | None
     source: str
+    # {field: value} of a row of a sweep table (its CSV setting "FIELD=VALUE"; `setting` is then "")
+    sweep: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +154,7 @@ class Cell:
     ours: str  # our metric name, "" where we have no equivalent
     status: str | None  # None: reproducible; else why not (NOT_IMPLEMENTED, PROTOCOL_DIFFERS, ...)
     keys: tuple[str, ...] = ()  # run keys of the planned RunSpecs (one per seed)
+    sweep: dict[str, Any] = field(default_factory=dict)  # swept values of our runs (the row's, and --sweep's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,7 +213,22 @@ def _table(paper: str, i: int, raw: Any) -> Table:
         delta=delta,
         metrics=dict(t["metrics"]),
         note=t.get("note", ""),
+        sweep=_sweep(t["sweep"], where) if "sweep" in t else None,
     )
+
+
+def _sweep(raw: dict[str, Any], where: str) -> Sweep:
+    """A table's `sweep = { field = "lambda_adv", values = [0, 1, 4] }`."""
+    if set(raw) != {"field", "values"}:
+        raise BenchError(f"{where}: sweep must be {{ field = NAME, values = [V1, V2, ...] }}, got {raw!r}")
+    name, values = raw["field"], raw["values"]
+    if not isinstance(name, str) or not name.isidentifier():
+        raise BenchError(f"{where}: sweep field must be a config field name, got {name!r}")
+    if not isinstance(values, list) or not values or any(isinstance(v, dict | list) for v in values):
+        raise BenchError(f"{where}: sweep values must be a non-empty list of numbers, strings or booleans")
+    if len(set(map(value_text, values))) < len(values):
+        raise BenchError(f"{where}: sweep values must differ, got {values!r}")
+    return Sweep(field=name, values=tuple(values))
 
 
 def parse_papers(text: str) -> dict[str, Paper]:
@@ -234,11 +276,14 @@ def table_of(papers: dict[str, Paper], row: Published) -> Table:
     if row.paper not in papers:
         raise BenchError(f"published row {row.paper}/{row.method}: paper {row.paper!r} is not in papers.toml")
     for t in papers[row.paper].tables:
-        if row.method in t.methods and row.dataset in t.datasets and row.epsilon in t.eps and row.metric in t.metrics:
-            return t
+        ours = row.method in t.methods and row.dataset in t.datasets and row.epsilon in t.eps
+        if ours and row.metric in t.metrics and set(row.sweep) == ({t.sweep.field} if t.sweep else set()):
+            return t  # a row of a sweep table names its swept value, the rows of other tables none
+    sweep = "".join(f"/{k}={value_text(v)}" for k, v in row.sweep.items())
     raise BenchError(
-        f"published row {row.paper}/{row.method}/{row.dataset}/ε={row.epsilon:g}/{row.metric}: no table of "
+        f"published row {row.paper}/{row.method}/{row.dataset}/ε={row.epsilon:g}/{row.metric}{sweep}: no table of "
         f"{row.paper} in papers.toml has this method, dataset, ε and metric"
+        + (f" and sweeps {', '.join(row.sweep)}" if row.sweep else " without a sweep")
     )
 
 
@@ -282,7 +327,6 @@ def parse_published(text: str, papers: dict[str, Paper], where: str = "published
         row = Published(
             paper=raw["paper"].strip(),
             method=raw["method"].strip(),
-            setting=raw["setting"].strip(),
             dataset=raw["dataset"].strip(),
             epsilon=eps,
             delta=delta,
@@ -291,6 +335,7 @@ def parse_published(text: str, papers: dict[str, Paper], where: str = "published
             source_kind=raw["source_kind"].strip(),
             value=value,
             source=raw["source"].strip(),
+            **_setting_sweep(raw["setting"]),
         )
         try:
             check_protocol(row.protocol)
@@ -299,12 +344,27 @@ def parse_published(text: str, papers: dict[str, Paper], where: str = "published
             raise BenchError(f"{at}: {e}") from None
         if table.delta is not None and delta is not None and delta != table.delta:
             raise BenchError(f"{at}: δ = {delta:g}, but table {row.paper}/{table.name} has δ = {table.delta:g}")
-        ident = (row.paper, row.method, row.setting, row.dataset, row.epsilon, row.metric, row.protocol)
+        if table.sweep and (v := row.sweep[table.sweep.field]) not in table.sweep.values:
+            raise BenchError(
+                f"{at}: {table.sweep.field}={value_text(v)} is not a value table {row.paper}/{table.name} sweeps "
+                f"({', '.join(map(value_text, table.sweep.values))})"
+            )
+        ident = (row.paper, row.method, row.setting, row.dataset, row.epsilon, row.metric, row.protocol,
+                 *row.sweep.items())  # fmt: skip
         if ident in seen:
             raise BenchError(f"{at}: duplicate of an earlier row ({', '.join(map(str, ident))})")
         seen.add(ident)
         rows.append(row)
     return rows
+
+
+def _setting_sweep(setting: str) -> dict[str, Any]:
+    """The `setting` of a CSV row as Published fields: "FIELD=VALUE" (a row of a sweep table) is its sweep, the
+    value parsed as a `--set` value; any other text is a tuned setting."""
+    name, sep, text = setting.partition("=")
+    if not sep:
+        return {"setting": setting.strip()}
+    return {"setting": "", "sweep": {name.strip(): parse_value(text.strip())}}
 
 
 def load_published(papers: dict[str, Paper]) -> list[Published]:
@@ -315,14 +375,16 @@ def load_published(papers: dict[str, Paper]) -> list[Published]:
 def list_text(papers: dict[str, Paper], published: list[Published]) -> str:
     """`bench paper --list`: one block per paper, one line per table."""
     lines = []
+    width = max([10, *(len(t.name) for p in papers.values() for t in p.tables)])
     for p in papers.values():
         lines.append(f"{p.id}  {p.title} ({p.venue})")
         for t in p.tables:
             n = sum(table_of(papers, r) is t for r in published if r.paper == p.id)
             eps = ", ".join(f"{e:g}" for e in t.eps)
-            lines.append(f"  {t.name:<10} {t.caption}")
+            sweep = f"; {t.sweep.field} ∈ {{{', '.join(map(value_text, t.sweep.values))}}}" if t.sweep else ""
+            lines.append(f"  {t.name:<{width}} {t.caption}")
             lines.append(
-                f"  {'':<10} methods {', '.join(t.methods)}; datasets {', '.join(t.datasets)}; ε {eps}; "
+                f"  {'':<{width}} methods {', '.join(t.methods)}; datasets {', '.join(t.datasets)}; ε {eps}{sweep}; "
                 f"{n} published cell(s)"
             )
     return "\n".join(lines)
@@ -334,14 +396,15 @@ def list_text(papers: dict[str, Paper], published: list[Published]) -> str:
 
 
 def paper_cells(paper: Paper, papers: dict[str, Paper], published: list[Published]) -> list[tuple[Table, Published]]:
-    """The paper's published rows, then per table one valueless row per extra method and published column."""
+    """The paper's published rows, then per table one valueless row per extra method and published column (and
+    swept value); a sweep table's rows ordered by swept value, ours beside the published row of each."""
     out = []
     for t in paper.tables:
         rows = [r for r in published if r.paper == paper.id and table_of(papers, r) is t]
-        out += [(t, r) for r in rows]
-        columns = dict.fromkeys((r.dataset, r.epsilon, r.metric) for r in rows)
+        cells = [(t, r) for r in rows]
+        columns = dict.fromkeys((r.dataset, r.epsilon, r.metric, tuple(r.sweep.items())) for r in rows)
         for method in t.extra_methods:
-            for ds, eps, metric in columns:
+            for ds, eps, metric, sweep in columns:
                 extra = Published(
                     paper=paper.id,
                     method=method,
@@ -354,8 +417,13 @@ def paper_cells(paper: Paper, papers: dict[str, Paper], published: list[Publishe
                     source_kind="",
                     value=None,
                     source="",
+                    sweep=dict(sweep),
                 )
-                out.append((t, extra))
+                cells.append((t, extra))
+        if (axis := t.sweep) is not None:
+            at = {k: i for i, k in enumerate(dict.fromkeys((r.dataset, r.epsilon) for _, r in cells))}
+            cells.sort(key=lambda c: (at[c[1].dataset, c[1].epsilon], axis.values.index(c[1].sweep[axis.field])))
+        out += cells
     return out
 
 
@@ -384,48 +452,88 @@ def plan_paper(
     sets: Iterable[str] = (),
     plugins: tuple[str, ...] = (),
     data_root: str | None = None,
+    sweeps: Iterable[str] = (),
 ) -> PaperPlan:
-    """Every cell of the paper with its status, and the RunSpecs (via runner.plan) of those we can produce."""
+    """Every cell of the paper with its status, and the RunSpecs (via runner.plan) of those we can produce. A row
+    of a sweep table runs our method at the row's swept value; `sweeps` (`--sweep`) turn each row we can produce
+    into one cell per combination of the values swept for its method. An item of `sets` or `sweeps` scoped to
+    one method of the paper (METHOD.field) applies to that method's cells only."""
     methods = registry.methods(plugins)
+    in_paper = {m for t in paper.tables for m in (*t.methods, *t.extra_methods)}
     cells: list[Cell] = []
     specs: dict[str, RunSpec] = {}
-    planned: dict[tuple[str, str, float, float | None], tuple[str, ...]] = {}
+    planned: dict[tuple[Any, ...], dict[tuple[tuple[str, Any], ...], tuple[str, ...]]] = {}
     unavailable: dict[str, str] = {}  # dataset -> why its shape or size cannot be known ("": it can)
     for table, row in paper_cells(paper, papers, published):
         ours, why = our_metric(table, row)
-        status = (
-            NOT_IMPLEMENTED if row.method not in methods else NO_DATASET if row.dataset not in data.DATASETS else why
-        )
-        keys: tuple[str, ...] = ()
-        if status is None and row.dataset not in unavailable:
-            try:
-                data.spec(row.dataset, root=data_root)
-                unavailable[row.dataset] = ""
-            except BenchError as e:  # e.g. CelebA-Hair, whose record count (and so δ) needs its files
-                unavailable[row.dataset] = str(e)
-        if status is None and unavailable[row.dataset]:
-            status = f"{NO_DATASET}: {unavailable[row.dataset]}"
-        if status is None:
-            group = (row.method, row.dataset, row.epsilon, table.delta)
-            if group not in planned:
-                grid = runner.plan(
-                    methods=[row.method],
-                    epsilons=[row.epsilon],
-                    datasets=[row.dataset],
-                    seeds=seeds,
-                    delta=table.delta,
-                    accountant=accountant,
-                    profile=profile,
-                    sets=list(sets),
-                    plugins=plugins,
-                    data_root=data_root,
-                )
-                specs.update((s.key, s) for s in grid if s.key not in specs)
-                planned[group] = tuple(s.key for s in grid)
-            keys = planned[group]
-        cells.append(Cell(table=table, row=row, ours=ours, status=status, keys=keys))
+        status = _status(row, why, methods, unavailable, data_root)
+        mine_sets, mine_sweeps = _for_method(sets, row.method, in_paper), _for_method(sweeps, row.method, in_paper)
+        if status is None and table.sweep and _gives(table.sweep.field, row.method, [*mine_sets, *mine_sweeps]):
+            status = SWEEP_CONFLICT.format(field=table.sweep.field)
+        if status is not None:
+            cells.append(Cell(table=table, row=row, ours=ours, status=status, sweep=row.sweep))
+            continue
+        group = (row.method, row.dataset, row.epsilon, table.delta, *row.sweep.items())
+        if group not in planned:
+            grid = runner.plan(
+                methods=[row.method],
+                epsilons=[row.epsilon],
+                datasets=[row.dataset],
+                seeds=seeds,
+                delta=table.delta,
+                accountant=accountant,
+                profile=profile,
+                sets=mine_sets,
+                plugins=plugins,
+                data_root=data_root,
+                sweeps=[*mine_sweeps, *(f"{row.method}.{k}={value_text(v)}" for k, v in row.sweep.items())],
+            )
+            specs.update((s.key, s) for s in grid if s.key not in specs)
+            by_sweep: dict[tuple[tuple[str, Any], ...], list[str]] = {}
+            for s in grid:  # one cell per swept combination, its seeds together; not the reference rows it needs
+                if s.method == row.method:
+                    by_sweep.setdefault(tuple(s.sweep.items()), []).append(s.key)
+            planned[group] = {sweep: tuple(keys) for sweep, keys in by_sweep.items()}
+        cells += [Cell(table=table, row=row, ours=ours, status=None, keys=keys, sweep=dict(sweep))
+                  for sweep, keys in planned[group].items()]  # fmt: skip
     needed = select_metrics({c.ours for c in cells if c.status is None}) if specs else ()
     return PaperPlan(paper=paper, cells=tuple(cells), specs=tuple(specs.values()), metrics=needed)
+
+
+def _status(
+    row: Published, why: str | None, methods: dict[str, Any], unavailable: dict[str, str], data_root: str | None
+) -> str | None:
+    """Why a cell cannot be produced (None: it can); `unavailable` caches each dataset's reason ("" for none)."""
+    if row.method not in methods:
+        return NOT_IMPLEMENTED
+    if row.dataset not in data.DATASETS:
+        return NO_DATASET
+    if why is not None:
+        return why
+    if row.dataset not in unavailable:
+        try:
+            data.spec(row.dataset, root=data_root)
+            unavailable[row.dataset] = ""
+        except BenchError as e:  # e.g. CelebA-Hair, whose record count (and so δ) needs its files
+            unavailable[row.dataset] = str(e)
+    return f"{NO_DATASET}: {unavailable[row.dataset]}" if unavailable[row.dataset] else None
+
+
+def _for_method(items: Iterable[str], method: str, in_paper: set[str]) -> list[str]:
+    """The `--set`/`--sweep` items for the cells of `method`: all but those scoped to another method of the paper
+    (an item scoped to a method the paper lacks is kept, so that runner.plan names it as an error)."""
+    out = []
+    for item in items:
+        key = item.partition("=")[0].strip()
+        scope = "" if key.startswith("eval.") else key.rpartition(".")[0]
+        if not scope or scope == method or scope not in in_paper:
+            out.append(item)
+    return out
+
+
+def _gives(name: str, method: str, items: Iterable[str]) -> bool:
+    """Whether a `--set`/`--sweep` item gives `method`'s field `name` (bare or scoped)."""
+    return any(item.partition("=")[0].strip() in (name, f"{method}.{name}") for item in items)
 
 
 def plan_text(plan: PaperPlan) -> str:
@@ -436,7 +544,8 @@ def plan_text(plan: PaperPlan) -> str:
     for c in plan.cells:
         if c.status is not None:
             r = c.row
-            lines.append(f"  {c.table.name}: {r.method} {r.dataset} ε={r.epsilon:g} {r.metric}: {c.status}")
+            swept = "".join(f" {k}={sweep_text(v)}" for k, v in c.sweep.items())
+            lines.append(f"  {c.table.name}: {r.method}{swept} {r.dataset} ε={r.epsilon:g} {r.metric}: {c.status}")
     return "\n".join(lines)
 
 
@@ -512,6 +621,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
             frame = load_frame(store)
             frame = frame[frame["key"].isin({s.key for s in plan.specs})]
     configs = {s.key: s.config for s in plan.specs}
+    swept = list(dict.fromkeys(k for c in plan.cells for k in c.sweep))  # a column each, after the method's
     rows = []
     for c in plan.cells:
         r = c.row
@@ -550,6 +660,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
                 "dataset": r.dataset,
                 "epsilon": r.epsilon,
                 "method": r.method + (PARTIAL_MARK if partial else ""),
+                **{SWEEP_PREFIX + k: sweep_text(c.sweep[k]) if k in c.sweep else "" for k in swept},
                 "setting": r.setting,
                 "metric": r.metric,
                 "protocol": r.protocol,
@@ -613,6 +724,7 @@ def _status_note(row: pd.Series) -> str:
     return "; ".join(notes)
 
 
+# a sweep table adds one column per swept field after "method"
 HEADER = ["dataset", "ε", "method", "setting", "metric", "protocol", "published", "ours", "ours − published", "note",
           "src"]  # fmt: skip
 
@@ -636,6 +748,7 @@ def shown_tables(plan: PaperPlan, frame: pd.DataFrame) -> list[Shown]:
         if sub.empty:
             continue
         sources = list(dict.fromkeys(s for s in sub["source"] if s))
+        swept = [c for c in sub.columns if c.startswith(SWEEP_PREFIX) and sub[c].astype(bool).any()]
         body = []
         for _, row in sub.iterrows():
             metric = f"{row['metric']} → {row['ours_metric']}" if row["ours_metric"] else row["metric"]
@@ -644,6 +757,7 @@ def shown_tables(plan: PaperPlan, frame: pd.DataFrame) -> list[Shown]:
                     row["dataset"],
                     f"{row['epsilon']:g}",
                     row["method"],
+                    *(row[c] or "—" for c in swept),
                     row["setting"] or "—",
                     metric,
                     row["protocol"] or "—",
@@ -657,7 +771,8 @@ def shown_tables(plan: PaperPlan, frame: pd.DataFrame) -> list[Shown]:
         delta = f"δ = {t.delta:g}" if t.delta is not None else "δ: bench's default"
         notes = [f"[{i}] {s}" for i, s in enumerate(sources, start=1)] + footnotes(sub)
         notes += [f"note: {t.note}"] if t.note else []
-        out.append(Shown(t, f"{t.name}: {t.caption} ({delta})", pd.DataFrame(body, columns=HEADER), notes))
+        header = [*HEADER[:3], *map(sweep_header, swept), *HEADER[3:]]
+        out.append(Shown(t, f"{t.name}: {t.caption} ({delta})", pd.DataFrame(body, columns=header), notes))
     return out
 
 
@@ -702,7 +817,7 @@ def footnotes(frame: pd.DataFrame) -> list[str]:
 # Which papers ran on a results folder (for `bench report`'s HTML page)
 # ---------------------------------------------------------------------------------------------------
 
-RECORD_OPTIONS = ("profile", "seeds", "accountant", "sets", "plugins", "data_root")
+RECORD_OPTIONS = ("profile", "seeds", "accountant", "sets", "sweeps", "plugins", "data_root")
 
 
 def _records_dir(store: Store) -> Path:
@@ -735,6 +850,6 @@ def replan(record: dict[str, Any]) -> PaperPlan:
         return plan_paper(paper, known, load_published(known), profile=str(record["profile"]),
                           seeds=[int(s) for s in record["seeds"]], accountant=str(record["accountant"]),
                           sets=list(record["sets"]), plugins=tuple(record["plugins"]),
-                          data_root=record["data_root"])  # fmt: skip
+                          data_root=record["data_root"], sweeps=list(record.get("sweeps", [])))  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise BenchError(f"paper record {record.get('paper', '?')!r} cannot be read ({e!r})") from None

@@ -1,6 +1,7 @@
 """Figures from the results index (PNG and PDF, matplotlib's Agg canvas, no pyplot state).
 
-- metric against ε: one panel per dataset, one line per method, error bars = std over seeds (ddof 1);
+- metric against ε: one panel per dataset, one line per method (per method and swept value when runs were
+  swept with `--sweep`), error bars = std over seeds (ddof 1);
   finite ε on a log axis, ε = ∞ (non-private runs) at a separate, labelled last position;
 - sample grids of all methods side by side for one dataset and ε (from each run's samples.npz);
 - cost against quality: hours of the run's own compute (fit + sample, not the harness's scoring) on
@@ -26,7 +27,7 @@ from matplotlib.ticker import NullFormatter
 
 from bench import data
 from bench.errors import BenchError
-from bench.frame import REAL_LABEL, load_frame
+from bench.frame import NO_VALUE, REAL_LABEL, load_frame, sweep_columns, sweep_header, sweep_order
 from bench.metrics import select_metrics
 from bench.store import Store
 from bench.tables import stats
@@ -83,8 +84,22 @@ def _stats(rows: pd.DataFrame) -> tuple[float, float, int]:
     return mean, 0.0 if n == 1 else std, n
 
 
+def lines(frame: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(legend label, rows) of each line: one per method, or per (method, swept values) when some runs were swept
+    (label "dpsad (lambda_adv=1)"), by method and then by swept value."""
+    swept = sweep_columns(frame)
+    if not swept:
+        return [(str(label), g) for label, g in frame.groupby("label", sort=True)]
+    out = []
+    for (label, *values), g in frame.groupby(["label", *swept], sort=False):
+        shown = ", ".join(f"{sweep_header(c)}={v}" for c, v in zip(swept, values, strict=True) if v != NO_VALUE)
+        out.append(((label, *map(sweep_order, values)), f"{label} ({shown})" if shown else str(label), g))
+    return [(text, g) for _, text, g in sorted(out, key=lambda line: line[0])]
+
+
 def metric_vs_eps(frame: pd.DataFrame, metric: str) -> Figure:
-    """One panel per dataset: mean of `metric` over seeds against ε, one line per method (± std)."""
+    """One panel per dataset: mean of `metric` over seeds against ε, one line per method (± std), or per (method,
+    swept values) when runs were swept."""
     sub = _values(frame, metric)
     if sub.empty:
         raise BenchError(f"no values of metric {metric!r} in the results")
@@ -96,7 +111,7 @@ def metric_vs_eps(frame: pd.DataFrame, metric: str) -> Figure:
         real = d[d["label"] == REAL_LABEL]
         d = d[d["label"] != REAL_LABEL]
         pos = eps_positions(d["eps"])
-        for label, g in d.groupby("label", sort=True):
+        for label, g in lines(d):
             eps = sorted(g["eps"].unique(), key=_eps_value)
             mean, std, _ = zip(*(_stats(g[g["eps"] == e]) for e in eps), strict=True)
             x = np.array([pos[e] for e in eps])
@@ -133,17 +148,18 @@ def _mosaic(images: np.ndarray, labels: np.ndarray, num_classes: int | None, per
 
 
 def sample_grids(frame: pd.DataFrame, dataset: str, eps: str, per_class: int = PER_CLASS) -> Figure:
-    """Samples of every method at (`dataset`, ε label `eps`) side by side: each method's lowest seed."""
+    """Samples of every method (and swept value) at (`dataset`, ε label `eps`) side by side: each one's lowest
+    seed."""
     runs = frame[(frame["dataset"] == dataset) & (frame["eps"] == eps) & (frame["label"] != REAL_LABEL)]
     runs = runs.drop_duplicates("key")
     if runs.empty:
         raise BenchError(f"no finished runs on {dataset} at ε = {eps}")
-    chosen = runs.sort_values(["label", "seed"]).groupby("label", sort=True).head(1)
+    chosen = [(label, g.sort_values("seed").iloc[0]) for label, g in lines(runs)]
     names = data.class_names(dataset) if dataset in data.DATASETS else None
     fig, axes = _figure(len(chosen), width=3.2, height=3.6)
-    for ax, (_, run) in zip(axes, chosen.iterrows(), strict=True):
+    for ax, (label, run) in zip(axes, chosen, strict=True):
         path = Path(run["run_dir"]) / "samples.npz"
-        ax.set_title(f"{run['label']} (seed {run['seed']})", fontsize=9)
+        ax.set_title(f"{label} (seed {run['seed']})", fontsize=9)
         ax.set_xticks([])
         ax.set_yticks([])
         if not path.is_file():
@@ -185,7 +201,7 @@ def cost_vs_quality(frame: pd.DataFrame, metric: str) -> Figure:
     fig, axes = _figure(len(datasets))
     for ax, ds in zip(axes, datasets, strict=True):
         d = sub[sub["dataset"] == ds]
-        for label, g in d.groupby("label", sort=True):
+        for label, g in lines(d):
             eps = sorted(g["eps"].unique(), key=_eps_value)
             hours = [g.loc[g["eps"] == e, "hours"].mean() for e in eps]
             value = [_stats(g[g["eps"] == e])[0] for e in eps]
@@ -229,4 +245,52 @@ def write_plots(
             written += _save(cost_vs_quality(frame, metric), out / f"cost_{metric}")
     for (ds, eps), _ in frame[frame["label"] != REAL_LABEL].groupby(["dataset", "eps"], sort=True):
         written += _save(sample_grids(frame, ds, eps), out / f"samples_{_slug(ds)}_eps{_slug(eps)}")
+    return written
+
+
+# ---------------------------------------------------------------------------------------------------
+# Quality against compute (`eval.curve`, bench.curve): report.curve_frame's points
+# ---------------------------------------------------------------------------------------------------
+
+
+def curve_figure(curves: pd.DataFrame, metric: str) -> Figure:
+    """`metric` along the fits of one (dataset, ε) (report.curve_frame's rows) in two panels: against the units of
+    training and against seconds of fit; one line per method (and swept value), the mean over seeds at each point
+    with a band of ± std (ddof 1) where several seeds have it."""
+    sub = curves[(curves["metric"] == metric) & curves["value"].notna()]
+    if sub.empty:
+        raise BenchError(f"no curve points of metric {metric!r}")
+    fig, axes = _figure(2)
+    for text, g in lines(sub):
+        per = g.groupby("units", sort=True).agg(mean=("value", "mean"), std=("value", "std"), s=("seconds", "mean"))
+        for ax, x in zip(axes, (per.index.to_numpy(float), per["s"].to_numpy(float)), strict=True):
+            (line,) = ax.plot(x, per["mean"].to_numpy(), marker="o", markersize=4, label=text)
+            if per["std"].notna().any():
+                low, high = (per["mean"] - per["std"]).to_numpy(), (per["mean"] + per["std"]).to_numpy()
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    axis_labels = ("training steps{}\n(DP steps; kernel methods: generator steps after the release)",
+                   "seconds of the fit{} (mean over seeds)")  # fmt: skip
+    for ax, column, text in zip(axes, ("units", "seconds"), axis_labels, strict=True):
+        x = sub[column].to_numpy(float)
+        wide = x.min() > 0 and x.max() / x.min() > 20  # methods of very different lengths: a log axis shows each
+        if wide:
+            ax.set_xscale("log")
+            ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_xlabel(text.format(", log scale" if wide else ""))
+        ax.set_ylabel(str(sub["metric_label"].iloc[0]))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    samples = ", ".join(str(n) for n in sorted(set(sub["n_samples"])))
+    where = f"{sub['dataset'].iloc[0]}, ε = {sub['eps'].iloc[0]}"
+    fig.suptitle(f"{where}: {metric} along training ({samples} samples a point)")
+    return fig
+
+
+def write_curve_plots(curves: pd.DataFrame, out_dir: str | Path) -> list[Path]:
+    """One figure per (dataset, ε, metric) of the curve points as PNG and PDF under `out_dir`,
+    curve_<metric>_<dataset>_eps<ε>; returns the files written (none without points)."""
+    written: list[Path] = []
+    valued = curves[curves["value"].notna()]
+    for (ds, eps, metric), g in valued.groupby(["dataset", "eps", "metric"], sort=True):
+        written += _save(curve_figure(g, str(metric)), Path(out_dir) / f"curve_{metric}_{_slug(ds)}_eps{_slug(eps)}")
     return written

@@ -31,6 +31,7 @@ BUILTINS: dict[str, str] = {
     "dphp": "bench.baselines.dphp:DPHP",
     "dpsad": "bench.methods.dpsad:DPSAD",
     "dpsad-e2e": "bench.methods.dpsad_e2e:DPSADE2E",
+    "dpsad-teacher": "bench.methods.dpsad_teacher:DPSADTeacher",
 }
 ENTRY_POINT_GROUP = "bench.methods"
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")

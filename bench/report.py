@@ -22,8 +22,19 @@ import pandas as pd
 
 from bench import tables
 from bench.errors import BenchError
-from bench.frame import REAL_LABEL, SHORTENED_MARK, TEST_SELECTED_MARK, eps_order, load_frame
-from bench.plots import write_plots
+from bench.frame import (
+    REAL_LABEL,
+    SHORTENED_MARK,
+    TEST_SELECTED_MARK,
+    eps_order,
+    info_of,
+    load_frame,
+    metric_label_of,
+    sweep_columns,
+    sweep_header,
+    sweep_order,
+)
+from bench.plots import lines, write_curve_plots, write_plots
 from bench.store import Store, read_json
 
 
@@ -37,35 +48,52 @@ def _fmt_cost(costs: list[dict[str, Any]], key: str, digits: int = 0) -> str:
     return f"{sum(values) / len(values):.{digits}f}" if values else "n/a"
 
 
-def _sorted(rows: list[dict[str, Any]]) -> pd.DataFrame:
+def _sorted(rows: list[dict[str, Any]], swept: list[str]) -> pd.DataFrame:
+    """The rows by dataset, ε (the real-data row last), method and the swept values (`swept`: their columns)."""
     out = pd.DataFrame(rows)
     if out.empty:
         return out
     out["_e"] = out["ε target"].map(eps_order)
     out["_r"] = out["method"] == REAL_LABEL  # the real-data row last within its dataset
-    return out.sort_values(["dataset", "_r", "_e", "method"]).drop(columns=["_e", "_r"]).reset_index(drop=True)
+    ranks = {f"_s{i}": _rank(out[name]) for i, name in enumerate(swept)}
+    out = out.assign(**ranks).sort_values(["dataset", "_r", "_e", "method", *ranks])
+    return out.drop(columns=["_e", "_r", *ranks]).reset_index(drop=True)
 
 
-def _groups(df: pd.DataFrame) -> Iterable[tuple[tuple[str, str, str], pd.DataFrame]]:
-    """(label, dataset, ε) and its runs, one row per run."""
-    return df.drop_duplicates("key").groupby(["label", "dataset", "eps"], sort=False)  # type: ignore[return-value]
+def _rank(values: pd.Series) -> pd.Series:
+    """Each swept value's place in sweep_order (numbers by value, not as text)."""
+    return values.map({v: i for i, v in enumerate(sorted(set(values), key=sweep_order))})
+
+
+def _keys(df: pd.DataFrame) -> list[str]:
+    """The frame columns that make a table row: method, the swept fields (if any), dataset, ε."""
+    return ["label", *sweep_columns(df), "dataset", "eps"]
+
+
+def _heads(df: pd.DataFrame) -> list[str]:
+    """The table columns of `_keys`."""
+    return ["method", *map(sweep_header, sweep_columns(df)), "dataset", "ε target"]
+
+
+def _groups(df: pd.DataFrame) -> Iterable[tuple[dict[str, str], pd.DataFrame]]:
+    """The first columns of each row (method, the swept values, dataset, ε target) and its runs, one row per run."""
+    for group, runs in df.drop_duplicates("key").groupby(_keys(df), sort=False):
+        yield dict(zip(_heads(df), group, strict=True)), runs
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, dataset, ε): the recomputed ε, δ, accountant, guarantee and every metric."""
-    cells: dict[tuple[str, str, str], dict[str, str]] = {}
+    """One row per (method, swept values, dataset, ε): the recomputed ε, δ, accountant, guarantee and every
+    metric."""
+    cells: dict[tuple[str, ...], dict[str, str]] = {}
     scored = df.dropna(subset=["metric_label"])
-    for (label, dataset, eps, metric), m in scored.groupby(["label", "dataset", "eps", "metric_label"], sort=True):
-        cells.setdefault((label, dataset, eps), {})[metric] = tables.mean_std(m["values"])
+    for (*group, metric), m in scored.groupby([*_keys(df), "metric_label"], sort=True):
+        cells.setdefault(tuple(group), {})[metric] = tables.mean_std(m["values"])
     rows = []
-    for (label, dataset, eps), runs in _groups(df):
-        real = label == REAL_LABEL
+    for head, runs in _groups(df):
+        real = head["method"] == REAL_LABEL
         recomputed = runs["epsilon"].dropna()
         recomputed = recomputed[recomputed.map(math.isfinite)]
-        row = {
-            "method": label,
-            "dataset": dataset,
-            "ε target": eps,
+        row = head | {
             "ε recomputed": "—" if real else "∞" if recomputed.empty else f"{recomputed.max():.3f}",
             "δ": "—" if real else f"{runs['delta'].iloc[0]:g}",
             "accountant": "—" if real else runs["accountant"].iloc[0],
@@ -73,35 +101,46 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
             "seeds": len(runs),
             "fit [s]": _fmt_cost(_costs(runs), "fit_s"),
         }
-        rows.append(row | cells.get((label, dataset, eps), {}))
-    return _sorted(rows)
+        rows.append(row | cells.get(tuple(head.values()), {}))
+    return _sorted(rows, _heads(df)[1:-2])
 
 
 def metric_table(df: pd.DataFrame, metric_label: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """method × (dataset, ε) for one metric: the formatted cells and their means (NaN where empty)."""
+    """method × (dataset, ε) for one metric: the formatted cells and their means (NaN where empty). With swept
+    fields the rows are (method, swept values...), a MultiIndex."""
     sub = df[df["metric_label"] == metric_label]
-    cells: dict[tuple[str, str], dict[str, str]] = {}
-    means: dict[tuple[str, str], dict[str, float]] = {}
-    for (label, dataset, eps), g in sub.groupby(["label", "dataset", "eps"]):
+    swept = sweep_columns(df)
+    cells: dict[tuple[str, str], dict[Any, str]] = {}
+    means: dict[tuple[str, str], dict[Any, float]] = {}
+    for (*row_key, dataset, eps), g in sub.groupby(["label", *swept, "dataset", "eps"]):
+        row = tuple(row_key) if swept else row_key[0]
         mean, std, n = tables.stats(g["values"])
-        cells.setdefault((dataset, eps), {})[label] = tables.cell_text(mean, std, n)
-        means.setdefault((dataset, eps), {})[label] = mean
+        cells.setdefault((dataset, eps), {})[row] = tables.cell_text(mean, std, n)
+        means.setdefault((dataset, eps), {})[row] = mean
     cols = sorted(cells, key=lambda c: (c[0], eps_order(c[1])))
     names = {c: f"{c[0]} ε={c[1]}" for c in cols}
     table = pd.DataFrame({names[c]: cells[c] for c in cols})
     numbers = pd.DataFrame({names[c]: means[c] for c in cols}).reindex(table.index)
-    order = sorted(table.index, key=lambda m: (m == REAL_LABEL, m))
+    order = sorted(table.index, key=_row_order)
     table, numbers = table.loc[order], numbers.loc[order]
-    table.index.name = numbers.index.name = "method"
+    table.index.names = numbers.index.names = ["method", *map(sweep_header, swept)]
     return table.fillna("—"), numbers
 
 
-def best_cells(numbers: pd.DataFrame, metric: str) -> set[tuple[str, str]]:
-    """(method, column) of the best mean per column, the real-data row excluded (it is a reference)."""
+def _row_order(row: str | tuple[str, ...]) -> tuple[Any, ...]:
+    """A metric table's rows: by method (the real-data row last), then by swept value."""
+    label, *swept = (row,) if isinstance(row, str) else row
+    return (label == REAL_LABEL, label, *map(sweep_order, swept))
+
+
+def best_cells(numbers: pd.DataFrame, metric: str) -> set[tuple[Any, str]]:
+    """(row, column) of the best mean per column, the real-data row excluded (it is a reference); a row is the
+    method, or with swept fields the tuple (method, swept values...)."""
     lower = tables.lower_is_better(metric)
     best = set()
+    reference = [(r if isinstance(r, str) else r[0]) == REAL_LABEL for r in numbers.index]
     for col in numbers.columns:
-        s = numbers[col].drop(REAL_LABEL, errors="ignore").dropna()
+        s = numbers[col][[not r for r in reference]].dropna()
         if not s.empty:
             target = s.min() if lower else s.max()
             best |= {(m, col) for m, v in s.items() if v == target}
@@ -111,8 +150,8 @@ def best_cells(numbers: pd.DataFrame, metric: str) -> set[tuple[str, str]]:
 def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, ε) with a privacy card: accountant, δ, ε, and each stage's σ, q, steps."""
     rows = []
-    for (label, dataset, eps), runs in _groups(df):
-        if label == REAL_LABEL:
+    for head, runs in _groups(df):
+        if head["method"] == REAL_LABEL:
             continue
         cards = [read_json(Path(d) / "privacy.json") for d in runs["run_dir"] if (Path(d) / "privacy.json").is_file()]
         if not cards:
@@ -120,10 +159,8 @@ def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
         eps_values = [c["epsilon"] for c in cards if c.get("epsilon") is not None]
         claimed = [c["claimed_epsilon"] for c in cards if c.get("claimed_epsilon") is not None]
         rows.append(
-            {
-                "method": label,
-                "dataset": dataset,
-                "ε target": eps,
+            head
+            | {
                 "ε recomputed": f"{max(eps_values):.3f}" if eps_values else "∞",
                 "ε claimed": f"{max(claimed):.3f}" if claimed else "—",
                 "δ": f"{cards[0]['delta']:g}",
@@ -133,7 +170,7 @@ def privacy_table(df: pd.DataFrame) -> pd.DataFrame:
                 "non-private": "; ".join(cards[0].get("non_private", [])) or "—",
             }
         )
-    return _sorted(rows)
+    return _sorted(rows, _heads(df)[1:-2])
 
 
 def _stage(stage: dict[str, Any]) -> str:
@@ -149,16 +186,14 @@ def _hours(c: dict[str, Any]) -> float:
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
     """One row per (method, dataset, ε): mean seconds per stage, hours per run, peak memory, device, size."""
     rows = []
-    for (label, dataset, eps), runs in _groups(df):
+    for head, runs in _groups(df):
         costs = _costs(runs)
         hours = [_hours(c) for c in costs]
         devices = sorted({c.get("device", "?") for c in costs})
         kind = "GPU" if any(d.startswith("cuda") for d in devices) else "CPU"
         rows.append(
-            {
-                "method": label,
-                "dataset": dataset,
-                "ε target": eps,
+            head
+            | {
                 "runs": len(runs),
                 "fit [s]": _fmt_cost(costs, "fit_s"),
                 "sample [s]": _fmt_cost(costs, "sample_s"),
@@ -170,7 +205,35 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
                 "parameters": _fmt_cost(costs, "released_parameters"),
             }
         )
-    return _sorted(rows)
+    return _sorted(rows, _heads(df)[1:-2])
+
+
+CURVE_COLUMNS = ["method", "dataset", "ε", "seed", "units", "total", "seconds", "offset_s", "metric", "value",
+                 "n_samples", "key"]  # fmt: skip
+
+
+def curve_frame(store: Store, df: pd.DataFrame, metrics: Collection[str] | None = None) -> pd.DataFrame:
+    """The quality-against-compute points (bench.curve) of the frame's finished runs: one row per (run, point,
+    metric) with the columns of `df`'s runs that name a line (label, swept values), the dataset, ε and seed; the
+    units of training and their total; `seconds` = the fit's own seconds + `offset_s` (the single place a time spent
+    before the fit, e.g. a shared pre-trained stage, enters); the value, its metric label and the samples it was
+    computed on. Empty when no run has a curve."""
+    points = pd.DataFrame(store.curve_rows())
+    if points.empty:
+        return points
+    if metrics is not None:
+        points = points[points["metric"].isin(set(metrics))]
+    runs = df.drop_duplicates("key")[["key", "label", "dataset", "eps", "seed", *sweep_columns(df)]]
+    out = points.merge(runs, on="key")  # inner: a run that is not finished (or not selected) shows no curve
+    out["seconds"] = out["seconds"] + out["offset_s"]
+    out["metric_label"] = [metric_label_of(m, info_of(i)) for m, i in zip(out["metric"], out["info"], strict=True)]
+    return out.drop(columns=["info"]).sort_values(["dataset", "eps", "label", "key", "units", "metric"])
+
+
+def curve_table(curves: pd.DataFrame) -> pd.DataFrame:
+    """curves.csv: curve_frame's rows under CURVE_COLUMNS, `method` naming the line (method and swept values)."""
+    named = pd.concat([g.assign(method=text) for text, g in lines(curves)])
+    return named.rename(columns={"eps": "ε"})[CURVE_COLUMNS].sort_values(["dataset", "ε", "method", "seed", "units"])
 
 
 def footnotes(df: pd.DataFrame) -> list[str]:
@@ -273,12 +336,19 @@ def build_report(
     if plots:
         files = write_plots(df, out / "plots", metrics=metrics)
         message += f"; {len(files)} plot files to {out / 'plots'}/"
+    curves = curve_frame(store, df, metrics)
+    if not curves.empty:  # `eval.curve` runs: their points as a CSV, their figures beside the other plots
+        curve_table(curves).to_csv(out / "curves.csv", index=False)
+        written.append(out / "curves.csv")
+        message += f"; curve points to {out / 'curves.csv'}"
+        if files is not None:
+            files += write_curve_plots(curves, out / "plots")
     if HTML in formats:
         from bench import html
 
         page = html.build_page(out, store=store, df=df, summary=summary, notes=notes, per_metric=per_metric,
                                cost=cost, audits=audit if audits else None, papers=papers, plots=files,
-                               files=written)  # fmt: skip
+                               files=written, curves_csv="curves.csv" if not curves.empty else "")  # fmt: skip
         message += f"; page {page}"
     echo(message.removeprefix("; "))
     return summary

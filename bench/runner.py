@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -29,10 +30,11 @@ import numpy as np
 import torch
 
 from bench import config as cfgmod
-from bench import data, registry
-from bench.contract import ImageDataset
+from bench import curve, data, registry
+from bench.contract import ImageDataset, NullProgress
 from bench.errors import BenchError, one_line
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, default_delta, epsilon, privacy_card, verify
+from bench.shared import SharedStages
 from bench.store import Store, load_torch, read_json, save_torch, write_json
 
 # Bump when a change of the harness changes results, so old keys are not reused. 3: keys hold the method's version
@@ -63,6 +65,10 @@ class RunSpec:
     method_version: str = ""  # bench.registry.method_version: the method's declared version (+ a plugin's hash)
     data_version: str = ""  # bench.data.version: a user folder's fingerprint ("" for the published datasets)
     notes: tuple[str, ...] = ()
+    # field -> value of each `--sweep` axis this cell lies on, for the tables' columns; not part of the key (the
+    # values are in `config` already, so a run without sweeps keeps its key, and a swept cell equal to an
+    # unswept one is the same run)
+    sweep: dict[str, Any] = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -92,12 +98,14 @@ REAL = "real"  # the method name of the real-data reference rows
 
 
 def real_key(dataset: str, eval_plan: EvalPlan, data_version: str = "") -> str:
-    """The key of a dataset's real-data row under an evaluation plan (the metric set is not part of it)."""
+    """The key of a dataset's real-data row under an evaluation plan (the metric set and the curve settings, which
+    do not change it, are not part of it)."""
     ident = {
         "v": RESULT_VERSION,
         "kind": REAL,
         "dataset": dataset,
-        "eval": {k: v for k, v in dataclasses.asdict(eval_plan).items() if k != "metrics"},
+        "eval": {k: v for k, v in dataclasses.asdict(eval_plan).items() if k != "metrics"}
+        | {"settings": curve.without_curve(eval_plan.settings)},
     }
     if data_version:
         ident["data_version"] = data_version
@@ -141,6 +149,7 @@ def spec_from_json(d: dict[str, Any]) -> RunSpec:
         method_version=d.get("method_version", ""),
         data_version=d.get("data_version", ""),
         notes=tuple(d.get("notes", ())),
+        sweep=dict(d.get("sweep") or {}),
     )
 
 
@@ -189,8 +198,11 @@ def plan(
     sets: list[str],
     plugins: tuple[str, ...] = (),
     data_root: str | None = None,
+    sweeps: list[str] | tuple[str, ...] = (),
 ) -> list[RunSpec]:
-    """Expand and validate the whole grid before anything runs: a bad value fails here, not mid-grid."""
+    """Expand and validate the whole grid before anything runs: a bad value fails here, not mid-grid. `sweeps`
+    (`--sweep [METHOD.]field=v1,v2,...`) add grid axes: each method runs at every combination of the values
+    swept for it, each value checked as a `--set` value."""
     prof = cfgmod.load_profile(profile)
     method_sets, eval_sets = cfgmod.parse_sets(sets)
     eval_table = dict(prof.get("eval", {}))
@@ -210,9 +222,10 @@ def plan(
     # [eval.dpdm] and the like: the settings of one downstream protocol
     eval_table["protocols"] = {k: eval_table.pop(k) for k in list(eval_table) if isinstance(eval_table[k], dict)}
     settings = cfgmod.build_dataclass(EvalSettings, eval_table, "eval")
-    plan_eval = EvalPlan(n_gen=n_gen, settings=cfgmod.to_jsonable(settings), metrics=profile_metrics)
+    plan_eval = EvalPlan(n_gen=n_gen, settings=curve.eval_json(settings, n_gen), metrics=profile_metrics)
     classes = {name: registry.get(name, plugins) for name in methods}
     sets_of = cfgmod.method_sets(method_sets, classes)
+    sweeps_of = _method_sweeps(sweeps, classes, sets_of)
     specs = []
     for ds in datasets:
         spec = data.spec(ds, root=data_root)
@@ -225,27 +238,77 @@ def plan(
                 else:  # a non-private reference: one ε = ∞ cell; δ only for the record
                     budget_delta = delta if delta is not None else default_delta(spec.num_train)
                     budget = None
-                config, notes = cfgmod.resolve(
-                    cls.Config, profile=prof, method=name, dataset=ds, epsilon=eps, sets=sets_of[name]
-                )
-                for seed in seeds:
-                    specs.append(
-                        RunSpec(
-                            method=name,
-                            dataset=ds,
-                            epsilon=eps,
-                            delta=budget.delta if budget else budget_delta,
-                            accountant=accountant,
-                            seed=seed,
-                            profile=profile,
-                            config=cfgmod.to_jsonable(config),
-                            eval=plan_eval,
-                            method_version=registry.method_version(cls),
-                            data_version=data_version,
-                            notes=tuple(notes),
+                for config, sweep, notes in _swept_configs(cls.Config, name, sweeps_of[name], sets_of[name],
+                                                           profile=prof, dataset=ds, epsilon=eps):  # fmt: skip
+                    for seed in seeds:
+                        specs.append(
+                            RunSpec(
+                                method=name,
+                                dataset=ds,
+                                epsilon=eps,
+                                delta=budget.delta if budget else budget_delta,
+                                accountant=accountant,
+                                seed=seed,
+                                profile=profile,
+                                config=config,
+                                eval=plan_eval,
+                                method_version=registry.method_version(cls),
+                                data_version=data_version,
+                                notes=tuple(notes),
+                                sweep=sweep,
+                            )
                         )
-                    )
-    return specs
+    return with_reference_rows(specs, plugins)
+
+
+def with_reference_rows(specs: list[RunSpec], plugins: tuple[str, ...] = ()) -> list[RunSpec]:
+    """The grid with the reference rows its methods ask for (a method class's optional `reference_rows(config,
+    sweep)` -> {method: (config, sweep)}: dpsad's non-private teacher, `dpsad-teacher`), each once, non-private
+    (ε = ∞), first: it trains the stage the cells then share under its own name. A row shows the cell's swept
+    values of the fields that determine it (two swept teachers are two rows)."""
+    rows: dict[str, RunSpec] = {}
+    for spec in specs:
+        hook = getattr(registry.get(spec.method, plugins), "reference_rows", None)
+        for name, (config, sweep) in (hook(spec.config, spec.sweep) if hook is not None else {}).items():
+            cls = registry.get(name, plugins)
+            row = dataclasses.replace(spec, method=name, epsilon=math.inf, config=config, notes=(), sweep=sweep,
+                                      method_version=registry.method_version(cls))  # fmt: skip
+            rows.setdefault(row.key, row)
+    return [*rows.values(), *specs]
+
+
+def _method_sweeps(
+    sweeps: list[str] | tuple[str, ...], classes: dict[str, Any], sets_of: dict[str, dict[str, Any]]
+) -> dict[str, dict[str, list[Any]]]:
+    """Each method's swept fields and their values (`--sweep`, with `--set`'s scoping rules); a field that `--set`
+    also gives that method is an error."""
+    parsed = cfgmod.parse_sweeps(list(sweeps))
+    order = [key.rpartition(".")[2] for key in parsed]  # the axes in the order given (method_sets puts bare first)
+    sweeps_of = cfgmod.method_sets(parsed, classes, option="--sweep")
+    for name, fields in sweeps_of.items():
+        if both := [f for f in fields if f in sets_of[name]]:
+            raise BenchError(f"--sweep {both[0]}: {name}.{both[0]} is also given by --set; give it once")
+    return {name: dict(sorted(fields.items(), key=lambda f: order.index(f[0]))) for name, fields in sweeps_of.items()}
+
+
+def _swept_configs(
+    config_cls: type, name: str, swept: dict[str, list[Any]], sets: dict[str, Any], **where: Any
+) -> Iterator[tuple[dict[str, Any], dict[str, Any], list[str]]]:
+    """(resolved config as JSON, its swept values, notes) at each combination of the swept values (the cartesian
+    product; one config without sweeps). Two values that resolve to the same config are an error: they would be
+    one run."""
+    seen: set[str] = set()
+    for values in itertools.product(*swept.values()):
+        combo = dict(zip(swept, values, strict=True))
+        config, notes = cfgmod.resolve(config_cls, method=name, sets=sets | combo, **where)
+        resolved = cfgmod.to_jsonable(config)
+        sweep = {f: resolved[f] for f in combo}
+        ident = json.dumps(sweep, sort_keys=True, default=str)
+        if ident in seen:
+            shown = ", ".join(f"{f}={cfgmod.value_text(v)}" for f, v in sweep.items())
+            raise BenchError(f"--sweep: {name} at {shown} is given twice (two values of a sweep are equal)")
+        seen.add(ident)
+        yield resolved, sweep, notes
 
 
 def _index_fields(job: Job) -> dict[str, Any]:
@@ -254,6 +317,8 @@ def _index_fields(job: Job) -> dict[str, Any]:
               "profile": job.profile}  # fmt: skip
     if isinstance(job, RunSpec):
         fields |= {"delta": job.delta, "accountant": job.accountant}
+        if job.sweep:  # JSON {field: value}; NULL for a cell of no sweep
+            fields["sweep"] = json.dumps(job.sweep, default=str)
     return fields
 
 
@@ -284,7 +349,9 @@ def resolve_device(device: str) -> torch.device:
 
 
 class RunProgress:
-    """The Progress given to Method.fit: drives a progress bar and saves crash-safe checkpoints."""
+    """The Progress given to Method.fit: drives a progress bar and saves crash-safe checkpoints; with a `recorder`
+    (`eval.curve`), it also snapshots the model along the fit (bench.curve.CurveRecorder), the recorder's state
+    (elapsed seconds, points taken) kept in each checkpoint so that a resumed fit continues it."""
 
     def __init__(
         self,
@@ -292,17 +359,29 @@ class RunProgress:
         every_s: float,
         on_start: Callable[[int, str], None],
         on_advance: Callable[[int], None],
+        recorder: curve.CurveRecorder | None = None,
     ):
         self.path, self.every_s = path, every_s
         self._on_start, self._on_advance = on_start, on_advance
         self._last = time.monotonic()
         self.saved = 0
+        self.recorder = recorder
+        self.stages: SharedStages | None = None  # the cell's shared stages (bench.shared), when it may use them
+
+    def shared(self, name: str, ident: dict[str, Any], build: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        """The contract's optional member (bench.contract.shared_stage): the stage from the results folder's
+        shared stages, trained there once; without them, built here."""
+        return self.stages.get(name, ident, build) if self.stages is not None else build(NullProgress())
 
     def start(self, total: int, description: str = "") -> None:
         self._on_start(total, description)
+        if self.recorder is not None:
+            self.recorder.start(total, description)
 
     def advance(self, n: int = 1) -> None:
         self._on_advance(n)
+        if self.recorder is not None:
+            self.recorder.advance(n)
 
     def resume(self) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -312,12 +391,15 @@ class RunProgress:
             raise BenchError(
                 f"checkpoint {self.path} is corrupt (not a training checkpoint); delete it or rerun with --force"
             )
+        if self.recorder is not None:
+            self.recorder.restore(ckpt.get("curve"))
         return ckpt["state"]
 
     def checkpoint(self, state_fn: Callable[[], dict[str, Any]]) -> None:
         now = time.monotonic()
         if now - self._last >= self.every_s:
-            save_torch(self.path, {"kind": "fit", "state": state_fn()})
+            extra = {"curve": self.recorder.state()} if self.recorder is not None else {}
+            save_torch(self.path, {"kind": "fit", "state": state_fn(), **extra})
             self._last = now
             self.saved += 1
 
@@ -354,11 +436,15 @@ class Runner:
         inception_weights: str | None = None,
         debug: bool = False,
         datasets: dict[tuple[str, str], ImageDataset] | None = None,
+        force_since: float | None = None,
     ) -> None:
         """`datasets`: a cache of loaded splits to share with other runners of the same data root (a Ray worker
-        keeps one across its tasks)."""
+        keeps one across its tasks). `force_since`: with `force`, the grid's start time (default: now)."""
         self.store, self.device, self.data_root, self.download = store, device, data_root, download
         self.plugins, self.force, self.metrics = plugins, force, metrics
+        # --force retrains a shared stage (bench.shared) finished before this time, once per grid (Ray workers get
+        # the driver's time)
+        self.force_since: float | None = (force_since or time.time()) if force else None
         self.inception_weights = inception_weights
         self.debug = debug  # print a failed cell's traceback on stderr too (it is always in its log.txt)
         self.errors: dict[str, str] = {}  # key -> the one-line error of each cell that failed in this process
@@ -491,9 +577,16 @@ class Runner:
                 else Budget.unlimited(spec.delta)
             )
             generator = fit_generator(spec.seed)
-            progress = RunProgress(ckpt_path, self.checkpoint_every_s, *_bar_callbacks(ui, spec))
+            recorder = curve.recorder(spec.eval.settings, run_dir, method.state_dict)
+            progress = RunProgress(ckpt_path, self.checkpoint_every_s, *_bar_callbacks(ui, spec), recorder)
+            progress.stages = self.shared_stages(spec, ui)
             with _timed(costs, "fit"):
                 ledger = method.fit(train, budget=budget, generator=generator, progress=progress)
+            if progress.stages.used:  # fit_s is this run's own: the shared stages' time is theirs (costs["shared"])
+                costs["fit_s"] = round(costs["fit_s"] - progress.stages.spent_s, 3)
+                costs["shared"] = progress.stages.used
+            if recorder is not None:  # inside fit_s: the time the snapshots took (the curve's seconds leave it out)
+                costs["curve_snapshots_s"] = round(recorder.saving_s, 3)
             save_torch(
                 ckpt_path,
                 {
@@ -506,9 +599,50 @@ class Runner:
             self.log(run_dir, f"fit finished in {costs['fit_s']} s")
         status = self._privacy(spec, cls, ledger, run_dir)
         if status == "failed":
+            curve.discard(run_dir)  # an over-budget run publishes nothing: its curve is never scored
             return "failed"
+        if spec.eval.settings.get("curve"):
+            with _timed(costs, "curve"):
+                self._score_curve(spec, cls, config, train, run_dir)
         self._sample_and_score(spec, method, train, run_dir, costs)
         return "done"
+
+    def shared_stages(self, spec: RunSpec, ui: Any) -> SharedStages:
+        """The shared stages (bench.shared) a cell's fit may use: results/shared, keyed by its dataset; trained
+        under the cell's progress bar; with --force, those finished before this grid started are trained again."""
+
+        def progress(path: Path) -> RunProgress:
+            return RunProgress(path, self.checkpoint_every_s, *_bar_callbacks(ui, spec))
+
+        return SharedStages(self.store.root / "shared", spec.dataset, spec.data_version, progress, self.force_since)
+
+    def _score_curve(self, spec: RunSpec, cls: Any, config: Any, train: ImageDataset, run_dir: Path) -> None:
+        """Score the fit's curve snapshots (bench.curve), each from a fresh instance of the method loaded with its
+        own snapshot, on `curve_n` samples (balanced labels, the main samples' seed) with `curve_metrics`; index
+        the points."""
+        from bench.metrics import EvalSettings, check_samples, evaluate
+
+        settings = EvalSettings(**spec.eval.settings)
+        n, wanted = int(settings.curve_n or 0), tuple(settings.curve_metrics or ())
+        test = self.dataset(spec.dataset, "test")
+
+        def score(state: dict[str, Any]) -> dict[str, Any]:
+            method = cls(config, spec=train.spec, device=self.device)
+            method.load_state_dict(state)
+            labels = balanced_labels(n, train.num_classes) if method.conditional else None
+            t0 = time.perf_counter()
+            images = method.sample(n, labels=labels, generator=torch.Generator().manual_seed(spec.seed + 1_000_003))
+            sample_s, images = time.perf_counter() - t0, images.cpu()
+            check_samples(images, labels, spec=train.spec, conditional=labels is not None)
+            metrics = evaluate(images, labels, dataset=spec.dataset, train=train, test=test, seed=spec.seed,
+                               settings=settings, device=self.device, metrics=wanted,
+                               inception_weights=self.inception_weights)  # fmt: skip
+            return {"sample_s": round(sample_s, 3), "score_s": round(time.perf_counter() - t0 - sample_s, 3),
+                    "metrics": metrics}  # fmt: skip
+
+        points = curve.score_snapshots(run_dir, requested=settings.curve, n_samples=n, metrics=wanted, score=score,
+                                       log=lambda line: self.log(run_dir, line))  # fmt: skip
+        self.store.record_curve(spec.key, points)
 
     def run_real(
         self, dataset: str, eval_plan: EvalPlan, *, profile: str, data_version: str = "", wait: bool = False

@@ -7,7 +7,10 @@
                        samples.png    labelled grid
                        metrics.json   written last: its presence means the run is finished
                        log.txt
-    results/bench.sqlite              runs(key, ...) and metrics(key, metric, value, info)
+                       curve.json     with `eval.curve`: the scored points along the fit (bench.curve);
+                       curve/         their snapshots while they are not scored yet
+    results/bench.sqlite              runs(key, ...), metrics(key, metric, value, info) and
+                                      curve(key, units, metric, ...): one row per curve point and metric
     results/locks/<key>.lock          held (fcntl.flock) by the process running that cell (bench.runner)
 
 Every file is written to a temporary name and renamed, so a killed process never leaves a truncated
@@ -40,10 +43,14 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     key TEXT PRIMARY KEY, method TEXT, dataset TEXT, target_epsilon REAL, delta REAL, accountant TEXT,
     seed INTEGER, profile TEXT, status TEXT, guarantee TEXT, epsilon REAL, error TEXT,
-    cost TEXT, run_dir TEXT, updated TEXT
+    cost TEXT, run_dir TEXT, updated TEXT, sweep TEXT
 );
 CREATE TABLE IF NOT EXISTS metrics (
     key TEXT, metric TEXT, value REAL, info TEXT, PRIMARY KEY (key, metric)
+);
+CREATE TABLE IF NOT EXISTS curve (
+    key TEXT, units INTEGER, metric TEXT, total INTEGER, seconds REAL, offset_s REAL, value REAL, n_samples INTEGER,
+    info TEXT, PRIMARY KEY (key, units, metric)
 );
 CREATE TABLE IF NOT EXISTS audits (
     key TEXT PRIMARY KEY, method TEXT, dataset TEXT, target_epsilon REAL, seed INTEGER, profile TEXT,
@@ -142,6 +149,34 @@ def db_error(path: Path, e: sqlite3.DatabaseError) -> str:
     return f"results database {path}: {text}; if it persists, move it away and run `bench report --rebuild`"
 
 
+# Columns added to a table after its first release: (table, column, type). An index written before them gets them
+# (NULL in its rows) when it is opened; older bench versions read such an index as before (they ignore them).
+_ADDED_COLUMNS = (("runs", "sweep", "TEXT"),)  # sweep: JSON {field: value} of a `--sweep` cell, NULL for none
+
+
+def _add_columns(db: sqlite3.Connection) -> None:
+    for table, column, kind in _ADDED_COLUMNS:
+        if column not in {row[1] for row in db.execute(f"PRAGMA table_info({table})")}:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+
+
+_INSERT_CURVE = (
+    "INSERT INTO curve (key, units, metric, total, seconds, offset_s, value, n_samples, info) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _curve_rows(key: str, points: list[dict[str, Any]]) -> list[tuple[Any, ...]]:
+    """The curve table's rows of a run's curve points: one per (point, metric), the sample count the metric's
+    own record states (else the point's)."""
+    return [
+        (key, int(p["units"]), name, int(p["total"]), float(p["seconds"]), float(p.get("offset_s") or 0.0),
+         _clean(m.get("value")), int(m.get("n_gen") or p["n_samples"]), json.dumps(_clean(m), default=_json_default))
+        for p in points
+        for name, m in p["metrics"].items()
+    ]  # fmt: skip
+
+
 class Store:
     """A results folder: run directories plus the SQLite index. `index=False`: the folder only, for a subclass
     that sends its index writes elsewhere (a Ray worker sends them to the driver: bench.cluster)."""
@@ -167,6 +202,7 @@ class Store:
                     f"({SCHEMA_VERSION}); upgrade bench"
                 )
             db.executescript(_SCHEMA)
+            _add_columns(db)
             db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
 
     @contextlib.contextmanager
@@ -199,6 +235,7 @@ class Store:
         with self._connect() as db:
             db.execute("DELETE FROM runs WHERE key = ?", (key,))
             db.execute("DELETE FROM metrics WHERE key = ?", (key,))
+            db.execute("DELETE FROM curve WHERE key = ?", (key,))
 
     def record_run(self, key: str, **fields: Any) -> None:
         """Insert or update the index row of a run."""
@@ -246,6 +283,23 @@ class Store:
         db.execute("DELETE FROM metrics WHERE key = ?", (key,))
         db.executemany("INSERT INTO metrics (key, metric, value, info) VALUES (?, ?, ?, ?)", rows)
 
+    def record_curve(self, key: str, points: list[dict[str, Any]]) -> None:
+        """The quality-against-compute points of run `key` (bench.curve's curve.json points), replacing its earlier
+        ones: one row per (point, metric)."""
+        with self._connect() as db:
+            self._put_curve(db, key, points)
+
+    @staticmethod
+    def _put_curve(db: sqlite3.Connection, key: str, points: list[dict[str, Any]]) -> None:
+        db.execute("DELETE FROM curve WHERE key = ?", (key,))
+        db.executemany(_INSERT_CURVE, _curve_rows(key, points))
+
+    def curve_rows(self) -> list[dict[str, Any]]:
+        """Every quality-against-compute point of the index, one row per (run, point, metric)."""
+        with self._connect() as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute("SELECT * FROM curve ORDER BY key, units, metric")]
+
     def rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         """All run rows and metric rows of the index."""
         with self._connect() as db:
@@ -259,6 +313,7 @@ class Store:
         left out with a warning naming it (its files are not touched). Returns the number of finished runs."""
         found = []
         audits: list[tuple[str, dict[str, Any]]] = []
+        curves: list[tuple[str, list[tuple[Any, ...]]]] = []  # (key, curve rows) of the runs with a curve.json
         for run in sorted((self.root / "runs").iterdir()):
             cfg_path, card_path, met_path = run / "config.json", run / "privacy.json", run / "metrics.json"
             if not cfg_path.is_file():
@@ -283,12 +338,15 @@ class Store:
                     "delta": cfg["delta"], "accountant": cfg["accountant"], "seed": cfg["seed"],
                     "profile": cfg["profile"], "guarantee": card.get("guarantee"), "epsilon": card.get("epsilon"),
                     "status": "done" if met is not None else card.get("status", "incomplete"),
+                    "sweep": json.dumps(cfg["sweep"]) if cfg.get("sweep") else None,
                 }  # fmt: skip
                 metrics: dict[str, Any] | None = None
                 if met is not None:
                     fields["cost"] = json.dumps(_clean(met.get("cost", {})))
                     metrics = dict(met["metrics"])
-            except (BenchError, KeyError, TypeError, AttributeError) as e:
+                if card.get("status") == "ok" and (run / "curve.json").is_file():  # scored only once ε checked out
+                    curves.append((run.name, _curve_rows(run.name, read_json(run / "curve.json")["points"])))
+            except (BenchError, KeyError, TypeError, AttributeError, ValueError) as e:
                 warnings.warn(f"{run}: left out of the rebuilt index, its files cannot be read ({e})", stacklevel=2)
                 continue
             found.append((run.name, fields, metrics))
@@ -296,10 +354,12 @@ class Store:
             db.execute("DELETE FROM runs")
             db.execute("DELETE FROM metrics")
             db.execute("DELETE FROM audits")
+            db.execute("DELETE FROM curve")
             for key, fields, metrics in found:
                 self._upsert(db, key, fields)
                 if metrics is not None:
                     self._put_metrics(db, key, metrics)
+            db.executemany(_INSERT_CURVE, [row for _, rows in curves for row in rows])
             for key, fields in audits:
                 self._upsert(db, key, fields, table="audits")
         return sum(m is not None for _, _, m in found)

@@ -16,7 +16,7 @@ Unicode, which pdflatex rejects without extra packages; `tex_escape` maps them t
 from __future__ import annotations
 
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,12 +117,14 @@ def to_latex(
     *,
     index: bool,
     caption: str,
-    bold: Collection[tuple[str, str]] = (),
+    bold: Collection[tuple[Any, str]] = (),
     notes: Collection[str] = (),
 ) -> str:
     """A booktabs table (toprule, midrule, bottomrule); cells in `bold` ((row label, column)) in bold;
-    `notes` (the footnotes of the marks) printed under it."""
+    `notes` (the footnotes of the marks) printed under it. The row label is the first column's text, or with
+    `index` and a MultiIndex (rows keyed by method and swept values) the tuple of the index levels' texts."""
     t = table.reset_index() if index else table
+    levels = table.index.nlevels if index else 1
     bold = set(bold)
     lines = [
         r"\begin{table}[t]",
@@ -135,14 +137,20 @@ def to_latex(
     ]
     for row in t.itertuples(index=False):
         cells = [tex_escape(row[0])]
+        label = row_label(row, levels)
         for col, value in zip(t.columns[1:], row[1:], strict=True):
             text = tex_escape(value)
-            cells.append(rf"\textbf{{{text}}}" if (str(row[0]), str(col)) in bold else text)
+            cells.append(rf"\textbf{{{text}}}" if (label, str(col)) in bold else text)
         lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     lines += [rf"\par{{\footnotesize {tex_escape(n)}}}" for n in notes]
     lines.append(r"\end{table}")
     return "\n".join(lines) + "\n"
+
+
+def row_label(values: Sequence[Any], levels: int) -> str | tuple[str, ...]:
+    """The label a bold cell names its row by: the first value's text, or the tuple of the first `levels`."""
+    return str(values[0]) if levels <= 1 else tuple(str(v) for v in values[:levels])
 
 
 def write(
@@ -153,7 +161,7 @@ def write(
     *,
     index: bool,
     caption: str,
-    bold: Collection[tuple[str, str]] = (),
+    bold: Collection[tuple[Any, str]] = (),
 ) -> list[Path]:
     """`table` as stem.md (with the notes under it), stem.csv and stem.tex, as `formats` asks; the paths written."""
     paths = []

@@ -4,17 +4,19 @@ per epoch of each stage in the smoke profile.
     .venv/bin/pytest benchmarks/bench_dpsad.py --benchmark-only -q --benchmark-min-rounds=5 [--threads 1]
     BENCH_DPSAD_DATASET=fmnist .venv/bin/pytest benchmarks/bench_dpsad.py -q -s -k epoch   # seconds per epoch
 
-Step benchmark: the smoke profile's networks (student and teacher UNet 41k parameters, discriminator 8
-channels, 2 levels) on 1×28×28, batch 128. Every variant starts from the same teacher output (the
-teacher's forward is the same in all and outside the per-example gradient) and excludes the
-discriminator's own update (the same in all); what differs is how the student's gradient is formed:
+Step benchmark, for each denoiser: the smoke profile's networks on 1×28×28, batch 128 (edm: NCSN++ nf 8 with
+attention at 7×7, ~81k parameters, as dpdm's smoke network; ddpm: the paper's UNet at 41k). Every variant starts
+from the same draws and teacher output (the teacher's forward is the same in all and outside the per-example
+gradient) and excludes the discriminator's own update (the same in all); what differs is how the student's
+gradient is formed:
 
     non-private      student forward + backward through the discriminator on the mean loss, Adam step
-    params           dpsad: student forward (no graph), output gradient o_i through the discriminator
-                     (batched), then DPSGD "folded" on the surrogate ⟨ε_θ(x_r), o_i⟩ (the shipped path)
-    output           dpsad clip_target="output": o_i clipped and noised, one backward through the student
+    params           dpsad: DPSGD.step_outputs ("folded"): ONE student forward whose outputs give o_i through the
+                     discriminator (batched) and whose backward with o_i gives the per-example gradients J_iᵀ o_i;
+                     clip, noise, Adam step (the shipped path)
+    output           dpsad clip_target="output": the same forward, o_i clipped and noised, one backward
     direct-functorch the whole loss (student, discriminator) inside torch.func vmap(grad): the obvious
-                     implementation the surrogate replaces
+                     implementation the output-gradient path replaces
 """
 
 from __future__ import annotations
@@ -33,7 +35,9 @@ from bench.privacy import Budget
 
 BATCH, NUM_RECORDS = 128, 60_000
 VARIANTS = ("non-private", "params", "output", "direct-functorch")  # the reference first: ratios need it
-CASE = "smoke-nets-28x28-B128"
+DENOISERS = {"edm": {}, "ddpm": {"denoiser": "ddpm", "base_channels": 8, "channel_mults": [1, 2],
+                                 "num_res_blocks": 1, "groups": 4, "teacher_channel_mults": [1, 2],
+                                 "sampler": "ddim", "label_dropout": 0.0}}  # fmt: skip
 
 
 def smoke_method(name: str, dataset: str = "fmnist", **sets: Any) -> Any:
@@ -44,30 +48,29 @@ def smoke_method(name: str, dataset: str = "fmnist", **sets: Any) -> Any:
     return cls(cfg, spec=data.spec(dataset), device=torch.device("cpu"))
 
 
-def make_inputs(method: Any) -> tuple[torch.Tensor, ...]:
+def make_draws(method: Any) -> tuple[Any, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     x0 = torch.rand(BATCH, 1, 28, 28, generator=g) * 2 - 1
     y = torch.randint(0, 10, (BATCH,), generator=g)
-    r, eps, x_r = method.draw(x0, g)
-    e_T = method.outputs(method.teacher_ema.model, x_r, r, y)
-    return x_r, r, y, eps, e_T
+    d = method.draw(x0, y, g)
+    return d, method.outputs(method.teacher_ema.model, d)
 
 
+@pytest.mark.parametrize("denoiser", DENOISERS)
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_student_step_throughput(benchmark: Any, ratios: dict[str, dict[str, Any]], variant: str) -> None:
+def test_student_step_throughput(
+    benchmark: Any, ratios: dict[str, dict[str, Any]], variant: str, denoiser: str
+) -> None:
     torch.manual_seed(0)
-    method = smoke_method("dpsad", clip_target="output" if variant == "output" else "params")
-    x_r, r, y, eps, e_T = make_inputs(method)
+    method = smoke_method("dpsad", clip_target="output" if variant == "output" else "params", **DENOISERS[denoiser])
+    d, out_T = make_draws(method)
     opt = torch.optim.Adam(method.net.parameters(), lr=1e-3)
     q, gen = BATCH / NUM_RECORDS, torch.Generator().manual_seed(1)
 
     if variant == "non-private":
 
         def step() -> None:
-            e = method.net(x_r.flatten(0, 1), r.flatten(), y.repeat_interleave(r.shape[1])).view_as(x_r)
-            opt.zero_grad(set_to_none=True)
-            method.losses(e, e_T, eps, x_r, r, y).mean().backward()
-            opt.step()
+            method.distillation_step(opt, d, out_T, divisor=BATCH)
 
     elif variant in ("params", "output"):
         dp: Any = (
@@ -75,39 +78,33 @@ def test_student_step_throughput(benchmark: Any, ratios: dict[str, dict[str, Any
             if variant == "params"
             else OutputClipStep(method, opt, sigma_eff=1.0, C=1.0, q=q, n=NUM_RECORDS, generator=gen)
         )
+        dp_inputs = method.net_inputs(d)
 
         def step() -> None:
-            e_S = method.outputs(method.net, x_r, r, y)
-            dp.step(x_r, r, y, method.output_grads(e_S, e_T, eps, x_r, r, y))
+            dp.step_outputs(dp_inputs, method.output_grads(out_T, d))
 
     else:
         method.disc.requires_grad_(False)  # frozen before torch.func, which refuses toggling inside
+        from bench.methods.dpsad_common import Draw
 
-        def whole_loss(model_call: Any, x_r: Any, r: Any, y: Any, eps: Any, e_T: Any) -> Any:
-            e = model_call(x_r, r, y.expand(r.shape[0]))
-            return method.losses(e[None], e_T[None], eps[None], x_r[None], r[None], y[None])[0]
+        def whole_loss(model_call: Any, x: Any, s: Any, y: Any, *draw: Any) -> Any:  # ONE example's loss
+            y_in, y_true, level, x_in, target, o_T = (t[None] for t in draw)
+            one = Draw(y_in, y_true, level, x_in, target)
+            return method.losses(method.assemble(model_call(x, s, y)[None], one), o_T, one)[0]
 
-        dp = DPSGD(
-            method.net,
-            opt,
-            per_example_loss=whole_loss,
-            noise_multiplier=1.0,
-            max_grad_norm=1.0,
-            sample_rate=q,
-            num_records=NUM_RECORDS,
-            generator=gen,
-            mode="functorch",
-        )
+        dp = DPSGD(method.net, opt, per_example_loss=whole_loss, noise_multiplier=1.0, max_grad_norm=1.0,
+                   sample_rate=q, num_records=NUM_RECORDS, generator=gen, mode="functorch")  # fmt: skip
+        batch = (*method.net_inputs(d), d.y, d.y_true, d.level, d.x, d.target, out_T)
 
         def step() -> None:
-            dp.step(x_r, r, y, eps, e_T)
+            dp.step(*batch)
 
     benchmark(step)
     benchmark.extra_info.update(variant=variant, batch=BATCH, threads=torch.get_num_threads())
     if benchmark.stats is None:  # --benchmark-disable
         return
     stats = benchmark.stats.stats
-    rows = ratios.setdefault(CASE, {})
+    rows = ratios.setdefault(f"{denoiser}-28x28-B{BATCH}", {})
     rows[variant] = (stats.min, stats.median)
     if "non-private" in rows:
         ref_min, ref_med = rows["non-private"]
@@ -115,23 +112,27 @@ def test_student_step_throughput(benchmark: Any, ratios: dict[str, dict[str, Any
 
 
 class _Timer:
-    """A Progress that timestamps every advance() (one per teacher step, then one per student step)."""
+    """A Progress that timestamps every advance(), one list per start() (dpsad: its shared teacher's steps, then its
+    student's; dpsad-e2e: one list, teacher steps then student steps). Its `shared` builds the stage here."""
 
     def __init__(self) -> None:
-        self.stamps: list[float] = []
+        self.stages: list[list[float]] = []
 
     def start(self, total: int, description: str = "") -> None:
-        self.stamps = [time.perf_counter()]
+        self.stages.append([time.perf_counter()])
 
     def advance(self, n: int = 1) -> None:
         if n:
-            self.stamps.append(time.perf_counter())
+            self.stages[-1].append(time.perf_counter())
 
     def resume(self) -> None:
         return None
 
     def checkpoint(self, state_fn: Any) -> None:
         pass
+
+    def shared(self, name: str, ident: Any, build: Any) -> Any:
+        return build(self)
 
 
 @pytest.mark.parametrize("name", ["dpsad", "dpsad-e2e"])
@@ -142,13 +143,9 @@ def test_seconds_per_epoch_of_each_stage(monkeypatch: Any, name: str) -> None:
     method = smoke_method(name, dataset)
     cfg, n = method.config, len(train)
     k = 10
-    if name == "dpsad":
-        bs = min(cfg.teacher_batch_size, n)
-        sets = {"teacher_epochs": k * bs / n, "epochs": k * cfg.batch_size / n}
-        per_epoch = {"teacher": n / bs, "student (incl. discriminator)": n / cfg.batch_size}
-    else:
-        sets = {"teacher_epochs": k * cfg.teacher_batch_size / n, "epochs": k * cfg.batch_size / n}
-        per_epoch = {"teacher": n / cfg.teacher_batch_size, "student (incl. discriminator)": n / cfg.batch_size}
+    bs = min(cfg.teacher_batch_size, n)
+    sets = {"teacher_epochs": k * bs / n, "epochs": k * cfg.batch_size / n}
+    per_epoch = {"teacher": n / bs, "student (incl. discriminator)": n / cfg.batch_size}
     method = smoke_method(name, dataset, **sets)
     disc_time: list[float] = []
     real_step = DPSGD.step
@@ -164,7 +161,8 @@ def test_seconds_per_epoch_of_each_stage(monkeypatch: Any, name: str) -> None:
     timer = _Timer()
     budget = Budget.for_records(10.0, n)
     method.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=timer)
-    dt = [b - a for a, b in zip(timer.stamps, timer.stamps[1:], strict=False)]
+    stamps = [t for stage in timer.stages for t in stage]
+    dt = [b - a for stage in timer.stages for a, b in zip(stage, stage[1:], strict=False)]
     teacher, student = dt[:k], dt[k:]
     lines = [f"{name} on {dataset} ({n} records), smoke profile, {torch.get_num_threads()} torch threads:"]
     for stage, times in (("teacher", teacher), ("student (incl. discriminator)", student)):
@@ -177,4 +175,4 @@ def test_seconds_per_epoch_of_each_stage(monkeypatch: Any, name: str) -> None:
             f"{d * n / cfg.disc_batch_size:8.1f} s/epoch (at its own q)"
         )
     print("\n".join(lines))
-    assert len(dt) == 2 * k
+    assert len(dt) == 2 * k and len(stamps) > 2 * k

@@ -1,24 +1,30 @@
 """DP-SAD: stochastic adversarial distillation of diffusion models (Liu, Wang, Ge, ECCV 2024, arXiv 2408.14738).
 
-No public code of the paper exists (shared/METHODS.md), so there is no repository@commit to cite: this follows
-the paper's text, and every choice it leaves open is a config field with a comment. The paper's mechanism (see
-shared/METHODS.md, "DP-SAD"); its end-to-end DP variant is methods/dpsad_e2e.py,
-and what both share (networks, the distillation loss, the student step, sampling) is methods/dpsad_common.py.
+No public code of the paper exists (so there is no repository@commit to cite): this follows the paper's text, and
+every choice it leaves open is a config field with a comment. Its end-to-end DP variant is methods/dpsad_e2e.py,
+the teacher methods/dpsad_teacher.py, and what both variants share (networks, the distillation loss, the student
+step, sampling) methods/dpsad_common.py.
 
-A class-conditional DDPM teacher ε_ψ (linear β, T = 500) is trained on
-the private data WITHOUT DP. A student ε_θ of the same kind is distilled from it: each Poisson-sampled
-example draws one timestep r and noise ε, x_r = sqrt(ᾱ_r)·x_0 + sqrt(1 − ᾱ_r)·ε, and its loss is
+A class-conditional teacher is trained on the private data WITHOUT DP (trained once per seed and shared by every
+cell, bench.shared). A student of the same kind is distilled from it: each Poisson-sampled example draws one noise
+level and noise, and its loss (methods/dpsad_common.py, for both denoisers) is
 
-    ℓ_i(θ) = ‖ε_ψ(x_r, r, y) − ε_θ(x_r, r, y)‖² + ‖ε − ε_θ(x_r, r, y)‖² + λ · L_adv(ε_φ(x_r, ε_θ(x_r, r, y), y))
+    ℓ_i(θ) = w·‖D_ψ(x) − D_θ(x)‖² + w·‖D_θ(x) − target‖² + λ · L_adv(φ(x, D_θ(x), y))
 
-(squared norms as means over pixels; L_adv = log(1 − D), the paper's form, or −log D). The
-class-conditional discriminator ε_φ sees (x_r, teacher or student output) and is trained, without DP,
-to tell teacher (label 1) from student (label 0). The student's updates are clipped and noised:
+(squared norms as means over pixels; L_adv = log(1 − D), the paper's form, or −log D). With `denoiser = "ddpm"`
+(the paper's) D is the ε-prediction at a timestep r, target ε, w = 1; with `denoiser = "edm"` D is dpdm's
+preconditioned σ-space denoiser at one σ from the EDM training distribution, target x_0, w the EDM weight: the
+data term is dpdm's loss, and dpsad and dpdm then differ only in how the student is trained. The "edm" denoiser is
+a deviation from the paper (recorded in every run's config by the field): the paper profile keeps "ddpm", the CPU
+profiles (smoke, cpu) use "edm", on which the DDPM path's failure to learn within a CPU budget does not occur. The
+class-conditional discriminator φ sees (x, teacher or student output, the noise level, y) and is trained, without
+DP, to tell teacher (label 1) from student (label 0), after each student step on that step's outputs. The
+student's updates are clipped and noised:
 
 - clip_target = "params": DP-SGD (bench.dpsgd.DPSGD) on ℓ_i: per-example parameter gradients ḡ_i clipped
   to C, g̃ = (Σ ḡ_i + z) / (q·N).
 - clip_target = "output" (what secondary reports say the paper does): the gradient of ℓ_i with respect
-  to the student's OUTPUT, o_i = ∂ℓ_i/∂ε_θ(x_r,i) [K, C, H, W], is clipped to C, each example's clipped
+  to the student network's OUTPUT, o_i = ∂ℓ_i/∂F_θ(x_i) [K, C, H, W], is clipped to C, each example's clipped
   o_i gets its own N(0, σ_eff²C²) noise, and the noisy output gradients are backpropagated through the
   student: g̃ = Σ_i J_i^T (ō_i + z_i) / (q·N). The paper calls the backward pass post-processing; it is
   not, since J_i depends on the private x_r, so the parameter update of one example is unbounded. The
@@ -38,20 +44,20 @@ Its ledger lists the teacher and the discriminator under `non_private`: every st
 on networks trained on all private records, so one record changes every example's gradient and the
 clipping bound no longer bounds the sensitivity. Guarantee "partial".
 
-Speed: the teacher's output and the output gradient o_i (which runs the discriminator) are computed
-batched, outside the per-example gradient. The per-example gradient of ℓ_i equals that of the surrogate
-⟨ε_θ(x_r, r, y), o_i⟩ (chain rule, o_i held fixed), a loss with one student call and nothing else, which
-bench.dpsgd's fast "folded" mode handles. This needs a discriminator that treats rows independently
-(GroupNorm, never BatchNorm), which tests/test_dpsad.py checks.
+Speed: the teacher's output runs batched, outside the per-example gradient. The student's per-example gradient is
+J_iᵀ o_i with o_i = ∂ℓ_i/∂F_i computed batched through the discriminator from the student's outputs, and
+bench.dpsgd's `step_outputs` takes the outputs and the per-example gradients from ONE forward and ONE backward
+of the student ("folded" mode). This needs a student and a discriminator that treat rows independently (GroupNorm,
+never BatchNorm), which bench.dpsgd checks at every step and tests/test_dpsad.py tests.
 
-Choices the paper leaves open (UNet sizes, batch size, learning rates, C, iterations) are config fields
+Choices the paper leaves open (network sizes, batch size, learning rates, C, iterations) are config fields
 with a comment each; δ follows the harness rule.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from bench.methods.dpsad_common import (
@@ -60,18 +66,19 @@ from bench.methods.dpsad_common import (
     TEACHER_NOT_DP,
     CommonConfig,
     DPSADBase,
+    Draw,
     OutputClipStep,
     StudentFit,
 )
+from bench.methods.dpsad_teacher import TEACHER_FIELDS
 from torch import Tensor
 
-from bench.config import choice
+from bench.config import build_dataclass, choice, to_jsonable
 from bench.contract import ImageDataset, Progress
-from bench.diffusion import denoising_loss, draw_noise_multiplicity
 from bench.dpsgd import DPSGD
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate_sigma, epsilon
-from bench.training import ShuffledEpochs, ledger_of, plain_step, plain_steps, poisson_rate, steps_for
+from bench.training import ledger_of, poisson_rate, steps_for
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -89,9 +96,16 @@ class DPSAD(DPSADBase):
     """The paper's DP-SAD: non-private teacher and discriminator, DP student (guarantee "partial")."""
 
     name: ClassVar[str] = "dpsad"
-    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
+    version: ClassVar[int] = 2  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
     guarantee: ClassVar[str] = "partial"
+
+    @classmethod
+    def reference_rows(cls, config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, tuple[dict, dict]]:
+        """The harness's hook (bench.runner.with_reference_rows): the teacher's own row beside the cells, with the
+        swept values of the fields that determine the teacher."""
+        teacher = to_jsonable(build_dataclass(Config, config, cls.name).teacher_config())
+        return {"dpsad-teacher": (teacher, {f: v for f, v in sweep.items() if f in TEACHER_FIELDS})}
 
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
@@ -106,7 +120,7 @@ class DPSAD(DPSADBase):
             budget.epsilon, sample_rate=q, steps=steps, delta=budget.delta, accountant=budget.accountant
         )
         sigma_eff = sigma / cfg.T if cfg.noise_divisor == "BT" else sigma  # what the code adds (docstring)
-        fit = StudentFit(self, train, generator, progress)
+        fit = StudentFit(self, train, generator, progress, teacher=False)
         if cfg.clip_target == "params":
             student: DPSGD | OutputClipStep = self._student_dp(fit.opt_s, sigma_eff, q, n, fit.noise_gen)
         else:
@@ -114,25 +128,14 @@ class DPSAD(DPSADBase):
                 self, fit.opt_s, sigma_eff=sigma_eff, C=cfg.max_grad_norm, q=q, n=n, generator=fit.noise_gen
             )
         fit.counters["student"] = student
-        teacher_epochs = ShuffledEpochs(n, cfg.teacher_batch_size, cfg.teacher_epochs)
-        teacher_steps = teacher_epochs.steps
-        fit.values.update(teacher_step=0, perm=teacher_epochs.first_permutation())
+        fit.values["teacher_seed"] = generator.initial_seed()  # the run's seed (a resumed fit keeps its own)
         fit.resume()
-        description = f"dpsad teacher (non-private) + student σ_eff={sigma_eff:.4g}"
-        fit.start(teacher_steps + steps, description, fit.values["teacher_step"] + student.steps)
+        self.teacher_method.fit_shared(train, fit.values["teacher_seed"], progress)  # trained once, or reused
+        fit.start(steps, f"dpsad student σ_eff={sigma_eff:.4g} ({cfg.denoiser})", student.steps)
 
-        shape = (self.spec.channels, self.spec.height, self.spec.width)
-
-        def teacher_step(idx: Tensor) -> None:  # the teacher, without DP
-            t, noise = draw_noise_multiplicity(len(idx), 1, shape, cfg.T, fit.noise_gen, self.device)
-            loss = denoising_loss(self.teacher, fit.x[idx], fit.y[idx], t, noise, self.alpha_bar)
-            plain_step(self.teacher, fit.opt_t, loss, self.teacher_ema)
-
-        plain_steps(fit, teacher_epochs, self.device, teacher_step, step="teacher_step")
-
-        def disc_update(x_r: Tensor, r: Tensor, y: Tensor, e_T: Tensor, e_S: Tensor) -> None:
+        def disc_update(d: Draw, out_T: Tensor, out_S: Tensor) -> None:
             for _ in range(cfg.disc_steps):  # on the student's own batch, without DP
-                self.disc_plain_step(fit.opt_d, x_r, r, y, e_T, e_S)
+                self.disc_plain_step(fit.opt_d, d, out_T, out_S)
 
         fit.student_phase(student, steps, q, disc_update)
 

@@ -1,16 +1,18 @@
 """DP-SAD made end-to-end DP (`dpsad-e2e`): the algorithm of methods/dpsad.py (Liu, Wang, Ge, ECCV 2024) with
-every stage that touches private data a DP mechanism in one ledger (see shared/METHODS.md, "DP-SAD"). No public
-code of the paper exists, so no repository is cited; the variant is ours.
+every stage that touches private data a DP mechanism in one ledger. No public code of the paper exists, so no
+repository is cited; the variant is ours.
 
-The teacher is trained with DP-SGD (Poisson
-sampling, noise multiplicity K, as DPDM); the discriminator either with DP-SGD on its own Poisson
-samples (each example's loss on its (teacher, student) output pair clipped as a whole, as DP-GAN) or only
-on images the DP teacher generated (post-processing, no charge); the student with per-example clipping
-of its whole loss (clip_target "params", divisor q·N). Teacher and discriminator are DP outputs when
-they enter the student's loss, so that loss is a function of the example and of DP outputs only.
-`budget_split` (teacher, discriminator, student) sets each stage's σ as if it alone spent its share of
-ε; all σ are then scaled by one common factor so that the composed ledger meets ε (composition is
-tighter than adding the shares). One ledger, three stages, guarantee "end-to-end".
+The teacher is trained with DP-SGD inside the run (Poisson sampling, noise multiplicity K, label dropout: as
+DPDM, on either denoiser, methods/dpsad_teacher.py; it depends on ε, so it is not shared across cells as dpsad's
+non-private teacher is); the discriminator either with DP-SGD on its own Poisson samples (each example's loss on
+its (teacher, student) output pair clipped as a whole, as DP-GAN) or only on images the DP teacher generated
+(post-processing, no charge); the student with per-example clipping of its whole loss (clip_target "params",
+divisor q·N). Teacher and discriminator are DP outputs when they enter the student's loss, so that loss is a
+function of the example and of DP outputs only. `budget_split` (teacher, discriminator, student) sets each stage's
+σ as if it alone spent its share of ε; all σ are then scaled by one common factor so that the composed ledger
+meets ε (composition is tighter than adding the shares). One ledger, three stages, guarantee "end-to-end".
+`denoiser` as dpsad's ("ddpm", the paper's, in the paper profile; "edm", dpdm's, in the CPU profiles: a deviation
+recorded in the run's config).
 """
 
 from __future__ import annotations
@@ -30,12 +32,7 @@ from torch import Tensor
 
 from bench.config import choice
 from bench.contract import ImageDataset, Progress
-from bench.diffusion import (
-    draw_noise_multiplicity,
-    multiplicity_loss,
-    sample_images,
-    to_model_range,
-)
+from bench.diffusion import to_model_range
 from bench.dpsgd import poisson_stream
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, calibrate_sigma
@@ -83,19 +80,18 @@ class DPSADE2E(DPSADBase):
     """DP-SAD made end-to-end DP: DP teacher, DP (or post-processing) discriminator, DP student."""
 
     name: ClassVar[str] = "dpsad-e2e"
-    version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
+    version: ClassVar[int] = 2  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = E2EConfig
     guarantee: ClassVar[str] = "end-to-end"
-
-    def _teacher_loss(self, model: Any, x0: Tensor, y: Tensor, t: Tensor, noise: Tensor) -> Tensor:
-        return multiplicity_loss(model, x0, y, t, noise, self.alpha_bar)
 
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
     ) -> PrivacyLedger:
         cfg, n = self.config, len(train)
+        teacher = self.teacher_method
         with seeded_init(generator):
             self._build()
+            teacher._build()
         q_t = poisson_rate("dpsad-e2e: teacher_batch_size", cfg.teacher_batch_size, n)
         q_s = poisson_rate("dpsad-e2e: batch_size", cfg.batch_size, n)
         teacher_steps, steps = steps_for(cfg.teacher_epochs, q_t), steps_for(cfg.epochs, q_s)
@@ -107,20 +103,12 @@ class DPSADE2E(DPSADBase):
         plan.append(("student", q_s, steps, cfg.budget_split[2]))
         sigmas = split_budget(budget, plan)
 
-        fit = StudentFit(self, train, generator, progress)
+        fit = StudentFit(self, train, generator, progress, teacher=True)
         dp = {
-            "teacher": self._dp(
-                self.teacher,
-                fit.opt_t,
-                self._teacher_loss,
-                sigma=sigmas["teacher"],
-                C=cfg.teacher_max_grad_norm,
-                q=q_t,
-                n=n,
-                gen=fit.noise_gen,
-            ),  # fmt: skip
+            "teacher": self._dp(teacher.net, fit.opt_t, teacher.example_loss, sigma=sigmas["teacher"],
+                                C=cfg.teacher_max_grad_norm, q=q_t, n=n, gen=fit.noise_gen),
             "student": self._student_dp(fit.opt_s, sigmas["student"], q_s, n, fit.noise_gen),
-        }
+        }  # fmt: skip
         if dp_disc:
             dp["discriminator"] = self._dp(self.disc, fit.opt_d, disc_loss, sigma=sigmas["discriminator"],
                                            C=cfg.disc_max_grad_norm, q=q_d, n=n, gen=fit.noise_gen)  # fmt: skip
@@ -130,55 +118,43 @@ class DPSADE2E(DPSADBase):
         desc = ", ".join(f"{k} σ={s:.3f}" for k, s in sigmas.items())
         fit.start(teacher_steps + steps, f"dpsad-e2e {desc}", dp["teacher"].steps + dp["student"].steps)
 
-        shape = (self.spec.channels, self.spec.height, self.spec.width)
-
-        def teacher_step(idx: Tensor) -> None:  # the teacher, with DP-SGD (as DPDM)
-            t, noise = draw_noise_multiplicity(
-                len(idx), cfg.teacher_noise_multiplicity, shape, cfg.T, fit.noise_gen, self.device
-            )
-            dp["teacher"].step(fit.x[idx], fit.y[idx], t, noise)
-            self.teacher_ema.update(self.teacher)
+        def teacher_step(idx: Tensor) -> None:  # the teacher, with DP-SGD (as DPDM: K draws, label dropout)
+            y, level, noise = teacher.training_draws(fit.y[idx], cfg.teacher_noise_multiplicity, fit.noise_gen)
+            dp["teacher"].step(fit.x[idx], y, level, noise)
+            teacher.ema.update(teacher.net)
 
         dp_steps(fit, dp["teacher"], teacher_steps, poisson_stream(n, q_t, generator), self.device, teacher_step)
 
         if dp_disc:
             d_batches = poisson_stream(n, q_d, generator)
 
-            def disc_update(*_: Tensor) -> None:  # its own Poisson samples: a stage of its own
+            def disc_update(*_: Any) -> None:  # its own Poisson samples: a stage of its own
                 for _step in range(cfg.disc_steps):
                     idx = next(d_batches).to(self.device)
-                    y = fit.y[idx]
-                    r, _eps, x_r = self.draw(fit.x[idx], fit.noise_gen)
-                    e_T, e_S = self.outputs(self.teacher_ema.model, x_r, r, y), self.outputs(self.net, x_r, r, y)
-                    real = torch.cat([torch.ones_like(r), torch.zeros_like(r)], 1).float()
+                    d = self.draw(fit.x[idx], fit.y[idx], fit.noise_gen)
+                    out_T, out_S = self.outputs(teacher.ema.model, d), self.outputs(self.net, d)
+                    x, s = (t.view(d.B, d.K, *t.shape[1:]) for t in self.disc_inputs(d))
+                    real = torch.cat([torch.ones_like(s), torch.zeros_like(s)], 1).float()
                     dp["discriminator"].step(
-                        torch.cat([x_r, x_r], 1), torch.cat([e_T, e_S], 1), torch.cat([r, r], 1), y, real
+                        torch.cat([x, x], 1), torch.cat([out_T, out_S], 1), torch.cat([s, s], 1), d.y_true, real
                     )
         else:
             if fit.values["pool"] is None:  # images from the DP teacher: post-processing, no charge
                 labels = torch.arange(cfg.pool_size) % self.spec.num_classes
-                pool = sample_images(
-                    self.teacher_ema.model,
-                    cfg.pool_size,
-                    shape=shape,
-                    labels=labels,
-                    schedule=self.schedule,
-                    sampler="ddim",
-                    steps=cfg.pool_sample_steps,
-                    generator=generator,
-                    device=self.device,
-                )
+                pool = teacher.sample_net(  # the teacher's EMA; DDIM for ddpm (not its T-step chain)
+                    teacher.ema.model, cfg.pool_size, labels=labels, generator=generator,
+                    sampler="ddim" if cfg.denoiser == "ddpm" else cfg.sampler, steps=cfg.pool_sample_steps,
+                )  # fmt: skip
                 fit.values.update(pool=pool, pool_labels=labels)
             pool_x = to_model_range(fit.values["pool"]).to(self.device)
             pool_y = fit.values["pool_labels"].to(self.device)
 
-            def disc_update(*_: Tensor) -> None:
+            def disc_update(*_: Any) -> None:
                 for _step in range(cfg.disc_steps):
                     idx = torch.randint(0, cfg.pool_size, (cfg.disc_batch_size,), generator=generator).to(self.device)
-                    y = pool_y[idx]
-                    r, _eps, x_r = self.draw(pool_x[idx], fit.noise_gen)
-                    e_T, e_S = self.outputs(self.teacher_ema.model, x_r, r, y), self.outputs(self.net, x_r, r, y)
-                    self.disc_plain_step(fit.opt_d, x_r, r, y, e_T, e_S)
+                    d = self.draw(pool_x[idx], pool_y[idx], fit.noise_gen)
+                    out_T, out_S = self.outputs(teacher.ema.model, d), self.outputs(self.net, d)
+                    self.disc_plain_step(fit.opt_d, d, out_T, out_S)
 
         fit.student_phase(dp["student"], steps, q_s, disc_update)
 

@@ -13,9 +13,10 @@ import math
 import pytest
 import torch
 
-from bench import config, data, dpsgd, registry
+from bench import config, curve, data, dpsgd, registry
 from bench.contract import ImageDataset, NullProgress
 from bench.privacy import Budget, PrivacyLedger, epsilon
+from bench.store import load_torch
 from tests.conftest import TINY_PROFILE, InterruptAt
 
 METHODS = sorted(registry.methods())
@@ -51,7 +52,7 @@ def labels_for(method, n: int, num_classes: int):
 class Spy:
     """What the shared DP-SGD code actually does during a fit: per DPSGD engine, its σ, C, q, the batch size of
     every step and the noise it drew (sum of squares, count, the std it was asked for); per Poisson sampler,
-    its N, q and batch sizes. Installed around the shared code (DPSGD.step, add_noise, PoissonSampler), so it
+    its N, q and batch sizes. Installed around the shared code (DPSGD._release, add_noise, PoissonSampler), so it
     sees every DP-SGD method without a line of per-method code."""
 
     def __init__(self) -> None:
@@ -61,16 +62,16 @@ class Spy:
 
     @contextlib.contextmanager
     def installed(self):
-        step, noise, draw = dpsgd.DPSGD.step, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__
+        step, noise, draw = dpsgd.DPSGD._release, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__
 
-        def spy_step(engine, *batch):
+        def spy_step(engine, B, clipped_sum):  # every noisy step (step and step_outputs) goes through _release
             self.current = self.engines.setdefault(id(engine), {
                 "sigma": engine.noise_multiplier, "C": engine.max_grad_norm, "q": engine.sample_rate,
                 "expected": engine.expected_batch_size, "B": [], "noise": [],
             })  # fmt: skip
-            self.current["B"].append(int(batch[0].shape[0]))
+            self.current["B"].append(int(B))
             try:
-                return step(engine, *batch)
+                return step(engine, B, clipped_sum)
             finally:
                 self.current = None
 
@@ -88,11 +89,11 @@ class Spy:
                 record["B"].append(len(index))
                 yield index
 
-        dpsgd.DPSGD.step, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__ = spy_step, spy_noise, spy_draw
+        dpsgd.DPSGD._release, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__ = spy_step, spy_noise, spy_draw
         try:
             yield self
         finally:
-            dpsgd.DPSGD.step, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__ = step, noise, draw
+            dpsgd.DPSGD._release, dpsgd.add_noise, dpsgd.PoissonSampler.__iter__ = step, noise, draw
 
 
 @pytest.fixture(scope="module", params=METHODS)
@@ -199,3 +200,47 @@ def test_same_fit_seed_same_model_and_a_resumed_fit_ends_where_it_would_have(fit
     other = build(name, train)
     other.fit(train, budget=budget, generator=torch.Generator().manual_seed(7), progress=NullProgress())
     assert not torch.equal(samples(other), samples(method)), f"{name}: seed 7 gives the same model as seed 0"
+
+
+class Recording(NullProgress):
+    """A Progress that snapshots the fit as the harness does for `--set eval.curve=N` (bench.curve.CurveRecorder)."""
+
+    def __init__(self, recorder: curve.CurveRecorder) -> None:
+        self.recorder, self.stages = recorder, []
+
+    def shared(self, name: str, ident: dict, build) -> dict:
+        """A shared stage (bench.contract.shared_stage) is trained under a Progress of its own, without a curve."""
+        self.stages.append(name)
+        return build(NullProgress())
+
+    def start(self, total: int, description: str = "") -> None:
+        self.recorder.start(total, description)
+
+    def advance(self, n: int = 1) -> None:
+        self.recorder.advance(n)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_curve_snapshots_along_the_fit_load_into_a_fresh_instance(name, tmp_path) -> None:
+    """Every method reports its units of progress, so a curve gets its points: each snapshot loads into a fresh
+    instance that samples, and the last one, at the end of the fit, samples as the fitted model does (a method that
+    changed its model after its last unit would fail here). On the 1×16×16 set: the units do not depend on shape."""
+    train = data.load("synthetic", "train")
+    method = build(name, train)
+    recorder = curve.CurveRecorder(tmp_path / curve.FOLDER, 3, method.state_dict)
+    budget = Budget.for_records(EPS, len(train))
+    progress = Recording(recorder)
+    method.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=progress)
+    snaps = [load_torch(p) for p in curve.snapshots(tmp_path)]
+    if recorder.total == 0 and progress.stages:
+        pytest.skip(f"{name} trains only in a shared stage ({', '.join(progress.stages)}): no curve of its own yet")
+    assert recorder.total > 0, f"{name}: no units of progress (Progress.start)"
+    assert [s["units"] for s in snaps] == curve.points(recorder.total, 3), name
+    labels = labels_for(method, train.num_classes, train.num_classes)
+    for snap in snaps:
+        fresh = build(name, train)
+        fresh.load_state_dict(snap["state"])
+        x = fresh.sample(train.num_classes, labels=labels, generator=torch.Generator().manual_seed(6))
+        assert x.dtype == torch.uint8 and tuple(x.shape[1:]) == tuple(train.images.shape[1:])
+    final = method.sample(train.num_classes, labels=labels, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(x, final), f"{name}: the last curve point is not the fitted model"

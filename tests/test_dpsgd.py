@@ -516,3 +516,99 @@ def test_a_dp_step_on_cuda_equals_the_cpu_step(dtype: torch.dtype | None) -> Non
     tol = 1e-4 if dtype is None else 2e-2
     torch.testing.assert_close(results["cuda"][0], results["cpu"][0], atol=tol, rtol=tol)
     assert results["cuda"][1] == results["cpu"][1]
+
+
+# ------------------------------------------------------------------- step_outputs: one forward, one backward
+
+
+def _outputs_case(B: int = 4, K: int = 2, seed: int = 0) -> tuple[tuple[Tensor, ...], Tensor]:
+    """UNet inputs per example [B, K, ...] (x_t, t, y) and a fixed per-row target [B, K, 1, 8, 8]."""
+    x, y, t, noise = make_batch(B, K, seed)
+    a = ALPHA_BAR[t].view(B, K, 1, 1, 1)
+    x_t = a.sqrt() * x[:, None] + (1 - a).sqrt() * noise
+    return (x_t, t, y[:, None].expand(B, K)), noise
+
+
+def _nonlinear_loss(out: Tensor, target: Tensor) -> Tensor:
+    """A per-example loss of the outputs only [B, K, ...] -> [B] (not linear: o depends on the outputs)."""
+    return ((out - target).pow(2) + 0.3 * torch.tanh(out)).flatten(1).mean(1)
+
+
+def _output_grad(target: Tensor) -> dpsgd.OutputGrad:
+    def grad(out: Tensor, rows: slice) -> tuple[Tensor, Tensor]:
+        out = out.detach().requires_grad_()
+        losses = _nonlinear_loss(out, target[rows])
+        (o,) = torch.autograd.grad(losses.sum(), out)
+        return o, losses.detach()
+
+    return grad
+
+
+@pytest.mark.parametrize("mode", ["folded", "functorch"])
+def test_step_outputs_per_example_gradients_equal_batch_size_one_reference(mode: str) -> None:
+    """g_i = J_iᵀ ∂ℓ_i/∂out_i from one forward: equal to plain autograd of example i's loss alone, for both the
+    folded path and the no-graph fallback (surrogate ⟨out, o⟩), and the returned outputs are the model's."""
+    model = make_unet()
+    inputs, target = _outputs_case()
+    B, K = target.shape[:2]
+
+    def loss_of_example(i: int) -> Tensor:
+        out = model(*(x[i] for x in inputs))  # example i's K rows alone
+        return _nonlinear_loss(out[None], target[i : i + 1])[0]
+
+    params = [p for p in model.parameters()]
+    ref = [torch.stack(g) for g in zip(*(torch.autograd.grad(loss_of_example(i), params) for i in range(B)),
+                                        strict=True)]  # fmt: skip
+    dp = make_dp(model, mode=mode, per_example_loss=dpsgd.output_surrogate, max_grad_norm=math.inf,
+                 noise_multiplier=0.0, lr=0.0)  # fmt: skip
+    captured: list[list[Tensor]] = []
+    real_clip = dp._clip
+    with patch.object(dp, "_clip", side_effect=lambda g, losses: (captured.append(g), real_clip(g, losses))[1]):
+        stats, out = dp.step_outputs(inputs, _output_grad(target))
+    for g, r in zip(captured[0], ref, strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        expected = model(*(x.flatten(0, 1) for x in inputs)).view(B, K, 1, 8, 8)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert stats.batch_size == B and dp.steps == 1
+
+
+def test_step_outputs_without_clipping_and_noise_is_a_plain_step_and_clips_to_C() -> None:
+    inputs, target = _outputs_case(B=6)
+    plain, private = make_unet(), make_unet()
+    opt = torch.optim.SGD(plain.parameters(), lr=0.1)
+    out = plain(*(x.flatten(0, 1) for x in inputs)).view_as(target)
+    (_nonlinear_loss(out, target).sum() / 3.0).backward()  # divisor q·N = 0.5 · 6
+    opt.step()
+    dp = make_dp(private, per_example_loss=dpsgd.output_surrogate, max_grad_norm=math.inf, noise_multiplier=0.0,
+                 num_records=6, max_physical_batch_size=4)  # fmt: skip
+    dp.step_outputs(inputs, _output_grad(target))
+    torch.testing.assert_close(params_of(private), params_of(plain), atol=1e-6, rtol=1e-5)
+    clipped = make_dp(make_unet(), per_example_loss=dpsgd.output_surrogate, max_grad_norm=1e-3, noise_multiplier=0.0)
+    norms: list[Tensor] = []
+    real_clip = clipped._clip
+
+    def spy(g: list[Tensor], losses: Tensor) -> dpsgd.Clipped:
+        out = real_clip(g, losses)
+        norms.append(out[1] * out[2])  # clipped norms: ‖g_i‖ · factor_i
+        return out
+
+    with patch.object(clipped, "_clip", side_effect=spy):
+        clipped.step_outputs(inputs, _output_grad(target))
+    assert norms[0].max() <= 1e-3 * (1 + 1e-5) and norms[0].min() > 1e-3 * 0.99, "every example is clipped to C"
+
+
+def test_step_outputs_refuses_a_model_that_mixes_rows_and_needs_the_surrogate() -> None:
+    model = MixesRows()
+    inputs = (torch.randn(3, 2, 3),)
+    target = torch.zeros(3, 2, 1)
+    dp = make_dp(model, mode="folded", per_example_loss=dpsgd.output_surrogate)
+    with pytest.raises(ValueError, match="mixes"):
+        dp.step_outputs(inputs, _output_grad(target))
+    assert all(p.grad is None for p in model.parameters()), "no un-noised gradient left behind"
+    auto = make_dp(MixesRows(), mode="auto", per_example_loss=dpsgd.output_surrogate)
+    with pytest.warns(UserWarning, match="functorch"):
+        auto.step_outputs(inputs, _output_grad(target))
+    assert auto.mode == "functorch" and auto.steps == 1
+    with pytest.raises(ValueError, match="output_surrogate"):
+        make_dp(make_unet()).step_outputs(_outputs_case()[0], _output_grad(target))

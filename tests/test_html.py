@@ -214,6 +214,36 @@ def test_html_only_and_bad_format(site: dict[str, Any], tmp_path: Path) -> None:
     assert r.exit_code == 2 and "error: unknown format 'pdf'; choose from md, csv, tex, html" in r.output
 
 
+def test_runs_without_a_curve_get_no_curve_section_or_files(site: dict[str, Any]) -> None:
+    tree = parse(site["page"].read_text(encoding="utf-8"))
+    assert "sec-curves" not in {e.get("id") for e in tree.iter()}
+    assert not (site["out"] / "curves.csv").exists() and not list((site["out"] / "plots").glob("curve_*"))
+
+
+def test_a_page_with_curves_is_valid_and_shows_them(tmp_path: Path, one_thread: None) -> None:
+    """Two seeds with `eval.curve=3`: the section's figures (mean and ± std band) and CSV, on a valid page whose
+    links resolve."""
+    results, out = tmp_path / "results", tmp_path / "reports"
+    r = bench("run", "--methods", "step-stamp", "--eps", "10", "--seeds", "0,1", "--dataset", "synthetic", "--profile",
+              TINY_PROFILE, "--device", "cpu", "--results", str(results), "--metrics", "fd_domain", "--no-real",
+              "--plugin", str(TESTS / "plugins" / "step_stamp.py"), "--set", "eval.curve=3", "--set",
+              "eval.curve_n=20", "--set", "eval.curve_metrics=['fd_domain']")  # fmt: skip
+    assert r.exit_code == 0, r.output
+    r = bench("report", "--results", str(results), "--out", str(out))
+    assert r.exit_code == 0, r.output
+    tree = parse((out / "index.html").read_text(encoding="utf-8"))
+    ids = [e.get("id") for e in tree.iter() if e.get("id")]
+    assert len(ids) == len(set(ids)) and "sec-curves" in ids
+    section = next(e for e in tree.iter("section") if e.get("id") == "sec-curves")
+    imgs = [e.get("src") for e in section.iter("img")]
+    assert imgs == ["plots/curve_fd_domain_synthetic_eps10.png"]
+    links = [a.get("href") for a in section.iter("a")]
+    assert links == ["curves.csv"]
+    for target in [*imgs, *links, *(a.get("href") for a in tree.iter("a") if a.get("href") == "#sec-curves")]:
+        assert target.startswith("#") or (out / unquote(target)).is_file(), target
+    assert len(pd.read_csv(out / "curves.csv")) == 2 * 3  # seeds × points (one metric)
+
+
 def test_sort_key() -> None:
     assert html.sort_key("0.89 ± 0.01 (n=3)") == "0.89"
     assert html.sort_key("−1.5 (n=1)") == "-1.5" and html.sort_key("1e-05") == "1e-05"

@@ -110,16 +110,36 @@ class EvalSettings:
     # per downstream protocol, its Settings (None fields: the reference's values); a profile's [eval.dpdm]
     # table or `--set eval.dpdm.epochs=10` shortens one, and its records say so
     protocols: dict[str, Any] = field(default_factory=default_settings)
+    # the quality-against-compute curve (bench.curve): `curve` checkpoints evenly spaced over each fit's units of
+    # progress (0: none), each scored on `curve_n` samples with `curve_metrics`; None: bench.curve's defaults,
+    # resolved when the grid is planned (bench.curve.eval_json, which also keeps them out of a plan without a curve)
+    curve: int = 0
+    curve_n: int | None = None
+    curve_metrics: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         for name in ("extractor_epochs", "feature_batch_size", "classifier_seeds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_curve()
         if self.fidelity_samples is not None and self.fidelity_samples < 1:
             raise ValueError(f"fidelity_samples must be >= 1, got {self.fidelity_samples}")
         if self.real_train not in ("split", "n_gen"):
             raise ValueError(f"real_train must be 'split' or 'n_gen', got {self.real_train!r}")
         object.__setattr__(self, "protocols", parse_settings(self.protocols))
+
+    def _check_curve(self) -> None:
+        if isinstance(self.curve, bool) or not isinstance(self.curve, int) or self.curve < 0:
+            raise ValueError(f"curve must be an integer >= 0 (checkpoints scored along each fit), got {self.curve!r}")
+        if self.curve_n is not None and self.curve_n < 1:
+            raise ValueError(f"curve_n must be >= 1 (samples per curve point), got {self.curve_n}")
+        if self.curve_metrics is not None:
+            names = tuple(self.curve_metrics)  # a list from a run's config.json
+            if not names:
+                raise ValueError("curve_metrics must name at least one metric")
+            if bad := next((n for n in names if n not in METRICS), None):
+                raise ValueError(f"curve_metrics: unknown metric {bad!r}; available: {', '.join(METRICS)}")
+            object.__setattr__(self, "curve_metrics", names)
 
 
 def select_metrics(names: Collection[str] | None) -> tuple[str, ...]:
