@@ -17,7 +17,7 @@ privacy check has its snapshots deleted unscored (`discard`).
 curve.json: {"unit", "points_requested", "n_samples", "metrics", "points": [{"units", "total", "seconds",
 "offset_s", "n_samples", "progress" (the method's progress description), "sample_s", "score_s", "metrics":
 {metric: bench.metrics.evaluate's record, with its own sample count}}]}. `seconds` is this run's own fit
-time; `offset_s` (CurveRecorder.offset_s, 0 for now) is the single place a time spent before the fit that its
+time; `offset_s` (CurveRecorder.offset_s: the shared stages' fit seconds, RunProgress.shared) is the single place a time spent before the fit that its
 points build on (a shared pre-trained stage) enters: the report's time axis is seconds + offset_s. Time inside
 the fit that should not count (the snapshots' own; a stage another run will reuse) is left out with
 CurveRecorder.excluded().
@@ -101,7 +101,8 @@ class CurveRecorder:
         self.taken: list[int] = []  # units of the snapshots saved by this fit (and the fits it resumes)
         self._t0, self._before, self._saving = clock(), 0.0, 0.0
         # seconds spent before this fit that its points build on (a shared pre-trained stage): the one place such a
-        # time enters the curve (each point's `offset_s`; the report's time axis is seconds + offset_s); 0 for now
+        # time enters the curve (each point's `offset_s`; the report's time axis is seconds + offset_s): the shared
+        # stages' fit seconds (bench.runner.RunProgress.shared)
         self.offset_s = 0.0
 
     def elapsed(self) -> float:

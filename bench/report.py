@@ -183,9 +183,18 @@ def _hours(c: dict[str, Any]) -> float:
     return sum(float(c.get(k) or 0.0) for k in ("fit_s", "sample_s", "score_s")) / 3600
 
 
+def _shared_s(cost: dict[str, Any]) -> dict[str, Any]:
+    """The fit seconds of the shared stages a run used (bench.shared: trained once, reused by many runs)."""
+    used = cost.get("shared")
+    return {"s": sum(float(u["fit_s"]) for u in used.values())} if used else {}
+
+
 def cost_table(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (method, dataset, ε): mean seconds per stage, hours per run, peak memory, device, size."""
+    """One row per (method, dataset, ε): mean seconds per stage, hours per run, peak memory, device, size. Runs that
+    used a shared stage (dpsad's teacher) add a column "shared fit [s]": its own fit time, counted once per
+    results folder and not in "fit [s]"."""
     rows = []
+    shared = any("shared" in c for c in _costs(df.drop_duplicates("key")))
     for head, runs in _groups(df):
         costs = _costs(runs)
         hours = [_hours(c) for c in costs]
@@ -196,6 +205,7 @@ def cost_table(df: pd.DataFrame) -> pd.DataFrame:
             | {
                 "runs": len(runs),
                 "fit [s]": _fmt_cost(costs, "fit_s"),
+                **({"shared fit [s]": _fmt_cost([_shared_s(c) for c in costs], "s")} if shared else {}),
                 "sample [s]": _fmt_cost(costs, "sample_s"),
                 "score [s]": _fmt_cost(costs, "score_s"),
                 f"{kind}-hours/run": f"{sum(hours) / len(hours):.3g}" if hours else "n/a",

@@ -371,7 +371,15 @@ class RunProgress:
     def shared(self, name: str, ident: dict[str, Any], build: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
         """The contract's optional member (bench.contract.shared_stage): the stage from the results folder's
         shared stages, trained there once; without them, built here."""
-        return self.stages.get(name, ident, build) if self.stages is not None else build(NullProgress())
+        if self.stages is None:
+            return build(NullProgress())
+        if self.recorder is None:
+            return self.stages.get(name, ident, build)
+        with self.recorder.excluded():  # the stage's time is its own (reused by other runs), not this fit's ...
+            state = self.stages.get(name, ident, build)
+        # ... and every point of the curve builds on it (set, not added: a resumed fit asks for its stages again)
+        self.recorder.offset_s = sum(used["fit_s"] for used in self.stages.used.values())
+        return state
 
     def start(self, total: int, description: str = "") -> None:
         self._on_start(total, description)
