@@ -17,10 +17,10 @@ privacy check has its snapshots deleted unscored (`discard`).
 curve.json: {"unit", "points_requested", "n_samples", "metrics", "points": [{"units", "total", "seconds",
 "offset_s", "n_samples", "progress" (the method's progress description), "sample_s", "score_s", "metrics":
 {metric: bench.metrics.evaluate's record, with its own sample count}}]}. `seconds` is this run's own fit
-time; `offset_s` (CurveRecorder.offset_s: the shared stages' fit seconds, RunProgress.shared) is the single place a time spent before the fit that its
-points build on (a shared pre-trained stage) enters: the report's time axis is seconds + offset_s. Time inside
-the fit that should not count (the snapshots' own; a stage another run will reuse) is left out with
-CurveRecorder.excluded().
+time; `offset_s` (CurveRecorder.offset_s) is the fit time of the shared stages its points build on (dpsad's
+teacher, set by RunProgress.shared), the single place a time spent before the fit enters: the report's time
+axis is seconds + offset_s. Time inside the fit that should not count (the snapshots' own; a shared stage trained
+inside it) is left out with CurveRecorder.excluded().
 """
 
 from __future__ import annotations
