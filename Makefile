@@ -4,13 +4,19 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+RUNTIME := $(VENV)/.runtime-stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 .PHONY: demo test test-all lint bench data browser clean
 
-$(STAMP): pyproject.toml
+# The demo needs the runtime only; the tests add the dev tools (Ray, pytest, playwright, ...) on top.
+$(RUNTIME): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $(RUNTIME)
+
+$(STAMP): $(RUNTIME)
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
@@ -40,8 +46,8 @@ browser:
 		     "browser tests; they skip without it"; \
 	fi
 
-demo: $(STAMP) data
-	$(VENV)/bin/bench run --methods dpsad,dpsad-e2e,dpdm,dpgan,dpmerf --eps 10 --dataset fmnist --profile smoke
+demo: $(RUNTIME) data
+	$(VENV)/bin/bench run --methods dpsad,dpsad-e2e,dpdm,dpgan,dpmerf --eps 10 --dataset fmnist --profile demo
 	$(VENV)/bin/bench report >/dev/null && echo "tables, plots and the page reports/index.html (open it in a browser)"
 
 test: $(STAMP) data browser

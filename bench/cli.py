@@ -87,7 +87,7 @@ InceptionWeights = Annotated[
     ),
 ]
 ResultsDir = Annotated[Path, typer.Option("--results", help="Results folder.", envvar="BENCH_RESULTS")]
-Profile = Annotated[str, typer.Option("--profile", help="smoke | paper | path to a .toml profile.")]
+Profile = Annotated[str, typer.Option("--profile", help="smoke | demo | cpu | paper | path to a .toml profile.")]
 Seeds = Annotated[str, typer.Option("--seeds", help="Comma-separated generator seeds.")]
 Accountant = Annotated[str, typer.Option("--accountant", help="rdp | pld | prv, one for the whole grid.")]
 Sets = Annotated[

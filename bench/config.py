@@ -1,6 +1,7 @@
 """Profiles and configuration: dataclass defaults < profile < profile per dataset < per ε < --set.
 
-A profile is a TOML file of overrides per method and dataset (bench/profiles/<name>.toml, or a path):
+A profile is a TOML file of overrides per method and dataset (bench/profiles/<name>.toml, or a path), optionally
+over another profile (`extends = "smoke"`: its tables merged key by key):
 
     [eval]                    # evaluation settings (bench.metrics.EvalSettings)
     n_gen = 1000
@@ -29,7 +30,7 @@ from typing import Any
 
 from bench.errors import BenchError
 
-PROFILES = ("smoke", "paper")
+PROFILES = ("smoke", "demo", "cpu", "paper")
 
 
 def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -83,8 +84,10 @@ def env_seconds(name: str, default: float) -> float:
     return value
 
 
-def load_profile(profile: str) -> dict[str, Any]:
-    """The TOML table of a named profile (bench/profiles/NAME.toml) or of a path to a .toml file."""
+def load_profile(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The TOML table of a named profile (bench/profiles/NAME.toml) or of a path to a .toml file. A profile with
+    `extends = "NAME"` (a named profile or a path) is that profile with this one's tables merged over it, key by
+    key: `[dpdm]` here changes only the fields it names."""
     if profile.endswith(".toml"):
         path = Path(profile)
         if not path.is_file():
@@ -95,9 +98,24 @@ def load_profile(profile: str) -> dict[str, Any]:
     else:
         raise BenchError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)} (or a path to a .toml file)")
     try:
-        return tomllib.loads(text)
+        table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise BenchError(f"profile {profile}: invalid TOML: {e}") from None
+    base = table.pop("extends", None)
+    if base is None:
+        return table
+    if not isinstance(base, str):
+        raise BenchError(f"profile {profile}: extends must be a profile name or path, got {base!r}")
+    if base in _seen or base == profile:
+        raise BenchError(f"profile {profile}: extends {base!r} again (a cycle: {' -> '.join((*_seen, profile, base))})")
+    return _merged(load_profile(base, (*_seen, profile)), table)
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def test_builtin_profiles_resolve_for_every_builtin_method() -> None:
 
 
 def test_unknown_profile() -> None:
-    with pytest.raises(BenchError, match="unknown profile 'fast'; available: smoke, paper"):
+    with pytest.raises(BenchError, match="unknown profile 'fast'; available: smoke, demo, cpu, paper"):
         config.load_profile("fast")
 
 
@@ -104,3 +104,84 @@ def test_set_scoped_to_one_method_and_a_bare_field_some_methods_lack() -> None:
     specs = runner.plan(methods=["dpdm", "dpgan"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
                         accountant="rdp", profile="smoke", sets=["dpdm.lr=0.002"])  # fmt: skip
     assert [s.config.get("lr") for s in specs] == [0.002, None]
+
+
+def test_a_profile_extends_another_key_by_key(tmp_path) -> None:
+    base = tmp_path / "base.toml"
+    base.write_text('[eval]\nn_gen = 40\ncurve = 2\n[dpdm]\nlr = 1e-3\nepochs = 2.0\n[dpdm.fmnist]\nbatch_size = 64\n')
+    child = tmp_path / "child.toml"
+    child.write_text(f'extends = "{base}"\n[eval]\ncurve = 5\n[dpdm]\nepochs = 4.0\n[dpgan]\nepochs = 3.0\n')
+    prof = config.load_profile(str(child))
+    assert prof == {
+        "eval": {"n_gen": 40, "curve": 5},
+        "dpdm": {"lr": 1e-3, "epochs": 4.0, "fmnist": {"batch_size": 64}},
+        "dpgan": {"epochs": 3.0},
+    }
+    base.write_text(f'extends = "{child}"\n')
+    with pytest.raises(BenchError, match="a cycle") as e:
+        config.load_profile(str(child))
+    assert "\n" not in str(e.value)
+    child.write_text("extends = 3\n")
+    with pytest.raises(BenchError, match="extends must be a profile name or path"):
+        config.load_profile(str(child))
+    child.write_text('extends = "fast"\n')
+    with pytest.raises(BenchError, match="unknown profile 'fast'"):
+        config.load_profile(str(child))
+
+
+CPU_GRID = ["dpsad", "dpsad-e2e", "dpdm", "dpgan", "dpmerf", "pategan"]
+
+
+def _steps(spec) -> float:
+    """The training length a cell's config asks for, in the method's own units."""
+    cfg = spec.config
+    if spec.method == "pategan":
+        return cfg["iterations"]
+    return cfg["epochs"] * (1 + cfg.get("teacher_epochs", 0.0))
+
+
+def test_the_cpu_profile_plans_every_method_at_both_eps_with_curves_and_more_steps_than_smoke() -> None:
+    """`--profile cpu`: fmnist, ε ∈ {1, 10}, the six methods, dpsad's teacher row; the smoke profile's networks and
+    scoring (it extends smoke) with longer fits and a quality-against-compute curve along each."""
+    plan = {
+        p: runner.plan(methods=CPU_GRID, epsilons=[1.0, 10.0], datasets=["fmnist"], seeds=[0], delta=None,
+                       accountant="rdp", profile=p, sets=[])  # fmt: skip
+        for p in ("smoke", "cpu")
+    }
+    cells = {(s.method, s.epsilon) for s in plan["cpu"]}
+    assert cells == {(m, e) for m in CPU_GRID for e in (1.0, 10.0)} | {("dpsad-teacher", float("inf"))}
+    smoke = {(s.method, s.epsilon): s for s in plan["smoke"]}
+    longer = set()
+    for s in plan["cpu"]:
+        ref = smoke[(s.method, s.epsilon)]
+        assert s.eval.settings["curve"] > 0 and ref.eval.settings.get("curve", 0) == 0
+        same = {k: v for k, v in s.config.items() if k not in ("epochs", "teacher_epochs", "iterations")}
+        assert same == {k: v for k, v in ref.config.items() if k in same}, s.method  # networks etc. are smoke's
+        assert _steps(s) >= _steps(ref), s.method
+        if _steps(s) > _steps(ref):
+            longer.add(s.method)
+    assert longer == {*CPU_GRID, "dpsad-teacher"}
+    dpsad = next(s for s in plan["cpu"] if s.method == "dpsad")
+    dpdm = next(s for s in plan["cpu"] if s.method == "dpdm")
+    assert dpsad.config["epochs"] == dpdm.config["epochs"]  # equal DP steps: they differ in how the student trains
+
+
+def test_the_demo_profile_trains_as_smoke_and_only_scores_cheaper() -> None:
+    """`make demo`'s profile: every training field is smoke's; only the sample count and the sampler's levels
+    differ (so the demo's models are the smoke profile's, and dpsad's shared teacher is the same one)."""
+    grid = ["dpsad", "dpsad-e2e", "dpdm", "dpgan", "dpmerf"]
+    plans = {
+        p: {s.method: s for s in runner.plan(methods=grid, epsilons=[10.0], datasets=["fmnist"], seeds=[0],
+                                             delta=None, accountant="rdp", profile=p, sets=[])}  # fmt: skip
+        for p in ("smoke", "demo")
+    }
+    assert plans["demo"].keys() == plans["smoke"].keys() == {*grid, "dpsad-teacher"}
+    sampling = {"sample_steps", "pool_sample_steps"}
+    for name, demo in plans["demo"].items():
+        smoke = plans["smoke"][name]
+        assert {k: v for k, v in demo.config.items() if k not in sampling} == {
+            k: v for k, v in smoke.config.items() if k not in sampling
+        }, name
+        assert (demo.eval.n_gen, smoke.eval.n_gen) == (500, 1000)
+        if "sample_steps" in demo.config:
+            assert (demo.config["sample_steps"], smoke.config["sample_steps"]) == (8, 12), name
