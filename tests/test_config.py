@@ -108,7 +108,7 @@ def test_set_scoped_to_one_method_and_a_bare_field_some_methods_lack() -> None:
 
 def test_a_profile_extends_another_key_by_key(tmp_path) -> None:
     base = tmp_path / "base.toml"
-    base.write_text('[eval]\nn_gen = 40\ncurve = 2\n[dpdm]\nlr = 1e-3\nepochs = 2.0\n[dpdm.fmnist]\nbatch_size = 64\n')
+    base.write_text("[eval]\nn_gen = 40\ncurve = 2\n[dpdm]\nlr = 1e-3\nepochs = 2.0\n[dpdm.fmnist]\nbatch_size = 64\n")
     child = tmp_path / "child.toml"
     child.write_text(f'extends = "{base}"\n[eval]\ncurve = 5\n[dpdm]\nepochs = 4.0\n[dpgan]\nepochs = 3.0\n')
     prof = config.load_profile(str(child))
@@ -129,6 +129,11 @@ def test_a_profile_extends_another_key_by_key(tmp_path) -> None:
         config.load_profile(str(child))
 
 
+def _plan(methods: list[str], epsilons: list[float], profile: str) -> list[runner.RunSpec]:
+    return runner.plan(methods=methods, epsilons=epsilons, datasets=["fmnist"], seeds=[0], delta=None,
+                       accountant="rdp", profile=profile, sets=[])  # fmt: skip
+
+
 CPU_GRID = ["dpsad", "dpsad-e2e", "dpdm", "dpgan", "dpmerf", "pategan"]
 
 
@@ -143,11 +148,7 @@ def _steps(spec) -> float:
 def test_the_cpu_profile_plans_every_method_at_both_eps_with_curves_and_more_steps_than_smoke() -> None:
     """`--profile cpu`: fmnist, ε ∈ {1, 10}, the six methods, dpsad's teacher row; the smoke profile's networks and
     scoring (it extends smoke) with longer fits and a quality-against-compute curve along each."""
-    plan = {
-        p: runner.plan(methods=CPU_GRID, epsilons=[1.0, 10.0], datasets=["fmnist"], seeds=[0], delta=None,
-                       accountant="rdp", profile=p, sets=[])  # fmt: skip
-        for p in ("smoke", "cpu")
-    }
+    plan = {p: _plan(CPU_GRID, [1.0, 10.0], p) for p in ("smoke", "cpu")}
     cells = {(s.method, s.epsilon) for s in plan["cpu"]}
     assert cells == {(m, e) for m in CPU_GRID for e in (1.0, 10.0)} | {("dpsad-teacher", float("inf"))}
     smoke = {(s.method, s.epsilon): s for s in plan["smoke"]}
@@ -170,11 +171,7 @@ def test_the_demo_profile_trains_as_smoke_and_only_scores_cheaper() -> None:
     """`make demo`'s profile: every training field is smoke's; only the sample count and the sampler's levels
     differ (so the demo's models are the smoke profile's, and dpsad's shared teacher is the same one)."""
     grid = ["dpsad", "dpsad-e2e", "dpdm", "dpgan", "dpmerf"]
-    plans = {
-        p: {s.method: s for s in runner.plan(methods=grid, epsilons=[10.0], datasets=["fmnist"], seeds=[0],
-                                             delta=None, accountant="rdp", profile=p, sets=[])}  # fmt: skip
-        for p in ("smoke", "demo")
-    }
+    plans = {p: {s.method: s for s in _plan(grid, [10.0], p)} for p in ("smoke", "demo")}
     assert plans["demo"].keys() == plans["smoke"].keys() == {*grid, "dpsad-teacher"}
     sampling = {"sample_steps", "pool_sample_steps"}
     for name, demo in plans["demo"].items():
