@@ -108,13 +108,14 @@ def load_profile(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise BenchError(f"profile {profile}: extends must be a profile name or path, got {base!r}")
     if base in _seen or base == profile:
         raise BenchError(f"profile {profile}: extends {base!r} again (a cycle: {' -> '.join((*_seen, profile, base))})")
-    return _merged(load_profile(base, (*_seen, profile)), table)
+    return merged(load_profile(base, (*_seen, profile)), table)
 
 
-def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+def merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """`over` merged into `base` key by key: nested tables merge, anything else replaces."""
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 

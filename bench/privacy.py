@@ -1,6 +1,6 @@
 """Privacy accounting: budgets, the ledger of mechanisms a method applied, ε, calibration, the card.
 
-Everything here is pure accounting maths over dp_accounting's DpEvents (see shared/PRIVACY.md):
+Everything here is pure accounting maths over dp_accounting's DpEvents (the README's privacy sections give the rules):
 
 - DP-SGD step (Abadi et al. 2016, Alg. 1): `SelfComposed(PoissonSampled(q, Gaussian(σ)), steps)`;
 - Gaussian mechanism (σ relative to L2 sensitivity) and Laplace mechanism (scale b relative to L1

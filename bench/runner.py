@@ -205,10 +205,8 @@ def plan(
     swept for it, each value checked as a `--set` value."""
     prof = cfgmod.load_profile(profile)
     method_sets, eval_sets = cfgmod.parse_sets(sets)
-    eval_table = dict(prof.get("eval", {}))
-    for k, v in eval_sets.items():  # --set eval.dpdm.epochs=5 changes one field of the profile's [eval.dpdm]
-        base = eval_table.get(k)
-        eval_table[k] = base | v if isinstance(v, dict) and isinstance(base, dict) else v
+    # --set eval.dpdm.epochs=5 changes one field of the profile's [eval.dpdm]
+    eval_table = cfgmod.merged(prof.get("eval", {}), eval_sets)
     from bench.metrics import EvalSettings, select_metrics
 
     n_gen = eval_table.pop("n_gen", EvalPlan().n_gen)
