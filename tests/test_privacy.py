@@ -1,4 +1,4 @@
-"""Golden values and invariants of the privacy accounting (shared/PRIVACY.md, "Ground-truth vectors")."""
+"""Golden values and invariants of the privacy accounting (ground-truth ε vectors from the accounting references)."""
 
 from __future__ import annotations
 
