@@ -66,7 +66,7 @@ def test_builtin_profiles_resolve_for_every_builtin_method() -> None:
 
 
 def test_unknown_profile() -> None:
-    with pytest.raises(BenchError, match="unknown profile 'fast'; available: smoke, demo, cpu, paper"):
+    with pytest.raises(BenchError, match="unknown profile 'fast'; available: smoke, demo, cpu, paper, gpu-short"):
         config.load_profile("fast")
 
 
@@ -167,18 +167,25 @@ def test_the_cpu_profile_plans_every_method_at_both_eps_with_curves_and_more_ste
     assert dpsad.config["epochs"] == dpdm.config["epochs"]  # equal DP steps: they differ in how the student trains
 
 
-def test_the_demo_profile_trains_as_smoke_and_only_scores_cheaper() -> None:
-    """`make demo`'s profile: every training field is smoke's; only the sample count and the sampler's levels
-    differ (so the demo's models are the smoke profile's, and dpsad's shared teacher is the same one)."""
+def test_the_demo_profile_is_smoke_with_the_cuts_its_header_lists() -> None:
+    """`make demo`'s profile: smoke's networks and learning rates; only the listed training lengths, the sample
+    count and the sampler's levels differ, and dpdm and dpsad keep equal DP steps."""
     grid = ["dpsad", "dpsad-e2e", "dpdm", "dpgan", "dpmerf"]
     plans = {p: {s.method: s for s in _plan(grid, [10.0], p)} for p in ("smoke", "demo")}
     assert plans["demo"].keys() == plans["smoke"].keys() == {*grid, "dpsad-teacher"}
-    sampling = {"sample_steps", "pool_sample_steps"}
+    cuts = {"sample_steps": (8, 12), "pool_sample_steps": (8, 12), "epochs": None, "teacher_epochs": None}
     for name, demo in plans["demo"].items():
         smoke = plans["smoke"][name]
-        assert {k: v for k, v in demo.config.items() if k not in sampling} == {
-            k: v for k, v in smoke.config.items() if k not in sampling
+        assert {k: v for k, v in demo.config.items() if k not in cuts} == {
+            k: v for k, v in smoke.config.items() if k not in cuts
         }, name
+        for k in ("sample_steps", "pool_sample_steps"):
+            if k in demo.config:
+                assert (demo.config[k], smoke.config[k]) == cuts[k], name
+        for k in ("epochs", "teacher_epochs"):
+            if k in demo.config and name != "dpgan":
+                assert demo.config[k] < smoke.config[k], (name, k)
         assert (demo.eval.n_gen, smoke.eval.n_gen) == (500, 1000)
-        if "sample_steps" in demo.config:
-            assert (demo.config["sample_steps"], smoke.config["sample_steps"]) == (8, 12), name
+        assert (demo.eval.settings["extractor_epochs"], smoke.eval.settings["extractor_epochs"]) == (1, 2)
+    assert plans["demo"]["dpsad"].config["epochs"] == plans["demo"]["dpdm"].config["epochs"]
+    assert plans["demo"]["dpsad"].config["teacher_epochs"] == plans["demo"]["dpsad-teacher"].config["epochs"]
