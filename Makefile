@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-stamp
 RUNTIME := $(VENV)/.runtime-stamp
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: demo test test-all lint bench data browser clean
+.PHONY: demo test test-all lint bench data browser clean gpu-bundle gpu-check
 
 # The demo needs the runtime only; the tests add the dev tools (Ray, pytest, playwright, ...) on top.
 $(RUNTIME): pyproject.toml
@@ -63,6 +63,28 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/pytest benchmarks/bench_*.py --benchmark-only -q --benchmark-min-rounds=5
+
+# A lent GPU machine (PyTorch, no registry): `make gpu-bundle` here writes .gpu/ (the wheels the GPU image lacks
+# and Fashion-MNIST, at most 60 MiB); `make gpu-check` there installs them beside the image's torch and measures
+# (bench/gpucheck.py), writing at most four files to $(OUT). `make gpu-check DEVICE=cpu QUICK=1` runs the same
+# script on a CPU with tiny settings (the test suite does too).
+OUT ?= gpu-check-out
+DEVICE ?= cuda
+GPU_SITE ?= /tmp/bench-site
+gpu-bundle: $(RUNTIME) data
+	$(PY) -m bench.gpubundle --out .gpu
+
+ifeq ($(DEVICE),cpu)
+gpu-check: $(STAMP)
+	$(PY) -m bench.gpucheck --out $(OUT) --device cpu $(if $(QUICK),--quick) --tests tests
+else
+gpu-check:
+	@test -d .gpu/wheels || { echo "no .gpu/ here: run 'make gpu-bundle' on a machine that reaches PyPI, and carry .gpu"; exit 2; }
+	rm -rf $(GPU_SITE) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+		--no-build-isolation --target $(GPU_SITE) .gpu/wheels/*.whl . && rm -rf build
+	cd /tmp && PYTHONPATH=$(GPU_SITE) python3 -m bench.gpucheck --out $(abspath $(OUT)) --device $(DEVICE) \
+		--data-root $(CURDIR)/.gpu/data --tests $(CURDIR)/tests $(if $(QUICK),--quick)
+endif
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -13,7 +13,7 @@ the privacy engine: shuffled minibatches (every record once per epoch, not Poiss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -46,6 +46,14 @@ class DDPM(ConditionalDenoiser):
     conditional: ClassVar[bool] = True
     guarantee: ClassVar[str] = "none"
     needs_public_data: ClassVar[bool] = False
+
+    @classmethod
+    def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
+        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
+        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
+        measured seconds."""
+        cfg = config
+        return {"steps": ShuffledEpochs(num_records, cfg.batch_size, cfg.epochs).steps}
 
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress

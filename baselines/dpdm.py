@@ -30,7 +30,7 @@ Deviations from the reference, recorded here and in every run's config:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor
@@ -79,6 +79,14 @@ class DPDM(ConditionalDenoiser):
     conditional: ClassVar[bool] = True
     guarantee: ClassVar[str] = "end-to-end"
     needs_public_data: ClassVar[bool] = False
+
+    @classmethod
+    def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
+        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
+        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
+        measured seconds."""
+        cfg = config
+        return {"dp steps": steps_for(cfg.epochs, poisson_rate("dpdm: batch_size", cfg.batch_size, num_records))}
 
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress

@@ -268,6 +268,13 @@ class DPHP:
         factor = 2.0 if cfg.adjacency == "replace-one" else 1.0
         return factor * sigma_sum, factor * sigma_prod
 
+    @classmethod
+    def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
+        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
+        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
+        measured seconds."""
+        return {"generator steps": config.epochs * math.ceil(num_records / config.batch_size)}
+
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
     ) -> PrivacyLedger:

@@ -146,6 +146,13 @@ class DPMERF:
             sigma = calibrate(budget.epsilon, lambda s: [release_stage(s)], budget.delta, budget.accountant)
         return 2.0 * sigma if self.config.adjacency == "replace-one" else sigma
 
+    @classmethod
+    def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
+        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
+        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
+        measured seconds."""
+        return {"generator steps": config.epochs * max(1, num_records // config.batch_size)}
+
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
     ) -> PrivacyLedger:

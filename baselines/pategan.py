@@ -174,6 +174,34 @@ def votes_stage(aggregator: str, scale: float, count: int) -> Stage:
 # ---------------------------------------------------------------------------------------- the method
 
 
+def noise_and_iterations(cfg: Config, budget: Budget) -> tuple[float, int]:
+    """(noise scale on each count, iterations) for the budget; a function of the config only."""
+    agg = cfg.aggregator
+    per_iteration = cfg.queries_per_iteration
+    fixed = cfg.lam if agg == "laplace" else cfg.gnmax_sigma
+    if fixed is None:
+        q = cfg.iterations * per_iteration
+        sens = L1_SENSITIVITY if agg == "laplace" else L2_SENSITIVITY
+        s = calibrate(budget.epsilon, lambda s: [votes_stage(agg, s * sens, q)], budget.delta, budget.accountant)
+        return s * sens, cfg.iterations
+    scale = 1.0 / fixed if agg == "laplace" else fixed
+
+    def fits(iterations: int) -> bool:
+        stage = votes_stage(agg, scale, iterations * per_iteration)
+        return epsilon([stage], budget.delta, budget.accountant) <= budget.epsilon
+
+    if not fits(1):
+        raise BenchError(
+            f"pategan: {agg} noise {scale:g} on the counts spends more than ε = {budget.epsilon:g} on one "
+            f"iteration's {per_iteration} queries; lower λ / raise σ, or leave it unset to calibrate"
+        )
+    lo, hi = 1, cfg.iterations  # largest number of iterations that fits: bisection
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return scale, lo
+
+
 class PATEGAN(ConditionalGAN):
     name: ClassVar[str] = "pategan"
     version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
@@ -200,32 +228,16 @@ class PATEGAN(ConditionalGAN):
 
     def noise_and_iterations(self, budget: Budget) -> tuple[float, int]:
         """(noise scale on each count, iterations) for the budget; a function of the config only."""
-        cfg, agg = self.config, self.config.aggregator
-        per_iteration = cfg.queries_per_iteration
-        fixed = cfg.lam if agg == "laplace" else cfg.gnmax_sigma
-        if fixed is None:
-            q = cfg.iterations * per_iteration
-            sens = L1_SENSITIVITY if agg == "laplace" else L2_SENSITIVITY
-            s = calibrate(budget.epsilon, lambda s: [votes_stage(agg, s * sens, q)], budget.delta, budget.accountant)
-            return s * sens, cfg.iterations
-        scale = 1.0 / fixed if agg == "laplace" else fixed
-
-        def fits(iterations: int) -> bool:
-            stage = votes_stage(agg, scale, iterations * per_iteration)
-            return epsilon([stage], budget.delta, budget.accountant) <= budget.epsilon
-
-        if not fits(1):
-            raise BenchError(
-                f"pategan: {agg} noise {scale:g} on the counts spends more than ε = {budget.epsilon:g} on one "
-                f"iteration's {per_iteration} queries; lower λ / raise σ, or leave it unset to calibrate"
-            )
-        lo, hi = 1, cfg.iterations  # largest number of iterations that fits: bisection
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-        return scale, lo
+        return noise_and_iterations(self.config, budget)
 
     # -------------------------------------------------------------------------------------------- fit
+
+    @classmethod
+    def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
+        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
+        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
+        measured seconds."""
+        return {"iterations": noise_and_iterations(config, budget)[1]}
 
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress

@@ -393,6 +393,22 @@ def paper(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the planned grid, run nothing.")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="Also write the tables here (see --format).")] = None,
     format_: Annotated[str, typer.Option("--format", help="With --out, comma-separated: md, csv, tex.")] = "md,csv,tex",
+    estimate: Annotated[
+        bool,
+        typer.Option(
+            "--estimate",
+            help="Run nothing: print what each run of the table costs (training units × measured seconds, samples "
+            "× seconds per sample) and write it to --out (default reports/).",
+        ),
+    ] = False,
+    throughput: Annotated[
+        Path | None,
+        typer.Option(
+            "--throughput",
+            help="With --estimate: the seconds measured by gpu-check (its throughput.json) instead of "
+            "timing each config on this device.",
+        ),
+    ] = None,
 ) -> None:
     """A paper's table: published values beside ours (mean ± std over seeds) and the difference per cell."""
     from bench import paper as papers_
@@ -427,6 +443,13 @@ def paper(
         )
         for note in dict.fromkeys(n for spec in plan.specs for n in spec.notes):
             typer.echo(f"warning: {note}", err=True)
+        if throughput is not None and not estimate:
+            raise BenchError("--throughput goes with --estimate")
+        if estimate:
+            if run_cells or dry_run:
+                raise BenchError("--estimate runs nothing: drop --run / --dry-run")
+            _estimate(plan, chosen.id, throughput, dev, out or Path("reports"))
+            return
         if dry_run:
             typer.echo(papers_.plan_text(plan))
             print_plan(list(plan.specs))
@@ -460,6 +483,17 @@ def paper(
             typer.echo(f"table written to {', '.join(map(str, paths))}", err=True)
         if failed:
             raise typer.Exit(1)
+
+
+def _estimate(plan: Any, paper_id: str, throughput: Path | None, device: torch.device, out: Path) -> None:
+    from bench import estimate as est
+
+    measured = est.load_throughput(throughput) if throughput is not None else None
+    frame, used = est.estimate(plan.specs, measured, device=device, echo=_err)
+    text = est.to_markdown(frame, f"{paper_id}", used.device)
+    typer.echo(text)
+    paths = est.write(frame, text, out, paper_id)
+    typer.echo(f"estimate written to {', '.join(map(str, paths))}", err=True)
 
 
 @app.command("list")

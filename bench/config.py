@@ -30,7 +30,7 @@ from typing import Any
 
 from bench.errors import BenchError
 
-PROFILES = ("smoke", "demo", "cpu", "paper")
+PROFILES = ("smoke", "demo", "cpu", "paper", "gpu-short")
 
 
 def choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:

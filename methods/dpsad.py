@@ -70,7 +70,7 @@ from bench.methods.dpsad_common import (
     OutputClipStep,
     StudentFit,
 )
-from bench.methods.dpsad_teacher import TEACHER_FIELDS
+from bench.methods.dpsad_teacher import TEACHER_FIELDS, DPSADTeacher
 from torch import Tensor
 
 from bench.config import build_dataclass, choice, to_jsonable
@@ -106,6 +106,15 @@ class DPSAD(DPSADBase):
         swept values of the fields that determine the teacher."""
         teacher = to_jsonable(build_dataclass(Config, config, cls.name).teacher_config())
         return {"dpsad-teacher": (teacher, {f: v for f, v in sweep.items() if f in TEACHER_FIELDS})}
+
+    @classmethod
+    def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
+        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
+        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
+        measured seconds."""
+        cfg = config
+        student = steps_for(cfg.epochs, poisson_rate("dpsad: batch_size", cfg.batch_size, num_records))
+        return {**DPSADTeacher.work(config.teacher_config(), num_records, budget), "student dp steps": student}
 
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress

@@ -84,6 +84,16 @@ class DPSADE2E(DPSADBase):
     Config: ClassVar[type] = E2EConfig
     guarantee: ClassVar[str] = "end-to-end"
 
+    @classmethod
+    def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
+        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
+        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
+        measured seconds."""
+        cfg = config
+        q_t = poisson_rate("dpsad-e2e: teacher_batch_size", cfg.teacher_batch_size, num_records)
+        q_s = poisson_rate("dpsad-e2e: batch_size", cfg.batch_size, num_records)
+        return {"teacher and student dp steps": steps_for(cfg.teacher_epochs, q_t) + steps_for(cfg.epochs, q_s)}
+
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
     ) -> PrivacyLedger:

@@ -147,6 +147,13 @@ class DPSADTeacher(ConditionalDenoiser):
     guarantee: ClassVar[str] = "none"
     needs_public_data: ClassVar[bool] = False
 
+    @classmethod
+    def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
+        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
+        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
+        measured seconds."""
+        return {"teacher steps": ShuffledEpochs(num_records, config.batch_size, config.epochs).steps}
+
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
     ) -> PrivacyLedger:

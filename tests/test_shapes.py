@@ -37,7 +37,13 @@ CPU = torch.device("cpu")
 EPS = 10.0
 # the real colour datasets (shapes known without their files) and, in the smoke profile, the synthetic ones
 REAL_COLOUR = ("cifar10", "celeba32-gender", "celeba32-hair", "celeba64-gender", "celeba64-hair")
-PROFILE_DATASETS = {"smoke": (*REAL_COLOUR, *SHAPES), "demo": REAL_COLOUR, "cpu": REAL_COLOUR, "paper": REAL_COLOUR}
+PROFILE_DATASETS = {
+    "smoke": (*REAL_COLOUR, *SHAPES),
+    "demo": REAL_COLOUR,
+    "cpu": REAL_COLOUR,
+    "paper": REAL_COLOUR,
+    "gpu-short": REAL_COLOUR,
+}
 
 
 @pytest.fixture(scope="module")

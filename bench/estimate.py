@@ -1,0 +1,198 @@
+"""What a grid costs before it runs: `bench paper ID --estimate [--throughput FILE]`.
+
+For every run of a paper's plan: the units of work of each stage of its fit (the method's `work(num_records,
+budget)`, the same counts its fit announces to its progress) times the seconds per unit measured for the same
+config, plus the samples it generates (`eval.n_gen`) times the seconds per sample. The seconds come from a
+throughput file (`throughput.json`, written by `make gpu-check` on a GPU) or, without one, from timing each
+distinct config on the current device (bench.throughput). A measurement stands for a run when the two configs
+are equal but for the fields that only count units (bench.throughput.COUNT_FIELDS) and their precision agrees.
+
+Not estimated: scoring (the domain extractor, Inception features, the downstream protocols' classifiers), which
+the paper profile also runs. The table says so in its footer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from bench import config, data, registry
+from bench.errors import BenchError
+from bench.privacy import Budget
+from bench.runner import RunSpec
+from bench.throughput import FORMAT, Measurement, cost_key, measure
+
+NOT_ESTIMATED = (
+    "scoring is not in the estimate (domain extractor, Inception features, downstream protocols' classifiers); "
+    "nor are start-up and data loading"
+)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    device: str
+    measurements: tuple[dict[str, Any], ...]
+
+    def find(self, method: str, dataset: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
+        """The latest measurement of `method` on data of `dataset`'s shape and size (MNIST stands for Fashion-MNIST,
+        CelebA-64 hair for gender) with a config that costs what `cfg` costs, if any."""
+        want = precision_of(cfg, self.device)
+        key, shape = cost_key(without_precision(cfg)), data_shape(dataset)
+        found = None
+        for m in self.measurements:
+            if m["method"] != method or data_shape(m["dataset"]) != shape or m.get("error"):
+                continue
+            if precision_of(m["config"], m["device"]) == want and cost_key(without_precision(m["config"])) == key:
+                found = m
+        return found
+
+
+def data_shape(dataset: str) -> tuple[int, ...]:
+    """What a method's speed depends on in a dataset: its image shape, record count and classes."""
+    s = data.spec_without_files(dataset)
+    return (s.channels, s.height, s.width, s.num_train, s.num_classes)
+
+
+def without_precision(cfg: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in cfg.items() if k != "precision"}
+
+
+def precision_of(cfg: dict[str, Any], device: str) -> str:
+    """The precision a config trains in on `device` ("auto": bf16 on CUDA, fp32 elsewhere; no option: fp32)."""
+    p = cfg.get("precision", "fp32")
+    return ("bf16" if device.startswith("cuda") else "fp32") if p == "auto" else str(p)
+
+
+def load_throughput(path: Path) -> Throughput:
+    """A throughput file (gpu-check's throughput.json); one-line errors for a missing or malformed one."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise BenchError(f"--throughput: {path} does not exist") from None
+    except (OSError, ValueError) as e:
+        raise BenchError(f"--throughput: cannot read {path}: {e}") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("measurements"), list):
+        raise BenchError(f"--throughput: {path} is not a throughput file of format {FORMAT} (write one with gpu-check)")
+    return Throughput(str(raw.get("device", "")), tuple(raw["measurements"]))
+
+
+def throughput_json(measurements: Iterable[Measurement], device: str) -> dict[str, Any]:
+    return {"format": FORMAT, "device": device, "measurements": [m.to_json() for m in measurements]}
+
+
+def work_of(spec: RunSpec) -> dict[str, int] | None:
+    """Units of each stage of `spec`'s fit (None: the method declares no `work`)."""
+    cls = registry.get(spec.method)
+    work = getattr(cls, "work", None)
+    if work is None:
+        return None
+    cfg = config.build_dataclass(cls.Config, spec.config, spec.method)
+    budget = (
+        Budget.unlimited(spec.delta, spec.accountant)
+        if math.isinf(spec.epsilon)
+        else Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
+    )
+    return dict(work(cfg, data.spec_without_files(spec.dataset).num_train, budget))
+
+
+def cell_row(spec: RunSpec, found: dict[str, Any] | None) -> dict[str, Any]:
+    """One run's estimate: units per stage × seconds per unit, samples × seconds per sample."""
+    unknown = data.spec_without_files(spec.dataset).num_train == 0
+    work = None if unknown else work_of(spec)
+    row: dict[str, Any] = {
+        "method": spec.method,
+        "dataset": spec.dataset,
+        "epsilon": spec.epsilon,
+        "seed": spec.seed,
+        "units": "; ".join(f"{k} {v:,}" for k, v in (work or {}).items()),
+        "n_gen": spec.eval.n_gen,
+        "train_s": None,
+        "sample_s": None,
+        "gpu_h": None,
+        "status": "",
+    }
+    if unknown:
+        row["status"] = "record count unknown without the dataset's files (--data-root): not estimated"
+        return row
+    if work is None:
+        row["status"] = "the method declares no work() (a plugin): not estimated"
+        return row
+    if found is None:
+        row["status"] = "no measurement of this config"
+        return row
+    stages = found["stages"]
+    if len(stages) != len(work) or any(s["seconds_per_unit"] is None for s in stages):
+        row["status"] = f"the measurement timed {len(stages)} stage(s), the fit has {len(work)}"
+        return row
+    row["train_s"] = sum(units * s["seconds_per_unit"] for units, s in zip(work.values(), stages, strict=True))
+    row["sample_s"] = spec.eval.n_gen * found["sample_seconds"] if found.get("sample_seconds") is not None else None
+    if row["sample_s"] is None:
+        row["status"] = "sampling not measured: training only"
+    row["gpu_h"] = (row["train_s"] + (row["sample_s"] or 0.0)) / 3600
+    return row
+
+
+def estimate(
+    specs: Iterable[RunSpec],
+    throughput: Throughput | None,
+    *,
+    device: torch.device,
+    measure_fn: Callable[..., Measurement] = measure,
+    echo: Callable[[str], None] = lambda s: None,
+) -> tuple[pd.DataFrame, Throughput]:
+    """Rows of `estimate` per run (see cell_row); without `throughput`, each distinct config is timed on `device`
+    first. Returns the rows and the throughput used."""
+    specs = list(specs)
+    if throughput is None:
+        measured: dict[tuple[str, str, str], Measurement] = {}
+        for spec in specs:
+            cls = registry.get(spec.method)
+            k = (spec.method, spec.dataset, cost_key(spec.config))
+            if k in measured:
+                continue
+            echo(f"timing {spec.method} on {spec.dataset} ({device})")
+            cfg = config.build_dataclass(cls.Config, spec.config, spec.method)
+            eps = 10.0 if math.isinf(spec.epsilon) else spec.epsilon
+            measured[k] = measure_fn(spec.method, spec.dataset, cfg, device=device, epsilon=eps, delta=spec.delta)
+        throughput = Throughput(str(device), tuple(m.to_json() for m in measured.values()))
+    rows = [cell_row(s, throughput.find(s.method, s.dataset, s.config)) for s in specs]
+    return pd.DataFrame(rows), throughput
+
+
+def to_markdown(frame: pd.DataFrame, title: str, device: str) -> str:
+    lines = [f"# {title}: estimated cost on {device or 'the measured device'}", ""]
+    cols = ["method", "dataset", "ε", "seed", "units of work", "samples", "train [h]", "sample [h]", "GPU-h", "note"]
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def h(v: Any) -> str:
+        return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v / 3600:.2f}"
+
+    for r in frame.itertuples():
+        eps = "∞" if math.isinf(r.epsilon) else f"{r.epsilon:g}"
+        gpu = "—" if r.gpu_h is None or math.isnan(r.gpu_h) else f"{r.gpu_h:.2f}"
+        lines.append(
+            f"| {r.method} | {r.dataset} | {eps} | {r.seed} | {r.units} | {r.n_gen:,} | {h(r.train_s)} | "
+            f"{h(r.sample_s)} | {gpu} | {r.status} |"
+        )
+    known = frame["gpu_h"].dropna()
+    missing = len(frame) - len(known)
+    total = f"**{known.sum():.2f} GPU-h** for the {len(known)} run(s) estimated"
+    if missing:
+        total += f"; {missing} run(s) not estimated (see their notes), so the table costs more"
+    lines += ["", total, "", f"Not included: {NOT_ESTIMATED}."]
+    return "\n".join(lines) + "\n"
+
+
+def write(frame: pd.DataFrame, text: str, out: Path, name: str) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    md, csv = out / f"estimate-{name}.md", out / f"estimate-{name}.csv"
+    md.write_text(text)
+    frame.to_csv(csv, index=False)
+    return [md, csv]

@@ -1,0 +1,218 @@
+"""Measured speed of a method's fit and sampling on the current device, in the units its own progress counts.
+
+A method's `fit` announces each stage with `progress.start(units)` and calls `progress.advance()` after each unit
+(a DP step, a generator step, a PATE-GAN iteration). `TimingProgress` is a Progress that timestamps those calls
+(after a CUDA synchronisation) and stops the fit once it has timed enough units, so a measurement at the paper's
+settings takes seconds, not the paper's days. The data are random images of the dataset's shape and size: no
+method's speed depends on pixel values, and no dataset has to be present. A method's optional
+`work(num_records, budget)` gives the units of each stage of a whole fit; `bench paper --estimate` multiplies the
+two (bench.estimate).
+
+`measure` is what `make gpu-check` (bench.gpucheck) runs for every method, and what `bench paper --estimate`
+runs on the current device when no throughput file is given.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bench import config, data, registry
+from bench.contract import DataSpec, ImageDataset, config_fields
+from bench.privacy import Budget
+
+FORMAT = 1  # version of the throughput file's layout
+
+
+class Enough(Exception):
+    """Raised by TimingProgress inside a fit once the units it was asked to time are timed."""
+
+
+@dataclass
+class StageTiming:
+    description: str
+    total: int  # units the stage would run in a whole fit
+    stamps: list[float] = field(default_factory=list)  # time after each unit (the first is the stage's start)
+
+    def timed(self, warmup: int) -> list[float]:
+        """Seconds of each unit after the first `warmup` ones."""
+        gaps = [b - a for a, b in zip(self.stamps, self.stamps[1:], strict=False)]
+        return gaps[warmup:] if len(gaps) > warmup else gaps[-1:]
+
+
+class TimingProgress:
+    """A Progress that times units of work. A stage longer than `warmup + units` units stops the fit (Enough) once
+    that many have run, or once at least one unit after the warm-up has run and `max_seconds` have passed since the
+    stage began; a shorter stage runs to its end.
+    Shared stages (DP-SAD's teacher) run inside it as stages of their own; nothing is checkpointed or resumed."""
+
+    def __init__(self, *, units: int, warmup: int, max_seconds: float, sync: Callable[[], None]) -> None:
+        self.units, self.warmup, self.max_seconds, self.sync = units, warmup, max_seconds, sync
+        self.stages: list[StageTiming] = []
+
+    def start(self, total: int, description: str = "") -> None:
+        self.sync()
+        self.stages.append(StageTiming(description, int(total), [time.perf_counter()]))
+
+    def advance(self, n: int = 1) -> None:
+        if n <= 0:
+            return
+        self.sync()
+        stage = self.stages[-1]
+        stage.stamps.extend([time.perf_counter()] * n)
+        done, enough = len(stage.stamps) - 1, self.warmup + self.units
+        if stage.total <= enough:  # a short stage (DP-SAD's cut teacher) runs to its end: the next one is timed
+            return
+        if done >= enough or (done > self.warmup and stage.stamps[-1] - stage.stamps[0] > self.max_seconds):
+            raise Enough
+
+    def resume(self) -> dict[str, Any] | None:
+        return None
+
+    def checkpoint(self, state_fn: Callable[[], dict[str, Any]]) -> None:
+        pass
+
+    def shared(self, name: str, ident: dict[str, Any], build: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        return build(self)
+
+
+def random_dataset(spec: DataSpec, generator: torch.Generator) -> ImageDataset:
+    """Random uint8 images and labels of `spec`'s shape and size."""
+    shape = (spec.num_train, spec.channels, spec.height, spec.width)
+    images = torch.randint(0, 256, shape, dtype=torch.uint8, generator=generator)
+    labels = torch.randint(0, spec.num_classes, (spec.num_train,), generator=generator)
+    return ImageDataset(images, labels, spec.num_classes, "random")
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def shortened(method: str, cfg: Any, num_records: int, units: int) -> Any:
+    """`cfg` with a stage that must finish before the timed one (DP-SAD's shared teacher) cut to `units` steps."""
+    if method == "dpsad" and hasattr(cfg, "teacher_epochs"):
+        return dataclasses.replace(cfg, teacher_epochs=units * cfg.teacher_batch_size / num_records)
+    return cfg
+
+
+# Config fields that set how many units a fit runs (or how it is cut for timing), not what one unit costs: a
+# measurement stands for every config equal to its own but for these.
+COUNT_FIELDS = frozenset({"epochs", "teacher_epochs", "iterations"})
+
+
+def cost_key(config_json: dict[str, Any]) -> str:
+    """The part of a resolved config (as JSON) that sets the cost of one unit and of one sample."""
+    return json.dumps({k: v for k, v in config_json.items() if k not in COUNT_FIELDS}, sort_keys=True, default=str)
+
+
+@dataclass
+class Measurement:
+    method: str
+    dataset: str
+    precision: str  # the config's precision ("fp32", "bf16", "auto"), or "default" (the method has no such option)
+    device: str
+    config: dict[str, Any]  # the resolved config measured (before the timing cut of a preceding stage)
+    stages: list[dict[str, Any]]  # per stage: description, units of the cut fit, timed units, seconds per unit
+    peak_memory_gib: float | None
+    sample_seconds: float | None  # seconds per sample
+    sample_n: int
+    seconds: float  # wall time of the whole measurement
+    error: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def resolve(method: str, dataset: str, *, profile: str, epsilon: float, sets: dict[str, Any] | None = None) -> Any:
+    """`method`'s resolved Config for `dataset` at `epsilon` under `profile` and `sets`."""
+    cls = registry.get(method)
+    eps = math.inf if cls.guarantee == "none" else epsilon
+    cfg, _ = config.resolve(
+        cls.Config, profile=config.load_profile(profile), method=method, dataset=dataset, epsilon=eps, sets=sets or {}
+    )
+    return cfg
+
+
+def measure(
+    method: str,
+    dataset: str,
+    cfg: Any,
+    *,
+    device: torch.device,
+    epsilon: float = 10.0,
+    delta: float = 1e-5,
+    units: int = 3,
+    warmup: int = 1,
+    max_seconds: float = 60.0,
+    sample_n: int = 64,
+    seed: int = 0,
+) -> Measurement:
+    """Time `units` units of each stage of `method`'s fit with config `cfg` (after `warmup` untimed ones) on random
+    data of `dataset`'s shape and size, then the sampling of `sample_n` labelled images, on `device`."""
+    t_start = time.perf_counter()
+    cls = registry.get(method)
+    spec = data.spec_without_files(dataset)
+    generator = torch.Generator().manual_seed(seed)
+    train = random_dataset(spec, generator)
+    budget = Budget.unlimited(delta) if cls.guarantee == "none" else Budget(epsilon=epsilon, delta=delta)
+    progress = TimingProgress(units=units, warmup=warmup, max_seconds=max_seconds, sync=_sync(device))
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    error, sample_s = "", None
+    model = cls(shortened(method, cfg, spec.num_train, warmup + units), spec=spec, device=device)
+    try:
+        model.fit(train, budget=budget, generator=generator, progress=progress)
+    except Enough:
+        pass
+    except torch.OutOfMemoryError as e:
+        error = f"out of memory: {str(e).splitlines()[0]}"
+    if not error and sample_n > 0:
+        labels = torch.arange(sample_n) % spec.num_classes if cls.conditional else None
+        sync = _sync(device)
+        try:
+            sync()
+            t0 = time.perf_counter()
+            model.sample(sample_n, labels=labels, generator=torch.Generator().manual_seed(seed))
+            sync()
+            sample_s = (time.perf_counter() - t0) / sample_n
+        except Exception as e:  # a measurement, not a run: record why sampling could not be timed
+            error = f"sampling: {type(e).__name__}: {e}"
+    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    stages = []
+    for st in progress.stages:
+        gaps = st.timed(warmup)
+        stages.append({
+            "description": st.description,
+            "units": st.total,
+            "timed_units": len(gaps),
+            "seconds_per_unit": sum(gaps) / len(gaps) if gaps else None,
+        })  # fmt: skip
+    precision = getattr(cfg, "precision", None)
+    return Measurement(
+        method=method,
+        dataset=dataset,
+        precision=str(precision) if precision is not None else "default",
+        device=str(device),
+        config=config.to_jsonable(cfg),
+        stages=stages,
+        peak_memory_gib=peak,
+        sample_seconds=sample_s,
+        sample_n=sample_n,
+        seconds=time.perf_counter() - t_start,
+        error=error,
+    )
+
+
+def has_precision(method: str) -> bool:
+    """Whether the method's Config has a `precision` option (fp32 / bf16)."""
+    return "precision" in config_fields(registry.get(method).Config)

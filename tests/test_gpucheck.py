@@ -1,0 +1,231 @@
+"""The GPU bundle, `make gpu-check`'s script in its CPU mode, the work counts and `bench paper --estimate`."""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import json
+import math
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from packaging.requirements import Requirement
+
+from bench import config, data, estimate, gpubundle, gpucheck, paper, registry
+from bench.contract import NullProgress
+from bench.privacy import Budget
+from bench.throughput import Enough, cost_key
+from bench.training import poisson_rate, steps_for
+from tests.conftest import TINY_PROFILE, bench
+
+ROOT = Path(__file__).resolve().parent.parent
+RUNTIME = [ROOT / "bench", ROOT / "methods", ROOT / "baselines"]
+METHODS = ("dpdm", "ddpm", "dpsad", "dpsad-e2e", "dpsad-teacher", "dpgan", "pategan", "dpmerf", "dphp")
+
+
+def imported_top_levels() -> set[str]:
+    names: set[str] = set()
+    for folder in RUNTIME:
+        for path in folder.rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names.add(node.module.split(".")[0])
+    return names - set(sys.stdlib_module_names) - {"bench", "__future__"}
+
+
+def test_the_bundle_holds_every_distribution_the_runtime_imports_that_the_gpu_image_lacks() -> None:
+    """Every third-party module imported anywhere in bench, methods or baselines (lazy imports too) comes from a
+    distribution in the GPU image or in the bundle; so do the requirements of the bundle's own wheels."""
+    dists_of = metadata.packages_distributions()
+    names = imported_top_levels()
+    assert {"torch", "opacus", "dp_accounting", "torch_fidelity"} <= names  # the scan sees the imports
+    have = gpubundle.IMAGE | {gpubundle.normalize(n) for n in gpubundle.BUNDLE} | set(gpubundle.NOT_BUNDLED)
+    missing = {}
+    for name in sorted(names):
+        dists = {gpubundle.normalize(d) for d in dists_of.get(name, [name])}
+        if not dists & have:
+            missing[name] = sorted(dists)
+    for dist in gpubundle.BUNDLE:
+        for raw in metadata.requires(dist) or []:
+            req = Requirement(raw)
+            env = {"python_version": "3.12", "extra": ""}
+            applies = req.marker is None or req.marker.evaluate(env)
+            if applies and gpubundle.normalize(req.name) not in have:
+                missing[f"{dist} requires"] = [req.name]
+    assert not missing, f"not in the GPU image nor in gpubundle.BUNDLE: {missing}"
+
+
+def test_the_bundle_pins_what_pyproject_pins() -> None:
+    """The GPU runs the versions the CPU tests ran: each bundled wheel's version is the project's pin (or the one
+    installed here, for a dependency the project does not pin)."""
+    pins = {}
+    text = (ROOT / "pyproject.toml").read_text()
+    for line in text.split("dependencies = [", 1)[1].split("]", 1)[0].splitlines():
+        if "==" in line:
+            name, version = line.strip().strip('",').split("#")[0].strip().strip('",').split("==")
+            pins[gpubundle.normalize(name)] = version
+    for name, version in gpubundle.BUNDLE.items():
+        assert version == pins.get(gpubundle.normalize(name), metadata.version(name)), name
+
+
+class Recording(NullProgress):
+    """Records each stage's total; stops a fit at its first unit, except inside a shared stage (which must end)."""
+
+    def __init__(self) -> None:
+        self.totals: list[int] = []
+        self.inside_shared = False
+
+    def start(self, total: int, description: str = "") -> None:
+        self.totals.append(int(total))
+
+    def advance(self, n: int = 1) -> None:
+        if n > 0 and not self.inside_shared:
+            raise Enough
+
+    def shared(self, name: str, ident: dict[str, Any], build: Any) -> dict[str, Any]:
+        self.inside_shared = True
+        try:
+            return build(self)
+        finally:
+            self.inside_shared = False
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_work_counts_the_units_the_fit_announces(method: str, train) -> None:
+    """`work` (what --estimate multiplies) equals the totals the fit itself passes to progress.start, stage by
+    stage, at ε = 1 and 10 (PATE-GAN's count depends on ε)."""
+    cls = registry.get(method)
+    for eps in (1.0, 10.0):
+        e = math.inf if cls.guarantee == "none" else eps
+        cfg, _ = config.resolve(cls.Config, profile=config.load_profile(TINY_PROFILE), method=method,
+                                dataset="synthetic", epsilon=e, sets={})  # fmt: skip
+        budget = Budget.unlimited(1e-5) if math.isinf(e) else Budget(epsilon=e, delta=1e-5)
+        model = cls(cfg, spec=train.spec, device=torch.device("cpu"))
+        progress = Recording()
+        with contextlib.suppress(Enough):  # raised at the first unit outside a shared stage
+            model.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=progress)
+        assert list(cls.work(cfg, len(train), budget).values()) == progress.totals
+
+
+def _plan(paper_id: str, profile: str = "smoke") -> paper.PaperPlan:
+    known = paper.load_papers()
+    return paper.plan_paper(paper.get_paper(known, paper_id), known, paper.load_published(known), profile=profile,
+                            seeds=[0])  # fmt: skip
+
+
+def _measurement(spec: Any, seconds_per_unit: list[float], sample_seconds: float) -> dict[str, Any]:
+    return {"method": spec.method, "dataset": "fmnist", "precision": "default", "device": "cuda", "error": "",
+            "config": spec.config, "sample_seconds": sample_seconds, "sample_n": 8, "peak_memory_gib": 1.0,
+            "seconds": 1.0, "stages": [{"description": "x", "units": 1, "timed_units": 2, "seconds_per_unit": s}
+                                       for s in seconds_per_unit]}  # fmt: skip
+
+
+def test_the_estimate_is_units_times_seconds_per_unit_plus_samples_times_seconds_per_sample() -> None:
+    plan = _plan("dpdm-tmlr23")
+    dpdm = [s for s in plan.specs if s.method == "dpdm"]
+    assert {s.dataset for s in dpdm} == {"mnist", "fmnist"}
+    fm = next(s for s in dpdm if s.dataset == "fmnist")
+    th = estimate.Throughput("cuda", (_measurement(fm, [0.5], 0.01),))
+    frame, _ = estimate.estimate(dpdm, th, device=torch.device("cpu"))
+    # by hand: the smoke profile's dpdm (batch 256, 0.5 epochs) on 60,000 records: 0.5 / (256 / 60000) = 117.2
+    assert fm.config["batch_size"] == 256 and fm.config["epochs"] == 0.5
+    steps = 117
+    for row in frame.itertuples():  # MNIST has FMNIST's shape and size: the same measurement stands for it
+        assert row.train_s == pytest.approx(steps * 0.5)
+        assert row.sample_s == pytest.approx(fm.eval.n_gen * 0.01)
+        assert row.gpu_h == pytest.approx((steps * 0.5 + fm.eval.n_gen * 0.01) / 3600)
+    assert "GPU-h" in estimate.to_markdown(frame, "t", "cuda")
+
+
+def test_the_estimate_adds_the_stages_and_refuses_a_measurement_of_another_config() -> None:
+    plan = _plan("dpsad-eccv24")
+    sad = next(s for s in plan.specs if s.method == "dpsad" and s.dataset == "fmnist")
+    work = estimate.work_of(sad)
+    assert list(work) == ["teacher steps", "student dp steps"]
+    q = poisson_rate("b", sad.config["batch_size"], 60000)
+    assert work["student dp steps"] == steps_for(sad.config["epochs"], q)
+    th = estimate.Throughput("cuda", (_measurement(sad, [0.1, 2.0], 0.0),))
+    row = estimate.cell_row(sad, th.find(sad.method, sad.dataset, sad.config))
+    assert row["train_s"] == pytest.approx(work["teacher steps"] * 0.1 + work["student dp steps"] * 2.0)
+    other = {**sad.config, "base_channels": sad.config["base_channels"] * 2}  # another network: another cost
+    assert th.find(sad.method, sad.dataset, other) is None
+    longer = {**sad.config, "epochs": sad.config["epochs"] * 3}  # only the count differs: the same cost per unit
+    assert th.find(sad.method, sad.dataset, longer) is not None
+    assert cost_key(longer) == cost_key(sad.config)
+    assert estimate.cell_row(sad, None)["status"] == "no measurement of this config"
+
+
+def test_paper_estimate_from_a_throughput_file_prints_and_writes_gpu_hours(tmp_path: Path) -> None:
+    plan = _plan("dpdm-tmlr23")
+    fm = next(s for s in plan.specs if s.method == "dpdm" and s.dataset == "fmnist")
+    th = tmp_path / "throughput.json"
+    th.write_text(json.dumps({"format": 1, "device": "cuda", "measurements": [_measurement(fm, [0.5], 0.01)]}))
+    r = bench(*["paper", "dpdm-tmlr23", "--estimate", "--throughput", str(th), "--profile", "smoke",
+                "--out", str(tmp_path / "est")])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    runs = len(plan.specs)
+    assert f"GPU-h** for the {runs} run(s) estimated" in r.stdout  # every dpdm run: MNIST's take FMNIST's figure
+    md, csv = tmp_path / "est" / "estimate-dpdm-tmlr23.md", tmp_path / "est" / "estimate-dpdm-tmlr23.csv"
+    assert md.read_text().strip() in r.stdout
+    assert csv.read_text().count("\n") == runs + 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--throughput", "x.json"], "--throughput goes with --estimate"),
+        (["--estimate", "--throughput", "missing.json"], "missing.json does not exist"),
+        (["--estimate", "--run"], "--estimate runs nothing"),
+    ],
+)
+def test_estimate_options_fail_with_one_line(args: list[str], message: str, tmp_path: Path) -> None:
+    r = bench(*["paper", "dpdm-tmlr23", "--profile", TINY_PROFILE, "--results", str(tmp_path / "r"), *args])
+    assert r.exit_code == 2, r.output
+    assert message in r.stderr and "Traceback" not in r.output and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_a_malformed_throughput_file_is_a_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "t.json"
+    bad.write_text('{"format": 7}')
+    r = bench(*["paper", "dpdm-tmlr23", "--estimate", "--throughput", str(bad), "--profile", TINY_PROFILE])
+    assert r.exit_code == 2 and "is not a throughput file" in r.stderr
+
+
+def test_gpu_check_cpu_mode_writes_the_files_it_promises(tmp_path: Path) -> None:
+    """`make gpu-check DEVICE=cpu QUICK=1`'s script: the four files, a throughput row for every method (dpdm in
+    both precisions), dpdm's DP/non-private ratio, the grid's results and report, and both estimates."""
+    out = tmp_path / "out"
+    assert gpucheck.main(["--out", str(out), "--device", "cpu", "--quick", "--tests", str(ROOT / "tests")]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(gpucheck.FILES)
+    info = json.loads((out / "summary.json").read_text())
+    labels = [r["label"] for r in info["throughput"]]
+    assert labels == ["dpsad (ddpm)", "dpsad (edm)", "dpsad-e2e", "dpdm fp32", "dpdm bf16", "dpgan", "pategan",
+                      "dpmerf", "dphp", "ddpm", "ddpm with dpdm's network"]  # fmt: skip
+    for r in info["throughput"]:
+        assert not r["error"], r
+        assert r["stages"] and all(st["seconds_per_unit"] > 0 for st in r["stages"]), r
+        assert r["sample_seconds"] > 0
+    assert [len(r["stages"]) for r in info["throughput"] if r["method"] == "dpsad"] == [2, 2]  # teacher, student
+    assert set(info["dp_ratio"]) == {"dpdm fp32", "dpdm bf16"}
+    assert all(v["ratio"] > 0 for v in info["dp_ratio"].values())
+    assert info["tests"]["exit"] in (0, 5) and "error" not in info["tests"]["counts"]  # gpu tests skip on a CPU
+    assert info["grid"]["exit"] == 0, info["grid"]["tail"]
+    assert set(info["estimates"]) == set(gpucheck.PAPERS)
+    assert all("GPU-h" in text for text in info["estimates"].values()), info["estimates"]
+    throughput = json.loads((out / "throughput.json").read_text())
+    assert len(throughput["measurements"]) == len(labels)
+    import tarfile
+
+    with tarfile.open(out / "gpu-check.tar.gz") as tar:
+        names = tar.getnames()
+    assert {"gpu-tests.log", "throughput.log", "grid.log", "results", "reports"} <= set(names)
+    assert any(n.startswith("results/") and n.endswith("metrics.json") for n in names)
+    assert not any(n.endswith(".pt") for n in names)
+    assert "## Training throughput" in (out / "summary.md").read_text()
+    assert data.spec_without_files("fmnist").num_train == 60000  # the full mode's shape
