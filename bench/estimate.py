@@ -151,16 +151,21 @@ def estimate(
     first. Returns the rows and the throughput used."""
     specs = list(specs)
     if throughput is None:
-        measured: dict[tuple[str, str, str], Measurement] = {}
+        measured: dict[tuple[str, tuple[int, ...], str], Measurement] = {}
         for spec in specs:
             cls = registry.get(spec.method)
-            k = (spec.method, spec.dataset, cost_key(spec.config))
+            k = (spec.method, data_shape(spec.dataset), cost_key(spec.config))  # MNIST is timed as FMNIST
             if k in measured:
                 continue
+            if data.spec_without_files(spec.dataset).num_train == 0:
+                continue  # its record count is unknown: the row says so
             echo(f"timing {spec.method} on {spec.dataset} ({device})")
             cfg = config.build_dataclass(cls.Config, spec.config, spec.method)
             eps = 10.0 if math.isinf(spec.epsilon) else spec.epsilon
-            measured[k] = measure_fn(spec.method, spec.dataset, cfg, device=device, epsilon=eps, delta=spec.delta)
+            try:
+                measured[k] = measure_fn(spec.method, spec.dataset, cfg, device=device, epsilon=eps, delta=spec.delta)
+            except BenchError as e:  # e.g. a network that does not fit the data's shape: the row says "no measurement"
+                echo(f"warning: cannot time {spec.method} on {spec.dataset}: {e}")
         throughput = Throughput(str(device), tuple(m.to_json() for m in measured.values()))
     rows = [cell_row(s, throughput.find(s.method, s.dataset, s.config)) for s in specs]
     return pd.DataFrame(rows), throughput

@@ -176,6 +176,26 @@ def test_paper_estimate_from_a_throughput_file_prints_and_writes_gpu_hours(tmp_p
     assert csv.read_text().count("\n") == runs + 1
 
 
+def test_without_a_throughput_file_each_distinct_config_is_timed_once_on_the_device() -> None:
+    """The --estimate path without --throughput: one timing per distinct (method, data, cost) config, then the same
+    arithmetic (the timing itself is bench.throughput.measure, run for real by the gpu-check test)."""
+    plan = _plan("dpdm-tmlr23")
+    calls: list[tuple[str, str]] = []
+
+    def fake_measure(method: str, dataset: str, cfg: Any, **kw: Any) -> Any:
+        calls.append((method, dataset))
+        spec = next(s for s in plan.specs if s.method == method and s.dataset == dataset)
+        m = _measurement(spec, [0.25], 0.002)
+        return type("M", (), {"to_json": lambda self: {**m, "dataset": dataset, "device": "cpu"}})()
+
+    frame, used = estimate.estimate(plan.specs, None, device=torch.device("cpu"), measure_fn=fake_measure)
+    distinct = {(s.method, estimate.data_shape(s.dataset), cost_key(s.config)) for s in plan.specs}
+    assert len(calls) == len(distinct) == 1  # the ε values share a config, MNIST has FMNIST's shape: timed once
+    assert used.device == "cpu" and len(used.measurements) == len(calls)
+    for row, spec in zip(frame.itertuples(), plan.specs, strict=True):
+        assert row.train_s == pytest.approx(estimate.work_of(spec)["dp steps"] * 0.25)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
