@@ -82,9 +82,7 @@ class DPDM(ConditionalDenoiser):
 
     @classmethod
     def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
-        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
-        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
-        measured seconds."""
+        """{stage: units of work} of a fit (bench.contract, optional members: `work`)."""
         cfg = config
         return {"dp steps": steps_for(cfg.epochs, poisson_rate("dpdm: batch_size", cfg.batch_size, num_records))}
 

@@ -127,9 +127,7 @@ class DPGAN(ConditionalGAN):
 
     @classmethod
     def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
-        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
-        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
-        measured seconds."""
+        """{stage: units of work} of a fit (bench.contract, optional members: `work`)."""
         cfg = config
         q = poisson_rate("dpgan: batch_size", cfg.batch_size, num_records)
         return {"discriminator dp steps": max(1, round(cfg.epochs / (q * cfg.d_steps))) * cfg.d_steps}

@@ -138,6 +138,10 @@ class Method(Protocol):
     # Optional members (the harness checks for them with getattr):
     # - Progress.shared(name, ident, build): see shared_stage (a stage several runs share, built once).
     # - released_model() -> nn.Module: the model a user would publish (its parameter count goes in the cost table).
+    # - classmethod work(config, num_records, budget) -> {stage: units}: the units of work of each stage of a fit with
+    #   `config` on `num_records` records, in order: each stage is one `progress.start(units)` of `fit`, its units the
+    #   `advance()` calls that follow. `bench paper --estimate` multiplies them by measured seconds per unit
+    #   (bench.estimate); tests/test_gpucheck.py checks them against a real fit. A method without it is not estimated.
     # - membership_scores(images, labels, *, generator) -> Tensor [m]: `bench audit`'s white-box score of each
     #   image (higher = more likely a training record), computed from the released model only, with every random
     #   draw from `generator` and shared by all images (bench.diffusion.ConditionalDenoiser: minus the denoising

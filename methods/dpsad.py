@@ -109,9 +109,7 @@ class DPSAD(DPSADBase):
 
     @classmethod
     def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
-        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
-        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
-        measured seconds."""
+        """{stage: units of work} of a fit (bench.contract, optional members: `work`)."""
         cfg = config
         student = steps_for(cfg.epochs, poisson_rate("dpsad: batch_size", cfg.batch_size, num_records))
         return {**DPSADTeacher.work(config.teacher_config(), num_records, budget), "student dp steps": student}

@@ -86,9 +86,7 @@ class DPSADE2E(DPSADBase):
 
     @classmethod
     def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
-        """The units of work of each progress stage a fit with `config` on `num_records` runs, in order ({stage:
-        units}; each stage is one `progress.start(units)` of fit): what `bench paper --estimate` multiplies by
-        measured seconds."""
+        """{stage: units of work} of a fit (bench.contract, optional members: `work`)."""
         cfg = config
         q_t = poisson_rate("dpsad-e2e: teacher_batch_size", cfg.teacher_batch_size, num_records)
         q_s = poisson_rate("dpsad-e2e: batch_size", cfg.batch_size, num_records)
