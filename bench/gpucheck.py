@@ -200,7 +200,12 @@ def summary_md(info: dict[str, Any]) -> str:
     lines += [f"- {k}: {info[k]}" for k in ("torch", "python", "commit", "seconds")]
     t = info.get("tests")
     lines += ["", "## gpu tests", "", f"exit {t['exit']}: {t['counts']}" if t else "skipped (time budget)"]
-    lines += ["", "## Training throughput (paper settings, Fashion-MNIST's shape)", ""]
+    settings = (
+        "the tiny test profile, 16×16 synthetic data"
+        if info["mode"] == "quick"
+        else ("paper settings, Fashion-MNIST's shape")
+    )
+    lines += ["", f"## Training throughput ({settings})", ""]
     lines += ["| run | stage | units/s | s/unit | peak GiB | s/sample | note |", "|---|---|---|---|---|---|---|"]
     for row in info["throughput"]:
         for st in row["stages"] or [{"description": "—", "seconds_per_unit": None}]:

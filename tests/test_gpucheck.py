@@ -247,5 +247,5 @@ def test_gpu_check_cpu_mode_writes_the_files_it_promises(tmp_path: Path) -> None
     assert {"gpu-tests.log", "throughput.log", "grid.log", "results", "reports"} <= set(names)
     assert any(n.startswith("results/") and n.endswith("metrics.json") for n in names)
     assert not any(n.endswith(".pt") for n in names)
-    assert "## Training throughput" in (out / "summary.md").read_text()
+    assert "## Training throughput (the tiny test profile" in (out / "summary.md").read_text()
     assert data.spec_without_files("fmnist").num_train == 60000  # the full mode's shape
