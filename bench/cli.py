@@ -489,7 +489,7 @@ def _estimate(plan: Any, paper_id: str, throughput: Path | None, device: torch.d
     from bench import estimate as est
 
     measured = est.load_throughput(throughput) if throughput is not None else None
-    frame, used = est.estimate(plan.specs, measured, device=device, echo=_err)
+    frame, used = est.estimate(plan.specs, measured, device=device, metrics=plan.run_metrics(), echo=_err)
     text = est.to_markdown(frame, f"{paper_id}", used.device)
     typer.echo(text)
     paths = est.write(frame, text, out, paper_id)

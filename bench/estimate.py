@@ -1,14 +1,16 @@
 """What a grid costs before it runs: `bench paper ID --estimate [--throughput FILE]`.
 
-For every run of a paper's plan: the units of work of each stage of its fit (the method's `work(num_records,
-budget)`, the same counts its fit announces to its progress) times the seconds per unit measured for the same
-config, plus the samples it generates (`eval.n_gen`) times the seconds per sample. The seconds come from a
-throughput file (`throughput.json`, written by `make gpu-check` on a GPU) or, without one, from timing each
-distinct config on the current device (bench.throughput). A measurement stands for a run when the two configs
+For every run of a paper's plan: the units of work of each stage of its fit (the method's `work(config,
+num_records, budget)`, the same counts its fit announces to its progress) times the seconds per unit measured for
+the same config, plus the samples it generates (`eval.n_gen`) times the seconds per sample, plus, for each accuracy
+metric the plan scores, its downstream classifier's epochs × training samples (the protocol's settings, capped at
+n_gen, times `classifier_seeds`) times the seconds per sample·epoch measured for that classifier. The seconds come
+from a throughput file (`throughput.json`, written by `make gpu-check` on a GPU) or, without one, from timing
+each distinct config on the current device (bench.throughput). A measurement stands for a run when the two configs
 are equal but for the fields that only count units (bench.throughput.COUNT_FIELDS) and their precision agrees.
 
-Not estimated: scoring (the domain extractor, Inception features, the downstream protocols' classifiers), which
-the paper profile also runs. The table says so in its footer.
+Not estimated: the fidelity metrics' features (the domain extractor's training, Inception features of the samples
+and of the real side), start-up and data loading. The table says so in its footer.
 """
 
 from __future__ import annotations
@@ -25,13 +27,15 @@ import torch
 
 from bench import config, data, registry
 from bench.errors import BenchError
+from bench.metrics import EvalSettings
+from bench.metrics.protocols import METRIC_PROTOCOL
 from bench.privacy import Budget
 from bench.runner import RunSpec
-from bench.throughput import FORMAT, Measurement, cost_key, measure
+from bench.throughput import FORMAT, Measurement, cost_key, measure, measure_classifiers, protocol_work
 
 NOT_ESTIMATED = (
-    "scoring is not in the estimate (domain extractor, Inception features, downstream protocols' classifiers); "
-    "nor are start-up and data loading"
+    "the fidelity metrics' features (the domain extractor's training, Inception features of samples and real "
+    "images), start-up and data loading"
 )
 
 
@@ -39,6 +43,17 @@ NOT_ESTIMATED = (
 class Throughput:
     device: str
     measurements: tuple[dict[str, Any], ...]
+    classifiers: tuple[dict[str, Any], ...] = ()  # bench.throughput.measure_classifiers' rows
+
+    def classifier(self, metric: str, dataset: str) -> dict[str, Any] | None:
+        """The latest timing of the classifier behind `metric` on data of `dataset`'s image shape and classes."""
+        shape = data_shape(dataset)[:3] + data_shape(dataset)[4:]
+        found = None
+        for c in self.classifiers:
+            theirs = data_shape(c["dataset"])
+            if c["metric"] == metric and theirs[:3] + theirs[4:] == shape:
+                found = c
+        return found
 
     def find(self, method: str, dataset: str, cfg: dict[str, Any]) -> dict[str, Any] | None:
         """The latest measurement of `method` on data of `dataset`'s shape and size (MNIST stands for Fashion-MNIST,
@@ -80,11 +95,19 @@ def load_throughput(path: Path) -> Throughput:
         raise BenchError(f"--throughput: cannot read {path}: {e}") from None
     if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("measurements"), list):
         raise BenchError(f"--throughput: {path} is not a throughput file of format {FORMAT} (write one with gpu-check)")
-    return Throughput(str(raw.get("device", "")), tuple(raw["measurements"]))
+    return Throughput(str(raw.get("device", "")), tuple(raw["measurements"]), tuple(raw.get("classifiers", ())))
 
 
-def throughput_json(measurements: Iterable[Measurement], device: str) -> dict[str, Any]:
-    return {"format": FORMAT, "device": device, "measurements": [m.to_json() for m in measurements]}
+def throughput_json(
+    measurements: Iterable[Measurement], device: str, classifiers: Iterable[dict[str, Any]] = ()
+) -> dict[str, Any]:
+    return {"format": FORMAT, "device": device, "measurements": [m.to_json() for m in measurements],
+            "classifiers": list(classifiers)}  # fmt: skip
+
+
+def accuracy_metrics(metrics: Iterable[str]) -> list[str]:
+    """The metrics among `metrics` that train a downstream classifier."""
+    return [m for m in metrics if m in METRIC_PROTOCOL]
 
 
 def work_of(spec: RunSpec) -> dict[str, int] | None:
@@ -102,8 +125,25 @@ def work_of(spec: RunSpec) -> dict[str, int] | None:
     return dict(work(cfg, data.spec_without_files(spec.dataset).num_train, budget))
 
 
-def cell_row(spec: RunSpec, found: dict[str, Any] | None) -> dict[str, Any]:
-    """One run's estimate: units per stage × seconds per unit, samples × seconds per sample."""
+def scoring_seconds(spec: RunSpec, metrics: Iterable[str], th: Throughput) -> tuple[float, list[str]]:
+    """Seconds of the downstream classifiers `spec` trains for `metrics`, and the metrics without a timing."""
+    ev = EvalSettings(**spec.eval.settings)
+    seconds, missing = 0.0, []
+    for metric in accuracy_metrics(metrics):
+        timing = th.classifier(metric, spec.dataset)
+        if timing is None:
+            missing.append(metric)
+            continue
+        epochs, samples = protocol_work(metric, spec.dataset, ev.protocols[METRIC_PROTOCOL[metric][0]], spec.eval.n_gen)
+        seconds += ev.classifier_seeds * epochs * samples * timing["seconds_per_sample_epoch"]
+    return seconds, missing
+
+
+def cell_row(
+    spec: RunSpec, found: dict[str, Any] | None, th: Throughput, metrics: Iterable[str] = ()
+) -> dict[str, Any]:
+    """One run's estimate: units per stage × seconds per unit, samples × seconds per sample, and the downstream
+    classifiers of `metrics` (epochs × samples × seconds per sample·epoch)."""
     unknown = data.spec_without_files(spec.dataset).num_train == 0
     work = None if unknown else work_of(spec)
     row: dict[str, Any] = {
@@ -115,6 +155,7 @@ def cell_row(spec: RunSpec, found: dict[str, Any] | None) -> dict[str, Any]:
         "n_gen": spec.eval.n_gen,
         "train_s": None,
         "sample_s": None,
+        "score_s": None,
         "gpu_h": None,
         "status": "",
     }
@@ -131,11 +172,16 @@ def cell_row(spec: RunSpec, found: dict[str, Any] | None) -> dict[str, Any]:
     if len(stages) != len(work) or any(s["seconds_per_unit"] is None for s in stages):
         row["status"] = f"the measurement timed {len(stages)} stage(s), the fit has {len(work)}"
         return row
+    notes = []
     row["train_s"] = sum(units * s["seconds_per_unit"] for units, s in zip(work.values(), stages, strict=True))
     row["sample_s"] = spec.eval.n_gen * found["sample_seconds"] if found.get("sample_seconds") is not None else None
     if row["sample_s"] is None:
-        row["status"] = "sampling not measured: training only"
-    row["gpu_h"] = (row["train_s"] + (row["sample_s"] or 0.0)) / 3600
+        notes.append("sampling not measured")
+    row["score_s"], missing = scoring_seconds(spec, metrics, th)
+    if missing:
+        notes.append(f"classifiers not measured: {', '.join(missing)}")
+    row["gpu_h"] = (row["train_s"] + (row["sample_s"] or 0.0) + row["score_s"]) / 3600
+    row["status"] = "; ".join(notes) + (" (not in the total)" if notes else "")
     return row
 
 
@@ -144,12 +190,15 @@ def estimate(
     throughput: Throughput | None,
     *,
     device: torch.device,
+    metrics: Iterable[str] = (),
     measure_fn: Callable[..., Measurement] = measure,
+    classifiers_fn: Callable[..., list[dict[str, Any]]] = measure_classifiers,
     echo: Callable[[str], None] = lambda s: None,
 ) -> tuple[pd.DataFrame, Throughput]:
-    """Rows of `estimate` per run (see cell_row); without `throughput`, each distinct config is timed on `device`
-    first. Returns the rows and the throughput used."""
-    specs = list(specs)
+    """Rows of `estimate` per run (see cell_row), its downstream classifiers those of `metrics`; without
+    `throughput`, each distinct config and each classifier is timed on `device` first. Returns the rows and the
+    throughput used."""
+    specs, metrics = list(specs), list(metrics)
     if throughput is None:
         measured: dict[tuple[str, tuple[int, ...], str], Measurement] = {}
         for spec in specs:
@@ -166,14 +215,26 @@ def estimate(
                 measured[k] = measure_fn(spec.method, spec.dataset, cfg, device=device, epsilon=eps, delta=spec.delta)
             except BenchError as e:  # e.g. a network that does not fit the data's shape: the row says "no measurement"
                 echo(f"warning: cannot time {spec.method} on {spec.dataset}: {e}")
-        throughput = Throughput(str(device), tuple(m.to_json() for m in measured.values()))
-    rows = [cell_row(s, throughput.find(s.method, s.dataset, s.config)) for s in specs]
+        timed: list[dict[str, Any]] = []
+        shapes = {data_shape(s.dataset)[:3]: s.dataset for s in specs}
+        for dataset in shapes.values():
+            if wanted := accuracy_metrics(metrics):
+                echo(f"timing the downstream classifiers on {dataset} ({device})")
+                timed += classifiers_fn(wanted, dataset, device=device)
+        throughput = Throughput(str(device), tuple(m.to_json() for m in measured.values()), tuple(timed))
+    rows = [cell_row(s, throughput.find(s.method, s.dataset, s.config), throughput, metrics) for s in specs]
     return pd.DataFrame(rows), throughput
+
+
+def hours_unit(device: str) -> str:
+    """GPU-h on a CUDA device, CPU-h on a CPU (as the cost table: bench.plots)."""
+    return "GPU-h" if device.startswith("cuda") else "CPU-h" if device.startswith("cpu") else "device-h"
 
 
 def to_markdown(frame: pd.DataFrame, title: str, device: str) -> str:
     lines = [f"# {title}: estimated cost on {device or 'the measured device'}", ""]
-    cols = ["method", "dataset", "ε", "seed", "units of work", "samples", "train [h]", "sample [h]", "GPU-h", "note"]
+    cols = ["method", "dataset", "ε", "seed", "units of work", "samples", "train [h]", "sample [h]", "classifiers [h]",
+            f"{hours_unit(device)}", "note"]  # fmt: skip
     lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 
     def h(v: Any) -> str:
@@ -184,11 +245,11 @@ def to_markdown(frame: pd.DataFrame, title: str, device: str) -> str:
         gpu = "—" if r.gpu_h is None or math.isnan(r.gpu_h) else f"{r.gpu_h:.2f}"
         lines.append(
             f"| {r.method} | {r.dataset} | {eps} | {r.seed} | {r.units} | {r.n_gen:,} | {h(r.train_s)} | "
-            f"{h(r.sample_s)} | {gpu} | {r.status} |"
+            f"{h(r.sample_s)} | {h(r.score_s)} | {gpu} | {r.status} |"
         )
     known = frame["gpu_h"].dropna()
     missing = len(frame) - len(known)
-    total = f"**{known.sum():.2f} GPU-h** for the {len(known)} run(s) estimated"
+    total = f"**{known.sum():.2f} {hours_unit(device)}** for the {len(known)} run(s) estimated"
     if missing:
         total += f"; {missing} run(s) not estimated (see their notes), so the table costs more"
     lines += ["", total, "", f"Not included: {NOT_ESTIMATED}."]

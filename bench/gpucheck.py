@@ -39,7 +39,8 @@ import torch
 
 from bench import config, data
 from bench.estimate import throughput_json
-from bench.throughput import Measurement, has_precision, measure, resolve
+from bench.metrics.protocols import METRIC_PROTOCOL
+from bench.throughput import Measurement, has_precision, measure, measure_classifiers, resolve
 
 GRID_METHODS = ("dpsad", "dpsad-e2e", "dpdm", "dpgan", "dpmerf")
 # (label, method, sets): every method's training step at the paper's settings; dpsad with both denoisers
@@ -149,6 +150,18 @@ def throughput(s: Settings, deadline: float, log: Path) -> list[tuple[str, Measu
     return out
 
 
+def classifiers(s: Settings, log: Path) -> list[dict[str, Any]]:
+    """Seconds per sample·epoch of every downstream classifier (bench.throughput.measure_classifiers), for the
+    estimates' scoring column; [] if it fails (the log says why)."""
+    try:
+        rows = measure_classifiers(list(METRIC_PROTOCOL), s.dataset, device=s.device, n=256 if s.quick else 4096)
+    except Exception as e:  # the other figures must still come back
+        log.write_text(f"FAILED {type(e).__name__}: {e}\n")
+        return []
+    log.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 def dp_ratio(measured: list[tuple[str, Measurement]]) -> dict[str, Any] | None:
     """dpdm's rows per second (B·K per DP step) over the non-private ddpm's on the same network, per precision."""
     ref = dict(measured).get("ddpm with dpdm's network")
@@ -215,6 +228,8 @@ def summary_md(info: dict[str, Any]) -> str:
             lines.append(f"| {row['label']} | {st['description'][:48]} | {1 / spu:.3g} | {spu:.4g} | {peak} | {sps} | "
                          f"{row['error']} |" if spu else f"| {row['label']} | {st['description'][:48]} | — | — | "
                          f"{peak} | {sps} | {row['error']} |")  # fmt: skip
+    lines += ["", "## Downstream classifiers (seconds per training sample and epoch)", ""]
+    lines += [f"- {c['metric']}: {c['seconds_per_sample_epoch']:.3g}" for c in info.get("classifiers") or []]
     lines += [
         "",
         "## dpdm's DP step against the non-private step of the same network (rows per second)",
@@ -268,8 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     measured = throughput(s, time.perf_counter() + 0.45 * left(), work / "throughput.log")
     info["throughput"] = [{"label": label, **m.to_json()} for label, m in measured]
     info["dp_ratio"] = dp_ratio(measured)
+    info["classifiers"] = classifiers(s, work / "classifiers.log") if left() > 90 else []
+    if not info["classifiers"]:
+        info["skipped"].append("downstream classifiers' timing: the time budget was spent or it failed")
     throughput_file = a.out / "throughput.json"
-    table = throughput_json([m for _, m in measured], str(s.device))
+    table = throughput_json([m for _, m in measured], str(s.device), info["classifiers"])
     throughput_file.write_text(json.dumps(table, default=str))
     if left() > 60:
         info["grid"] = grid(s, work, left() - 30, data_root)
@@ -284,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     text = summary_md(info)
     (a.out / "summary.md").write_text(text)
     with tarfile.open(a.out / "gpu-check.tar.gz", "w:gz") as tar:
-        for name in ("gpu-tests.log", "throughput.log", "grid.log", "report.log", "results", "reports", "estimates",
+        for name in ("gpu-tests.log", "throughput.log", "classifiers.log", "grid.log", "report.log", "results",
+                     "reports", "estimates",
                      *(f"estimate-{p}.log" for p in PAPERS)):  # fmt: skip
             if (work / name).exists():
                 tar.add(work / name, arcname=name, filter=_no_checkpoints)

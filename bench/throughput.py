@@ -18,7 +18,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,8 @@ import torch
 
 from bench import config, data, registry
 from bench.contract import DataSpec, ImageDataset, config_fields
+from bench.metrics.protocols import METRIC_PROTOCOL, PROTOCOLS
+from bench.metrics.protocols.base import resolve_settings
 from bench.privacy import Budget
 
 FORMAT = 1  # version of the throughput file's layout
@@ -216,3 +218,49 @@ def measure(
 def has_precision(method: str) -> bool:
     """Whether the method's Config has a `precision` option (fp32 / bf16)."""
     return "precision" in config_fields(registry.get(method).Config)
+
+
+def protocol_work(metric: str, dataset: str, overrides: Any, n_gen: int) -> tuple[int, int]:
+    """(epochs, samples) the downstream classifier behind `metric` trains on for a run of `n_gen` samples: the
+    protocol's settings for `dataset` under `overrides` (its Settings), its sample counts capped at n_gen as the run
+    caps them. A protocol without epochs (scikit-learn) counts as 1."""
+    name, _ = METRIC_PROTOCOL[metric]
+    p = PROTOCOLS[name]
+    spec = data.spec_without_files(dataset)
+    shape = (spec.channels, spec.height, spec.width)
+    resolved, _ = resolve_settings(p, overrides, dataset=dataset, shape=shape, num_classes=spec.num_classes)
+    samples = sum(int(v) for k, v in resolved.items() if k.startswith("n_") and v is not None)
+    return int(resolved.get("epochs", 1)), min(samples, n_gen)
+
+
+def measure_classifiers(
+    metrics: Iterable[str], dataset: str, *, device: torch.device, n: int = 2048, epochs: int = 1, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Seconds per (sample · epoch) of the downstream classifier behind each metric, trained by its protocol on `n`
+    random labelled images of `dataset`'s shape for `epochs` epochs (its per-epoch scoring included) and tested on
+    n/4 more."""
+    spec = data.spec_without_files(dataset)
+    g = torch.Generator().manual_seed(seed)
+    train = random_dataset(dataclasses.replace(spec, num_train=n), g)
+    test = random_dataset(dataclasses.replace(spec, num_train=max(16, n // 4)), g)
+    shape = (spec.channels, spec.height, spec.width)
+    out = []
+    for metric in metrics:
+        name, classifier = METRIC_PROTOCOL[metric]
+        p = PROTOCOLS[name]
+        fields = config_fields(p.Settings)
+        over = {k: v for k, v in {"epochs": epochs, "n_train": n, "n_eval": n // 5}.items() if k in fields}
+        if "n_eval" in over:
+            over["n_train"] = n - over["n_eval"]
+        resolved, _ = resolve_settings(p, p.Settings(**over), dataset=dataset, shape=shape,
+                                       num_classes=spec.num_classes)  # fmt: skip
+        sync = _sync(device)
+        sync()
+        t0 = time.perf_counter()
+        p.run([classifier], train, test, settings=resolved, seed=seed, device=device)
+        sync()
+        seconds = time.perf_counter() - t0
+        out.append({"metric": metric, "dataset": dataset, "device": str(device), "samples": n,
+                    "epochs": int(resolved.get("epochs", 1)),
+                    "seconds_per_sample_epoch": seconds / (n * int(resolved.get("epochs", 1)))})  # fmt: skip
+    return out

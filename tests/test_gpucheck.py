@@ -17,6 +17,7 @@ from packaging.requirements import Requirement
 
 from bench import config, data, estimate, gpubundle, gpucheck, paper, registry
 from bench.contract import NullProgress
+from bench.metrics.protocols import METRIC_PROTOCOL
 from bench.privacy import Budget
 from bench.throughput import Enough, cost_key
 from bench.training import poisson_rate, steps_for
@@ -140,7 +141,7 @@ def test_the_estimate_is_units_times_seconds_per_unit_plus_samples_times_seconds
         assert row.train_s == pytest.approx(steps * 0.5)
         assert row.sample_s == pytest.approx(fm.eval.n_gen * 0.01)
         assert row.gpu_h == pytest.approx((steps * 0.5 + fm.eval.n_gen * 0.01) / 3600)
-    assert "GPU-h" in estimate.to_markdown(frame, "t", "cuda")
+    assert "GPU-h" in estimate.to_markdown(frame, "t", "cuda") and "CPU-h" in estimate.to_markdown(frame, "t", "cpu")
 
 
 def test_the_estimate_adds_the_stages_and_refuses_a_measurement_of_another_config() -> None:
@@ -151,14 +152,30 @@ def test_the_estimate_adds_the_stages_and_refuses_a_measurement_of_another_confi
     q = poisson_rate("b", sad.config["batch_size"], 60000)
     assert work["student dp steps"] == steps_for(sad.config["epochs"], q)
     th = estimate.Throughput("cuda", (_measurement(sad, [0.1, 2.0], 0.0),))
-    row = estimate.cell_row(sad, th.find(sad.method, sad.dataset, sad.config))
+    row = estimate.cell_row(sad, th.find(sad.method, sad.dataset, sad.config), th)
     assert row["train_s"] == pytest.approx(work["teacher steps"] * 0.1 + work["student dp steps"] * 2.0)
     other = {**sad.config, "base_channels": sad.config["base_channels"] * 2}  # another network: another cost
     assert th.find(sad.method, sad.dataset, other) is None
     longer = {**sad.config, "epochs": sad.config["epochs"] * 3}  # only the count differs: the same cost per unit
     assert th.find(sad.method, sad.dataset, longer) is not None
     assert cost_key(longer) == cost_key(sad.config)
-    assert estimate.cell_row(sad, None)["status"] == "no measurement of this config"
+    assert estimate.cell_row(sad, None, th)["status"] == "no measurement of this config"
+
+
+def test_the_estimate_adds_each_downstream_classifier_as_epochs_times_samples_times_seconds() -> None:
+    """By hand: the smoke profile's DPDM protocol trains acc_cnn 10 epochs (its [eval.dpdm]) on the run's 1,000
+    samples (60,000 + 10,000 asked, capped at n_gen), once (classifier_seeds 1): 10 × 1,000 × 1e-4 s = 1 s."""
+    plan = _plan("dpdm-tmlr23")
+    fm = next(s for s in plan.specs if s.method == "dpdm" and s.dataset == "fmnist")
+    timing = {"metric": "acc_cnn", "dataset": "fmnist", "device": "cuda", "samples": 4096, "epochs": 1,
+              "seconds_per_sample_epoch": 1e-4}  # fmt: skip
+    th = estimate.Throughput("cuda", (_measurement(fm, [0.5], 0.01),), (timing,))
+    found = th.find(fm.method, fm.dataset, fm.config)
+    row = estimate.cell_row(fm, found, th, ["fd_domain", "acc_cnn"])
+    assert row["score_s"] == pytest.approx(10 * 1000 * 1e-4) and row["status"] == ""
+    assert row["gpu_h"] == pytest.approx((117 * 0.5 + 1000 * 0.01 + 1.0) / 3600)
+    row = estimate.cell_row(fm, found, th, ["acc_cnn", "acc_logreg"])  # acc_logreg not timed: said, not counted
+    assert row["score_s"] == pytest.approx(1.0) and "classifiers not measured: acc_logreg" in row["status"]
 
 
 def test_paper_estimate_from_a_throughput_file_prints_and_writes_gpu_hours(tmp_path: Path) -> None:
@@ -188,7 +205,13 @@ def test_without_a_throughput_file_each_distinct_config_is_timed_once_on_the_dev
         m = _measurement(spec, [0.25], 0.002)
         return type("M", (), {"to_json": lambda self: {**m, "dataset": dataset, "device": "cpu"}})()
 
-    frame, used = estimate.estimate(plan.specs, None, device=torch.device("cpu"), measure_fn=fake_measure)
+    def fake_classifiers(metrics: list[str], dataset: str, **kw: Any) -> list[dict[str, Any]]:
+        return [{"metric": m, "dataset": dataset, "seconds_per_sample_epoch": 1e-5} for m in metrics]
+
+    frame, used = estimate.estimate(plan.specs, None, device=torch.device("cpu"), metrics=["acc_logreg", "fd_domain"],
+                                    measure_fn=fake_measure, classifiers_fn=fake_classifiers)  # fmt: skip
+    assert [c["metric"] for c in used.classifiers] == ["acc_logreg"]  # one data shape: timed once
+    assert all(v > 0 for v in frame["score_s"])
     distinct = {(s.method, estimate.data_shape(s.dataset), cost_key(s.config)) for s in plan.specs}
     assert len(calls) == len(distinct) == 1  # the ε values share a config, MNIST has FMNIST's shape: timed once
     assert used.device == "cpu" and len(used.measurements) == len(calls)
@@ -237,9 +260,11 @@ def test_gpu_check_cpu_mode_writes_the_files_it_promises(tmp_path: Path) -> None
     assert info["tests"]["exit"] in (0, 5) and "error" not in info["tests"]["counts"]  # gpu tests skip on a CPU
     assert info["grid"]["exit"] == 0, info["grid"]["tail"]
     assert set(info["estimates"]) == set(gpucheck.PAPERS)
-    assert all("GPU-h" in text for text in info["estimates"].values()), info["estimates"]
+    assert all("CPU-h** for the" in text for text in info["estimates"].values()), info["estimates"]
     throughput = json.loads((out / "throughput.json").read_text())
     assert len(throughput["measurements"]) == len(labels)
+    assert [c["metric"] for c in throughput["classifiers"]] == list(METRIC_PROTOCOL)
+    assert all(c["seconds_per_sample_epoch"] > 0 for c in throughput["classifiers"])
     import tarfile
 
     with tarfile.open(out / "gpu-check.tar.gz") as tar:
