@@ -1,7 +1,8 @@
 """The method registry: built-ins, entry points in group `bench.methods`, and `--plugin file.py`.
 
-Merged once per set of plugin files. A duplicate name is an error; a plugin that fails to import or
-does not satisfy the contract is a warning naming it; an unknown name lists the available ones.
+Merged once per set of plugin files. A duplicate name is an error; a plugin file the user names (`--plugin`) that
+fails to import, defines no method or breaks the contract is a one-line error (nothing runs); an entry-point plugin
+that does is a warning naming it; an unknown name lists the available ones.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 from bench.contract import Method
-from bench.errors import BenchError
+from bench.errors import BenchError, one_line
 
 # Built-in methods: registry key -> "module:Class". Plugins add to this through entry points.
 BUILTINS: dict[str, str] = {
@@ -176,26 +177,20 @@ def methods(plugins: tuple[str | Path, ...] = ()) -> dict[str, type[Method]]:
                 stacklevel=2,
             )
         _add(registry, cls, f"entry point {ep.value}", origins)
-    for path in plugins:
+    for path in plugins:  # a file the user names must load, or nothing runs (an entry point may stay a warning)
         try:
             found = load_plugin_file(path)
         except BenchError:
             raise
-        except Exception as e:  # noqa: BLE001
-            warnings.warn(f"plugin file {path} failed to load: {type(e).__name__}: {e}", PluginWarning, stacklevel=2)
-            continue
+        except Exception as e:  # noqa: BLE001 - any failure of the file's code: one line naming it
+            raise BenchError(f"plugin file {path} failed to load: {type(e).__name__}: {one_line(e)}") from None
         if not found:
-            warnings.warn(
-                f"plugin file {path} defines no method class (with `name` and `Config`)",
-                PluginWarning,
-                stacklevel=2,
-            )
+            raise BenchError(f"plugin file {path} defines no method class (with `name` and `Config`)")
         for obj in found:
             try:
                 cls = validate(obj)
             except ValueError as e:
-                warnings.warn(f"plugin file {path}: {e}", PluginWarning, stacklevel=2)
-                continue
+                raise BenchError(f"plugin file {path}: {e}") from None
             _add(registry, cls, f"plugin file {path}", origins)
     _cache[key] = registry
     return registry

@@ -74,7 +74,7 @@ CASES = {
     "missing profile file": (["--methods", "dpdm", "--profile", "/nowhere/p.toml"], "profile file /nowhere/p.toml"),
     "unknown profile": (["--methods", "dpdm", "--profile", "fastest"], "unknown profile 'fastest'"),
     "missing plugin file": (["--methods", "dpdm", "--plugin", "/nowhere/x.py"], "plugin file /nowhere/x.py"),
-    "plugin failing at import": (["--methods", "broken", "--plugin", BROKEN], "unknown method 'broken'"),
+    "plugin failing at import": (["--methods", "broken", "--plugin", BROKEN], "broken_plugin.py failed to load"),
     "unknown metric": (["--methods", "dpdm", "--metrics", "fid_nope"], "fid_nope"),
     "missing inception weights": (["--methods", "dpdm", "--inception-weights", "/nowhere/w.pth"], "/nowhere/w.pth"),
 }

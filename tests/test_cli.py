@@ -51,11 +51,14 @@ def test_list_with_a_plugin_file() -> None:
     assert r.exit_code == 0 and "noisy-means" in r.stdout
 
 
-def test_broken_plugin_is_a_one_line_warning() -> None:
-    r = bench("list", "--plugin", str(TESTS / "plugins" / "broken_plugin.py"))
-    assert r.exit_code == 0
-    assert "warning: plugin file" in r.stderr and "broken_plugin.py" in r.stderr
-    assert "dpdm" in r.stdout
+def test_a_broken_plugin_file_is_a_one_line_error_and_nothing_runs(tmp_path: Path) -> None:
+    for args in (["list"], ["run", "--methods", "dpdm", "--eps", "10", "--dataset", "synthetic", "--profile",
+                            TINY_PROFILE, "--results", str(tmp_path / "r")]):  # fmt: skip
+        r = bench(*args, "--plugin", str(TESTS / "plugins" / "broken_plugin.py"))
+        assert r.exit_code == 2, r.output
+        assert "plugin file" in r.stderr and "broken_plugin.py failed to load" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.output
+    assert not (tmp_path / "r").exists()  # nothing ran
 
 
 def test_dry_run_prints_resolved_configs_and_writes_nothing(tmp_path: Path) -> None:

@@ -42,10 +42,20 @@ def test_duplicate_name_is_an_error() -> None:
         registry.methods((str(PLUGINS / "duplicate_plugin.py"),))
 
 
-def test_broken_plugin_file_is_a_warning_naming_it() -> None:
-    with pytest.warns(registry.PluginWarning, match="broken_plugin.py failed to load"):
-        reg = registry.methods((str(PLUGINS / "broken_plugin.py"),))
-    assert "dpdm" in reg
+def test_a_named_plugin_file_that_fails_to_load_is_an_error_naming_it(tmp_path) -> None:
+    """A file the user names must load, or nothing runs: import failures, a file without a method class and a class
+    that breaks the contract are one-line errors (an entry point that fails stays a warning, below)."""
+    with pytest.raises(BenchError, match=r"plugin file .*broken_plugin.py failed to load: \w+Error") as e:
+        registry.methods((str(PLUGINS / "broken_plugin.py"),))
+    assert "\n" not in str(e.value)
+    empty = tmp_path / "empty.py"
+    empty.write_text("X = 1\n")
+    with pytest.raises(BenchError, match="defines no method class"):
+        registry.methods((str(empty),))
+    bad = tmp_path / "bad.py"
+    bad.write_text("class Bad:\n    name = 'Bad Name'\n    Config = dict\n")
+    with pytest.raises(BenchError, match=r"plugin file .*bad.py: "):
+        registry.methods((str(bad),))
 
 
 def test_broken_entry_point_is_a_warning(monkeypatch: pytest.MonkeyPatch) -> None:
