@@ -250,7 +250,13 @@ def _loader(name: str) -> DatasetLoader:
 
 
 def _path(root: str | Path | None) -> Path | None:
-    return None if root is None else Path(root).expanduser()
+    """--data-root as a Path; a file there is refused (a folder is meant, and its files would never be found)."""
+    if root is None:
+        return None
+    path = Path(root).expanduser()
+    if path.exists() and not path.is_dir():
+        raise BenchError(f"--data-root {root} is a file, not a folder: give the folder that holds the dataset files")
+    return path
 
 
 def spec(name: str, root: str | Path | None = None) -> DataSpec:

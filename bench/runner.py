@@ -186,6 +186,17 @@ def parse_list(text: str, what: str) -> list[str]:
     return items
 
 
+def check_profile_sections(prof: dict[str, Any], profile: str, known: dict[str, Any]) -> None:
+    """A profile's tables are [eval] and one per registered method: a section with another name (a typo) would be
+    ignored and the method trained with its defaults, so it is refused in one line."""
+    unknown = [k for k, v in prof.items() if isinstance(v, dict) and k != "eval" and k not in known]
+    if unknown:
+        raise BenchError(
+            f"profile {profile}: section [{unknown[0]}] names no method (known: {', '.join(sorted(known))}; "
+            "a plugin's section needs its --plugin)"
+        )
+
+
 def plan(
     *,
     methods: list[str],
@@ -222,6 +233,7 @@ def plan(
     settings = cfgmod.build_dataclass(EvalSettings, eval_table, "eval")
     plan_eval = EvalPlan(n_gen=n_gen, settings=curve.eval_json(settings, n_gen), metrics=profile_metrics)
     classes = {name: registry.get(name, plugins) for name in methods}
+    check_profile_sections(prof, profile, registry.methods(plugins))
     sets_of = cfgmod.method_sets(method_sets, classes)
     sweeps_of = _method_sweeps(sweeps, classes, sets_of)
     specs = []

@@ -121,6 +121,26 @@ def test_bad_environment_and_other_commands_are_one_line(
     assert snapshot(results) == before
 
 
+def test_a_typo_section_in_a_profile_and_a_data_root_file_are_one_line(
+    results: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A profile section naming no method would be ignored (the method trains with its defaults); a --data-root that
+    is a file would never hold the data. Both stop before anything runs."""
+    before = snapshot(results)
+    typo = tmp_path / "typo.toml"
+    typo.write_text(f'extends = "{TINY_PROFILE}"\n\n[dpdmm]\nlr = 1e-3\n')
+    status, lines = main(capsys, "run", "--dataset", "synthetic", "--profile", str(typo), "--methods", "dpdm",
+                         "--eps", "10", "--results", str(results))  # fmt: skip
+    assert status == 2 and len(lines) == 1 and "section [dpdmm] names no method (known: " in lines[0], lines
+    assert "dpdm, " in lines[0]
+    file = tmp_path / "fmnist.gz"
+    file.write_bytes(b"not a folder")
+    status, lines = main(capsys, *RUN, "--methods", "dpdm", "--eps", "10", "--results", str(results),
+                         "--data-root", str(file))  # fmt: skip
+    assert status == 2 and len(lines) == 1 and "is a file, not a folder" in lines[0], lines
+    assert snapshot(results) == before
+
+
 def copy_of(results: Path, tmp_path: Path) -> Path:
     shutil.copytree(results, tmp_path / "copy")
     return tmp_path / "copy"
