@@ -374,9 +374,18 @@ class RunProgress:
         self.path, self.every_s = path, every_s
         self._on_start, self._on_advance = on_start, on_advance
         self._last = time.monotonic()
+        self._t0 = time.perf_counter()  # this attempt's start
         self.saved = 0
         self.recorder = recorder
         self.stages: SharedStages | None = None  # the cell's shared stages (bench.shared), when it may use them
+        # earlier attempts of an interrupted fit (from its checkpoint): their fit seconds up to their last checkpoint
+        # (the time after it is lost with the process) and their number; the run's cost adds them to this attempt's
+        self.before_s, self.attempts = 0.0, 1
+
+    def fit_seconds(self) -> float:
+        """Seconds of this fit so far, every attempt counted, without the shared stages this attempt trained."""
+        shared = self.stages.spent_s if self.stages is not None else 0.0
+        return self.before_s + time.perf_counter() - self._t0 - shared
 
     def shared(self, name: str, ident: dict[str, Any], build: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
         """The contract's optional member (bench.contract.shared_stage): the stage from the results folder's
@@ -411,13 +420,17 @@ class RunProgress:
             )
         if self.recorder is not None:
             self.recorder.restore(ckpt.get("curve"))
+        earlier = ckpt.get("attempts") or {}
+        self.before_s = float(earlier.get("fit_s", 0.0))
+        self.attempts = int(earlier.get("attempts", 1)) + 1
         return ckpt["state"]
 
     def checkpoint(self, state_fn: Callable[[], dict[str, Any]]) -> None:
         now = time.monotonic()
         if now - self._last >= self.every_s:
             extra = {"curve": self.recorder.state()} if self.recorder is not None else {}
-            save_torch(self.path, {"kind": "fit", "state": state_fn(), **extra})
+            attempts = {"fit_s": self.fit_seconds(), "attempts": self.attempts}
+            save_torch(self.path, {"kind": "fit", "state": state_fn(), "attempts": attempts, **extra})
             self._last = now
             self.saved += 1
 
@@ -603,6 +616,9 @@ class Runner:
             if progress.stages.used:  # fit_s is this run's own: the shared stages' time is theirs (costs["shared"])
                 costs["fit_s"] = round(costs["fit_s"] - progress.stages.spent_s, 3)
                 costs["shared"] = progress.stages.used
+            # a resumed fit: every attempt's seconds (each up to its last checkpoint), and how many attempts
+            costs["fit_s"] = round(costs["fit_s"] + progress.before_s, 3)
+            costs["fit_attempts"] = progress.attempts
             if recorder is not None:  # inside fit_s: the time the snapshots took (the curve's seconds leave it out)
                 costs["curve_snapshots_s"] = round(recorder.saving_s, 3)
             save_torch(
@@ -614,7 +630,8 @@ class Runner:
                     "costs": costs,
                 },
             )
-            self.log(run_dir, f"fit finished in {costs['fit_s']} s")
+            attempts = f" over {progress.attempts} attempts" if progress.attempts > 1 else ""
+            self.log(run_dir, f"fit finished in {costs['fit_s']} s{attempts}")
         status = self._privacy(spec, cls, ledger, run_dir)
         if status == "failed":
             curve.discard(run_dir)  # an over-budget run publishes nothing: its curve is never scored

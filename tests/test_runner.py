@@ -252,9 +252,30 @@ def test_sigkill_mid_training_resumes_with_the_same_dp_steps(tmp_path: Path) -> 
     subprocess.run([sys.executable, "-c", reseeded], env=env, check=True, capture_output=True, timeout=300)
     assert 0 < steps_at_kill < _dp_steps(whole)
     assert _dp_steps(killed) == _dp_steps(whole)
+    (run_dir,) = run_dirs(killed)
+    assert "over 2 attempts" in (run_dir / "log.txt").read_text()
+    assert json.loads((run_dir / "metrics.json").read_text())["cost"]["fit_attempts"] == 2
     a = np.load(next((whole / "runs").glob("*/samples.npz")))["images"]
     b = np.load(next((killed / "runs").glob("*/samples.npz")))["images"]
     assert np.array_equal(a, b), "a resumed run must continue the same random stream"
+
+
+def test_a_resumed_fit_counts_the_seconds_of_every_attempt(tmp_path: Path) -> None:
+    """cost.fit_s of a resumed fit is the sum of the attempts (each up to its last checkpoint), and their number is
+    kept: a first attempt that ran 5 s, checkpointed, then died; the second resumes and adds its own time."""
+    path = tmp_path / "checkpoint.pt"
+    first = runner.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
+    first._t0 -= 5.0  # it has been running for 5 s
+    first.checkpoint(lambda: {"step": 3})
+    second = runner.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
+    assert second.resume() == {"step": 3}
+    assert second.attempts == 2 and 5.0 <= second.before_s < 6.0
+    assert 5.0 <= second.fit_seconds() < 6.0
+    second._t0 -= 2.0
+    second.checkpoint(lambda: {"step": 4})  # a third attempt would start from 7 s
+    third = runner.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
+    third.resume()
+    assert third.attempts == 3 and 7.0 <= third.before_s < 8.0
 
 
 def test_a_grid_runs_from_the_library_without_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
