@@ -76,7 +76,7 @@ from bench.contract import DataSpec, ImageDataset, Progress
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.kernel_gen import ConvCondGen, FCCondGen, GeneratorTraining, sample_images
-from bench.privacy import Budget, PrivacyLedger, Stage, calibrate
+from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, PrivacyLedger, Stage, calibrate
 
 EMBED_BATCH = 5000  # records per histogram pass of the data embeddings (memory only, not the result)
 LEVELS = 256  # uint8 pixel values; pixel v is the number v/255, as torchvision's ToTensor
@@ -332,6 +332,7 @@ class DPHP:
         ledger = PrivacyLedger()
         for stage in release_stages(sigma_sum, sigma_prod, len(self.noisy_prod)):  # what was drawn is charged
             ledger.add(stage)
+        ledger.assume(N_DIVIDES_THE_RELEASE)
         return ledger
 
     # ---------------------------------------------------------------------------------------- sample

@@ -50,7 +50,7 @@ from bench.contract import DataSpec, ImageDataset, Progress
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.kernel_gen import ConvCondGen, GeneratorTraining, sample_images
-from bench.privacy import Budget, PrivacyLedger, Stage, calibrate
+from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, PrivacyLedger, Stage, calibrate
 
 EMBED_BATCH = 2000  # records per matrix product of the embedding pass (memory only, not the result)
 
@@ -194,6 +194,7 @@ class DPMERF:
                      state=lambda: {"model": self.state_dict(), "generator": generator.get_state()})  # fmt: skip
         ledger = PrivacyLedger()
         ledger.add(release_stage(sigma))
+        ledger.assume(N_DIVIDES_THE_RELEASE)
         return ledger
 
     # ---------------------------------------------------------------------------------------- sample

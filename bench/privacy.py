@@ -273,6 +273,7 @@ class PrivacyLedger:
     stages: list[Stage] = field(default_factory=list)
     non_private: list[str] = field(default_factory=list)  # reasons, one per non-private access
     claimed_epsilon: float | None = None  # the method's own analysis, when it differs from ours
+    assumptions: list[str] = field(default_factory=list)  # the method's own, added to the card's (ASSUMPTIONS)
 
     def add(self, stage: Stage) -> Stage:
         if not isinstance(stage, Stage):
@@ -285,6 +286,13 @@ class PrivacyLedger:
             raise ValueError(f"a non-private access needs a reason, got {reason!r}")
         if reason not in self.non_private:  # a resumed fit may declare the same access again
             self.non_private.append(reason)
+
+    def assume(self, assumption: str) -> None:
+        """State an assumption the guarantee rests on, beyond those every card lists (ASSUMPTIONS)."""
+        if not isinstance(assumption, str) or not assumption.strip():
+            raise ValueError(f"an assumption needs a text, got {assumption!r}")
+        if assumption not in self.assumptions:  # a resumed fit may state it again
+            self.assumptions.append(assumption)
 
     def event(self) -> dp_event.DpEvent:
         """All stages composed, in the order they were applied."""
@@ -301,6 +309,7 @@ class PrivacyLedger:
             "stages": [stage.to_dict() for stage in self.stages],
             "non_private": list(self.non_private),
             "claimed_epsilon": self.claimed_epsilon,
+            "assumptions": list(self.assumptions),
         }
 
     @classmethod
@@ -311,6 +320,8 @@ class PrivacyLedger:
             stages=[Stage.from_dict(stage) for stage in data.get("stages", [])],
             non_private=[str(reason) for reason in data.get("non_private", [])],
             claimed_epsilon=None if claimed is None else float(claimed),
+            # a card's assumptions hold the common ones too: only the method's own go back into the ledger
+            assumptions=[str(a) for a in data.get("assumptions", []) if a not in ASSUMPTIONS],
         )
 
 
@@ -537,6 +548,16 @@ ASSUMPTIONS = (
     "adjacency: data sets that differ by adding or removing one record (the accountants' add/remove model)",
     "the record count N is public (the usual convention): the sampling rate q = B/N, the expected batch size "
     "q·N that divides each noisy gradient sum, and δ's default (1e-5 below 100,000 records, else 1e-6) use it",
+    "the run's seed (config.json) and its folder (checkpoints, logs) are not part of the release: the DP noise is "
+    "drawn from generators seeded by the run's seed, so whoever holds the seed and the code can recompute it; "
+    "publish the released model or samples only",
+)
+
+
+# a kernel method's own assumption (DP-MERF, DP-HP): N is used beyond DP-SGD's uses in ASSUMPTIONS
+N_DIVIDES_THE_RELEASE = (
+    "the record count N is public here too: the noisy embedding sum is divided by N (a mean) and N sets the "
+    "generator's steps per epoch"
 )
 
 
@@ -565,7 +586,7 @@ def privacy_card(ledger: PrivacyLedger, budget: Budget, *, epsilon: float, guara
         "non_private": list(ledger.non_private),
         "claimed_epsilon": ledger.claimed_epsilon,
         "stages": [stage.to_dict() for stage in ledger.stages],
-        "assumptions": list(ASSUMPTIONS),
+        "assumptions": [*ASSUMPTIONS, *ledger.assumptions],
     }
 
 

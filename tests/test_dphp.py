@@ -15,7 +15,7 @@ from torch import Tensor
 from bench import config
 from bench.contract import DataSpec, ImageDataset, NullProgress
 from bench.errors import BenchError
-from bench.privacy import Budget, calibrate, epsilon
+from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, calibrate, epsilon
 from tests.conftest import TINY_PROFILE, InterruptAt
 
 CPU = torch.device("cpu")
@@ -114,6 +114,7 @@ def test_the_noise_actually_added_is_the_ledgers(train) -> None:
     ledger = fit(method, train, budget)
     sum_stage, prod_stage = ledger.stages
     assert (sum_stage.name, sum_stage.mechanism, sum_stage.count) == ("sum-kernel", "gaussian", 1)
+    assert ledger.assumptions == [N_DIVIDES_THE_RELEASE]  # N divides the release: the card says so
     assert (prod_stage.name, prod_stage.mechanism, prod_stage.count) == ("product-kernel", "gaussian", 2)
     for stage in ledger.stages:
         assert "add/remove" in stage.to_dict()["sensitivity"]

@@ -12,7 +12,7 @@ from bench.baselines import dpmerf
 from bench import config, registry
 from bench.contract import ImageDataset, NullProgress
 from bench.errors import BenchError
-from bench.privacy import Budget, epsilon
+from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, epsilon
 from tests.conftest import TINY_PROFILE, InterruptAt
 
 CPU = torch.device("cpu")
@@ -52,6 +52,7 @@ def test_the_noise_actually_added_is_the_ledgers(train) -> None:
     ledger = fit(method, train, budget)
     (stage,) = ledger.stages
     assert (stage.mechanism, stage.count) == ("gaussian", 1)
+    assert ledger.assumptions == [N_DIVIDES_THE_RELEASE]  # N divides the release: the card says so
     assert "add/remove" in stage.to_dict()["sensitivity"]  # the card says which adjacency σ is calibrated for
     assert epsilon(ledger, budget.delta, budget.accountant) == pytest.approx(10.0, rel=1e-3)
     exact = dpmerf.sum_embedding(train, method.w, CPU)

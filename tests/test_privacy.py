@@ -343,6 +343,7 @@ def test_card_keys_and_recomputation():
     assert set(card["stages"][1]) == {"name", "mechanism", "noise_multiplier", "count"}
     assert any("record count N is public" in a for a in card["assumptions"])
     assert any("adding or removing one record" in a for a in card["assumptions"])
+    assert any("seed (config.json) and its folder" in a and "not part of the release" in a for a in card["assumptions"])
     card = json.loads(json.dumps(card))  # what privacy.json holds
     assert card["epsilon"] == pytest.approx(independent_epsilon(card["stages"], card["delta"]), rel=1e-12)
     assert card["guarantee"] == "end-to-end" and card["accountant"] == "rdp" and card["target_epsilon"] == 10.0
@@ -416,3 +417,15 @@ def test_ledger_round_trip():
 def test_ledger_add_refuses_non_stage():
     with pytest.raises(TypeError):
         PrivacyLedger().add({"name": "x"})
+
+
+def test_a_methods_own_assumptions_go_on_its_card_and_back_into_its_ledger() -> None:
+    ledger = PrivacyLedger()
+    ledger.assume("N sets the steps")
+    ledger.assume("N sets the steps")  # a resumed fit says it again: once
+    card = privacy.privacy_card(ledger, Budget(epsilon=1.0, delta=1e-5), epsilon=0.0, guarantee="end-to-end")
+    assert card["assumptions"] == [*privacy.ASSUMPTIONS, "N sets the steps"]
+    assert PrivacyLedger.from_dict(json.loads(json.dumps(card))).assumptions == ["N sets the steps"]
+    assert PrivacyLedger.from_dict(ledger.to_dict()).assumptions == ["N sets the steps"]
+    with pytest.raises(ValueError, match="needs a text"):
+        ledger.assume(" ")
