@@ -45,6 +45,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import random
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -348,6 +349,9 @@ class DPSGD(ChargedSteps):
         self.mode = ("folded" if folded_ok else "functorch") if self._auto else mode
         # dropout makes the outputs of the same rows differ from call to call
         self._random_model = any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+        # which example besides 0 and the last the row check compares at each call: its own stream, so that the
+        # run's generators (and results) do not depend on the check
+        self._probe_rng = random.Random(0)
         self._gsm: GradSampleModule | GradSampleModuleFastGradientClipping | None = None
         if self.mode == "hooks":
             self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
@@ -556,7 +560,7 @@ class DPSGD(ChargedSteps):
             with self._folded_hooks(B) as acc:
                 with self._autocast():
                     out = self._rows_call(inputs, B)
-                self._check_rowwise(list(inputs), out[0].detach(), alone, "step_outputs needs")
+                self._check_rowwise(list(inputs), out.detach(), alone, "step_outputs needs")
                 start = sum(len(done) for done in outs)  # the chunks come in order
                 o, losses = output_grad(out.detach().float(), slice(start, start + B))
                 if o.shape != out.shape:
@@ -621,21 +625,37 @@ class DPSGD(ChargedSteps):
             gsm.disable_hooks()
         return losses
 
-    def _check_rowwise(self, inputs: list[Tensor], together: Tensor, alone: Tensor, how: str) -> None:
-        """Privacy: example 0's rows must give the same model outputs alone (`alone`, the probe) as among all the
-        others' (`together`); a model that mixes rows (batch statistics) would let one example's gradient depend
-        on another's. A model with dropout is compared with its dropout off, on example 0 alone and among the
-        first 4 examples (an extra forward without gradients). Tolerance: 1e-4 of the largest output in float32
-        (batched and single convolutions differ by rounding only), 2e-2 under bf16 autocast."""
-        if self._random_model:
-            k, R = min(len(inputs[0]), 4), inputs[0].shape[1]
-            with torch.no_grad(), _dropout_off(self.model):
-                alone = self.model(*(x[0] for x in inputs))
-                out = self.model(*(x[:k].transpose(0, 1).reshape(R * k, *x.shape[2:]) for x in inputs))
-                together = out.reshape(R, k, *out.shape[1:])[:, 0]
-        rel = 2e-2 if self.autocast_dtype is not None else 1e-4
-        if (together - alone).abs().max() > rel * alone.abs().max() + 1e-6:
-            raise _NotRowwise(f"{how} a model that treats rows independently; this one mixes them")
+    def _check_rowwise(self, inputs: list[Tensor], out: Tensor, alone: Tensor, how: str) -> None:
+        """Privacy: an example's rows must give the same model outputs alone as among all the others' (`out`
+        [B, R, ...], the batched call); a model that mixes rows (batch statistics) would let one example's gradient
+        depend on another's. Checked for example 0 (`alone`: its outputs computed beforehand), the last example and
+        one drawn at random at each call, so that a model that leaves some example untouched is still caught. A
+        model with dropout is compared with its dropout off, each example alone and among the first 4 (extra
+        forwards without gradients). Tolerance: 1e-4 of the largest output in float32 (batched and single
+        convolutions differ by rounding only), 2e-2 under bf16 autocast."""
+        B = inputs[0].shape[0]
+        others = sorted({self._probe_rng.randrange(1, B), B - 1}) if B > 1 else []
+        for i in (0, *others):
+            if i == 0 and not self._random_model:
+                together, single = out[0], alone
+            else:
+                with torch.no_grad(), self._autocast():
+                    single, together = self._alone_and_among(inputs, out, i)
+            rel = 2e-2 if self.autocast_dtype is not None else 1e-4
+            if (together - single).abs().max() > rel * single.abs().max() + 1e-6:
+                raise _NotRowwise(f"{how} a model that treats rows independently; this one mixes them")
+
+    def _alone_and_among(self, inputs: list[Tensor], out: Tensor, i: int) -> tuple[Tensor, Tensor]:
+        """Example i's model outputs alone, and among the others: from `out`, or for a model with dropout, both with
+        the dropout off, among the first 4 examples and i."""
+        if not self._random_model:
+            return self.model(*(x[i] for x in inputs)), out[i].detach()
+        idx = sorted({*range(min(len(inputs[0]), 4)), i})
+        R = inputs[0].shape[1]
+        with _dropout_off(self.model):
+            single = self.model(*(x[i] for x in inputs))
+            some = self.model(*(x[idx].transpose(0, 1).reshape(R * len(idx), *x.shape[2:]) for x in inputs))
+        return single, some.reshape(R, len(idx), *some.shape[1:])[:, idx.index(i)]
 
     def _rows_forward(
         self, batch: Sequence[Tensor], B: int, *, single_call: bool = False, rows: int | None = None
@@ -676,7 +696,7 @@ class DPSGD(ChargedSteps):
             if not isinstance(out, Tensor) or out.shape[0] != R * B:
                 raise _NotRowwise(f"{how} a model output that is a tensor with {R * B} rows")
             out = out.reshape(R, B, *out.shape[1:]).transpose(0, 1)  # row r·B + b -> [b, r]
-            self._check_rowwise(inputs, out[0], reference, how)
+            self._check_rowwise(inputs, out, reference, how)
             outs.append(out)
 
         def loss(outs: list[Tensor], *example: Tensor) -> Tensor:

@@ -176,6 +176,40 @@ def test_the_row_check_also_runs_for_models_with_dropout() -> None:
     assert model.drop.training
 
 
+class SparesExampleZero(nn.Module):
+    """Mixes every row but the first: the rows of the other examples see their mean (example 0 alone is exact)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.lin(x)
+        if len(x) == 1:
+            return out
+        return torch.cat([out[:1], out[1:] + x[1:].mean(0, keepdim=True).sum()])
+
+
+@pytest.mark.parametrize("B", [2, 5])
+def test_the_row_check_compares_the_last_and_a_random_example_too(B: int) -> None:
+    """A model that leaves example 0 untouched but mixes the others passed the old check (example 0 only); the check
+    now also compares the last example and one drawn at random, in both row paths."""
+
+    def loss(call: Callable[..., Tensor], x: Tensor) -> Tensor:
+        return call(x[None]).pow(2).sum()  # one row per example: example 0 is row 0
+
+    x = torch.randn(B, 3)
+    with pytest.raises(ValueError, match="mixes"):
+        make_dp(SparesExampleZero(), mode="folded", per_example_loss=loss).step(x)
+    dp = make_dp(SparesExampleZero(), mode="folded", per_example_loss=dpsgd.output_surrogate)
+    with pytest.raises(ValueError, match="mixes"):
+        dp.step_outputs((x[:, None],), _output_grad(torch.zeros(B, 1, 1)))
+    model = nn.Linear(3, 1)  # row-wise: passes, and its gradients are the reference's
+    grads, _ = make_dp(model, mode="folded", per_example_loss=loss)._per_example_grads(x)
+    for g, r in zip(grads, reference_grads(model, loss, (x,)), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
 def test_the_row_check_tolerance_is_tight() -> None:
     """A mixing of 1e-3 of the output (far below the old 1e-2 tolerance) is refused in float32."""
 
