@@ -52,7 +52,7 @@ from bench.store import Store
 
 EXECUTORS = ("local", "ray")
 INSTALL = "pip install 'bench-dp-gen[ray]'"
-_INDEX_OPS = ("record_run", "record_metrics", "record_curve", "clear_index")
+_INDEX_OPS = ("record_run", "record_metrics", "record_curve", "clear_index", "reindex")
 _ADVANCE_EVERY_S = 0.5  # a worker sends its bar's progress at most this often
 
 
@@ -159,6 +159,12 @@ class SendingStore(Store):
 
     def clear_index(self, key: str) -> None:
         self._send(("index", key, "clear_index", {}))
+
+    def status(self, key: str) -> str | None:
+        return None  # a worker does not read the index: a finished cell asks the driver to set it from the folder
+
+    def reindex(self, key: str) -> None:
+        self._send(("index", key, "reindex", {}))
 
     def rows(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         raise RuntimeError("a worker does not read the index")

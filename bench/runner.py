@@ -515,6 +515,10 @@ class Runner:
             if not mine:
                 return "busy"
             if (run_dir := self._run_dir(key)) is None:
+                if (status := self.store.status(key)) != "done":  # its worker was lost after finishing the folder
+                    self.store.reindex(key)  # (a Ray worker cannot read the index: the driver sets it, quietly)
+                    if status is not None:
+                        self.log(self.store.run_dir(key), f"index said {status!r}: set from the finished folder")
                 return "skipped"
             return self._guarded(key, run_dir, lambda: self._run(job, run_dir, ui))
 

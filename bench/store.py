@@ -315,40 +315,19 @@ class Store:
         audits: list[tuple[str, dict[str, Any]]] = []
         curves: list[tuple[str, list[tuple[Any, ...]]]] = []  # (key, curve rows) of the runs with a curve.json
         for run in sorted((self.root / "runs").iterdir()):
-            cfg_path, card_path, met_path = run / "config.json", run / "privacy.json", run / "metrics.json"
-            if not cfg_path.is_file():
-                continue
             try:
-                cfg = read_json(cfg_path)
-                if cfg.get("kind") == "audit":
-                    audit_path = run / "audit.json"
-                    if audit_path.is_file():
-                        result = read_json(audit_path)
-                        audits.append((run.name, {
-                            "method": cfg["method"], "dataset": cfg["dataset"], "target_epsilon": cfg["epsilon"],
-                            "seed": cfg["seed"], "profile": cfg["profile"], "status": "done",
-                            "verdict": result["verdict"], "lower_bound": result["epsilon_lb"],
-                            "info": json.dumps(_clean(result)),
-                        }))  # fmt: skip
-                    continue
-                card = read_json(card_path) if card_path.is_file() else {}
-                met = read_json(met_path) if met_path.is_file() else None
-                fields = {
-                    "method": cfg["method"], "dataset": cfg["dataset"], "target_epsilon": cfg["epsilon"],
-                    "delta": cfg["delta"], "accountant": cfg["accountant"], "seed": cfg["seed"],
-                    "profile": cfg["profile"], "guarantee": card.get("guarantee"), "epsilon": card.get("epsilon"),
-                    "status": "done" if met is not None else card.get("status", "incomplete"),
-                    "sweep": json.dumps(cfg["sweep"]) if cfg.get("sweep") else None,
-                }  # fmt: skip
-                metrics: dict[str, Any] | None = None
-                if met is not None:
-                    fields["cost"] = json.dumps(_clean(met.get("cost", {})))
-                    metrics = dict(met["metrics"])
-                if card.get("status") == "ok" and (run / "curve.json").is_file():  # scored only once ε checked out
-                    curves.append((run.name, _curve_rows(run.name, read_json(run / "curve.json")["points"])))
+                read = _read_run(run)
             except (BenchError, KeyError, TypeError, AttributeError, ValueError) as e:
                 warnings.warn(f"{run}: left out of the rebuilt index, its files cannot be read ({e})", stacklevel=2)
                 continue
+            if read is None:
+                continue
+            kind, fields, metrics, curve_rows = read
+            if kind == "audit":
+                audits.append((run.name, fields))
+                continue
+            if curve_rows is not None:
+                curves.append((run.name, curve_rows))
             found.append((run.name, fields, metrics))
         with self._connect() as db:
             db.execute("DELETE FROM runs")
@@ -363,3 +342,62 @@ class Store:
             for key, fields in audits:
                 self._upsert(db, key, fields, table="audits")
         return sum(m is not None for _, _, m in found)
+
+    def status(self, key: str) -> str | None:
+        """The index's status of run `key` (None: no row)."""
+        with self._connect() as db:
+            row = db.execute("SELECT status FROM runs WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def reindex(self, key: str) -> None:
+        """Set run `key`'s index rows (run, metrics, curve) from its folder: after a worker that finished the folder
+        was lost before the index heard of it."""
+        read = _read_run(self.run_dir(key))
+        if read is None or read[0] != "run":
+            return
+        _, fields, metrics, curve_rows = read
+        with self._connect() as db:
+            db.execute("DELETE FROM metrics WHERE key = ?", (key,))
+            db.execute("DELETE FROM curve WHERE key = ?", (key,))
+            self._upsert(db, key, fields)
+            if metrics is not None:
+                self._put_metrics(db, key, metrics)
+            db.executemany(_INSERT_CURVE, curve_rows or [])
+
+
+def _read_run(run: Path) -> tuple[str, dict[str, Any], dict[str, Any] | None, list[tuple[Any, ...]] | None] | None:
+    """(kind "run" or "audit", index fields, metrics or None, curve rows or None) from a run folder's files; None
+    for a folder without a config.json (or an audit without its result)."""
+    cfg_path, card_path, met_path = run / "config.json", run / "privacy.json", run / "metrics.json"
+    if not cfg_path.is_file():
+        return None
+    cfg = read_json(cfg_path)
+    if cfg.get("kind") == "audit":
+        audit_path = run / "audit.json"
+        if not audit_path.is_file():
+            return None
+        result = read_json(audit_path)
+        return "audit", {
+            "method": cfg["method"], "dataset": cfg["dataset"], "target_epsilon": cfg["epsilon"],
+            "seed": cfg["seed"], "profile": cfg["profile"], "status": "done",
+            "verdict": result["verdict"], "lower_bound": result["epsilon_lb"],
+            "info": json.dumps(_clean(result)),
+        }, None, None  # fmt: skip
+    card = read_json(card_path) if card_path.is_file() else {}
+    met = read_json(met_path) if met_path.is_file() else None
+    fields = {
+        "method": cfg["method"], "dataset": cfg["dataset"], "target_epsilon": cfg["epsilon"],
+        "delta": cfg["delta"], "accountant": cfg["accountant"], "seed": cfg["seed"],
+        "profile": cfg["profile"], "guarantee": card.get("guarantee"), "epsilon": card.get("epsilon"),
+        "status": "done" if met is not None else card.get("status", "incomplete"),
+        "sweep": json.dumps(cfg["sweep"]) if cfg.get("sweep") else None,
+        "error": None,
+    }  # fmt: skip
+    metrics: dict[str, Any] | None = None
+    if met is not None:
+        fields["cost"] = json.dumps(_clean(met.get("cost", {})))
+        metrics = dict(met["metrics"])
+    curve_rows = None
+    if card.get("status") == "ok" and (run / "curve.json").is_file():  # scored only once ε checked out
+        curve_rows = _curve_rows(run.name, read_json(run / "curve.json")["points"])
+    return "run", fields, metrics, curve_rows

@@ -260,6 +260,30 @@ def test_sigkill_mid_training_resumes_with_the_same_dp_steps(tmp_path: Path) -> 
     assert np.array_equal(a, b), "a resumed run must continue the same random stream"
 
 
+def test_a_finished_folder_whose_index_says_failed_is_set_right_by_the_next_run(tmp_path: Path) -> None:
+    """A worker lost after writing metrics.json but before its "done" reached the index leaves the index "failed"
+    on a finished folder: the next run of the grid skips the cell (never recomputes it) and sets its index from
+    the folder."""
+    args = [*RUN, "--methods", "dpmerf", "--eps", "10", "--no-real", "--results", str(tmp_path)]
+    assert bench(*args).exit_code == 0
+    (run_dir,) = run_dirs(tmp_path)
+    store = Store(tmp_path)
+    key = run_dir.name
+    metrics_before = store.rows()[1]
+    store.record_run(key, status="failed", error="worker lost: WorkerCrashedError: killed")
+    store.clear_index(key)  # the lost worker's metrics never reached the index either
+    store.record_run(key, status="failed", error="worker lost: WorkerCrashedError: killed")
+    mtime = (run_dir / "metrics.json").stat().st_mtime_ns
+    r = bench(*args)
+    assert r.exit_code == 0, r.output
+    assert (run_dir / "metrics.json").stat().st_mtime_ns == mtime  # skipped, not recomputed
+    runs, metrics = Store(tmp_path).rows()
+    (row,) = [x for x in runs if x["key"] == key]
+    assert (row["status"], row["error"]) == ("done", None)
+    assert sorted(m["metric"] for m in metrics) == sorted(m["metric"] for m in metrics_before)
+    assert "index said 'failed': set from the finished folder" in (run_dir / "log.txt").read_text()
+
+
 def test_a_resumed_fit_counts_the_seconds_of_every_attempt(tmp_path: Path) -> None:
     """cost.fit_s of a resumed fit is the sum of the attempts (each up to its last checkpoint), and their number is
     kept: a first attempt that ran 5 s, checkpointed, then died; the second resumes and adds its own time."""
