@@ -47,11 +47,10 @@ class Throughput:
 
     def classifier(self, metric: str, dataset: str) -> dict[str, Any] | None:
         """The latest timing of the classifier behind `metric` on data of `dataset`'s image shape and classes."""
-        shape = data_shape(dataset)[:3] + data_shape(dataset)[4:]
+        shape = image_shape(dataset)
         found = None
         for c in self.classifiers:
-            theirs = data_shape(c["dataset"])
-            if c["metric"] == metric and theirs[:3] + theirs[4:] == shape:
+            if c["metric"] == metric and image_shape(c["dataset"]) == shape:
                 found = c
         return found
 
@@ -73,6 +72,12 @@ def data_shape(dataset: str) -> tuple[int, ...]:
     """What a method's speed depends on in a dataset: its image shape, record count and classes."""
     s = data.spec_without_files(dataset)
     return (s.channels, s.height, s.width, s.num_train, s.num_classes)
+
+
+def image_shape(dataset: str) -> tuple[int, ...]:
+    """What a downstream classifier's speed per sample depends on: the image shape and the classes."""
+    s = data.spec_without_files(dataset)
+    return (s.channels, s.height, s.width, s.num_classes)
 
 
 def without_precision(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -216,7 +221,7 @@ def estimate(
             except BenchError as e:  # e.g. a network that does not fit the data's shape: the row says "no measurement"
                 echo(f"warning: cannot time {spec.method} on {spec.dataset}: {e}")
         timed: list[dict[str, Any]] = []
-        shapes = {data_shape(s.dataset)[:3]: s.dataset for s in specs}
+        shapes = {image_shape(s.dataset): s.dataset for s in specs}  # one timing per shape, as `classifier` looks up
         for dataset in shapes.values():
             if wanted := accuracy_metrics(metrics):
                 echo(f"timing the downstream classifiers on {dataset} ({device})")

@@ -15,6 +15,7 @@ runs on the current device when no throughput file is given.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -99,6 +100,16 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+def _seconds(device: torch.device, call: Callable[[], Any]) -> float:
+    """Wall seconds of `call()`, the device's queued work finished before and after."""
+    sync = _sync(device)
+    sync()
+    t0 = time.perf_counter()
+    call()
+    sync()
+    return time.perf_counter() - t0
+
+
 def shortened(method: str, cfg: Any, num_records: int, units: int) -> Any:
     """`cfg` with a stage that must finish before the timed one (DP-SAD's shared teacher) cut to `units` steps."""
     if method == "dpsad" and hasattr(cfg, "teacher_epochs"):
@@ -180,13 +191,13 @@ def measure(
         error = f"out of memory: {str(e).splitlines()[0]}"
     if not error and sample_n > 0:
         labels = torch.arange(sample_n) % spec.num_classes if cls.conditional else None
-        sync = _sync(device)
         try:
-            sync()
-            t0 = time.perf_counter()
-            model.sample(sample_n, labels=labels, generator=torch.Generator().manual_seed(seed))
-            sync()
-            sample_s = (time.perf_counter() - t0) / sample_n
+            sample_s = (
+                _seconds(
+                    device, lambda: model.sample(sample_n, labels=labels, generator=torch.Generator().manual_seed(seed))
+                )
+                / sample_n
+            )
         except Exception as e:  # a measurement, not a run: record why sampling could not be timed
             error = f"sampling: {type(e).__name__}: {e}"
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
@@ -254,12 +265,8 @@ def measure_classifiers(
             over["n_train"] = n - over["n_eval"]
         resolved, _ = resolve_settings(p, p.Settings(**over), dataset=dataset, shape=shape,
                                        num_classes=spec.num_classes)  # fmt: skip
-        sync = _sync(device)
-        sync()
-        t0 = time.perf_counter()
-        p.run([classifier], train, test, settings=resolved, seed=seed, device=device)
-        sync()
-        seconds = time.perf_counter() - t0
+        run = functools.partial(p.run, [classifier], train, test, settings=resolved, seed=seed, device=device)
+        seconds = _seconds(device, run)
         out.append({"metric": metric, "dataset": dataset, "device": str(device), "samples": n,
                     "epochs": int(resolved.get("epochs", 1)),
                     "seconds_per_sample_epoch": seconds / (n * int(resolved.get("epochs", 1)))})  # fmt: skip
