@@ -189,6 +189,14 @@ def run(
     no_real: Annotated[
         bool, typer.Option("--no-real", help="Skip the real-data reference row of each dataset.")
     ] = False,
+    noise_source: Annotated[
+        str,
+        typer.Option(
+            "--noise-source",
+            help="seed | os: draw the private fits' noise (and batches, initial weights) from the run's seed "
+            "(bit-reproducible) or from OS entropy (never written; not bit-reproducible).",
+        ),
+    ] = "seed",
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Print the resolved grid and configs, run nothing.")
     ] = False,
@@ -221,6 +229,7 @@ def run(
             plugins=plugins,
             data_root=data_root,
             sweeps=sweep or [],
+            noise_source=noise_source,
         )
         for note in dict.fromkeys(n for spec in specs for n in spec.notes):
             typer.echo(f"warning: {note}", err=True)

@@ -321,7 +321,7 @@ class PrivacyLedger:
             non_private=[str(reason) for reason in data.get("non_private", [])],
             claimed_epsilon=None if claimed is None else float(claimed),
             # a card's assumptions hold the common ones too: only the method's own go back into the ledger
-            assumptions=[str(a) for a in data.get("assumptions", []) if a not in ASSUMPTIONS],
+            assumptions=[str(a) for a in data.get("assumptions", []) if a not in CARD_ASSUMPTIONS],
         )
 
 
@@ -548,11 +548,23 @@ ASSUMPTIONS = (
     "adjacency: data sets that differ by adding or removing one record (the accountants' add/remove model)",
     "the record count N is public (the usual convention): the sampling rate q = B/N, the expected batch size "
     "q·N that divides each noisy gradient sum, and δ's default (1e-5 below 100,000 records, else 1e-6) use it",
-    "the run's seed (config.json) and its folder (checkpoints, logs) are not part of the release: the DP noise is "
-    "drawn from generators seeded by the run's seed, so whoever holds the seed and the code can recompute it; "
-    "publish the released model or samples only",
 )
 
+# where the DP noise comes from (`bench run --noise-source`): the card states the one that ran
+NOISE_ASSUMPTIONS = {
+    "seed": "the run's seed (config.json) and its folder (checkpoints, logs) are not part of the release: the DP "
+    "noise and the batch sampling are drawn from generators seeded by the run's seed, so whoever holds the seed "
+    "and the code can recompute them; publish the released model or samples only (`--noise-source os` draws them "
+    "from OS entropy instead)",
+    "os": "the DP noise, the batch sampling and the initial weights are drawn from a generator seeded with 63 bits "
+    "of OS entropy that is never written (`--noise-source os`: the run is not bit-reproducible); the folder is "
+    "still not part of the release: an unfinished fit's training checkpoint holds the generators' state. The "
+    "generator is torch's Mersenne Twister, not a cryptographically secure one, and the floating-point Gaussian "
+    "is not hardened against Mironov's (2012) attack",
+}
+
+
+CARD_ASSUMPTIONS = frozenset((*ASSUMPTIONS, *NOISE_ASSUMPTIONS.values()))  # every card's, not a method's own
 
 # a kernel method's own assumption (DP-MERF, DP-HP): N is used beyond DP-SGD's uses in ASSUMPTIONS
 N_DIVIDES_THE_RELEASE = (
@@ -561,7 +573,9 @@ N_DIVIDES_THE_RELEASE = (
 )
 
 
-def privacy_card(ledger: PrivacyLedger, budget: Budget, *, epsilon: float, guarantee: str) -> dict[str, Any]:
+def privacy_card(
+    ledger: PrivacyLedger, budget: Budget, *, epsilon: float, guarantee: str, noise_source: str = "seed"
+) -> dict[str, Any]:
     """The privacy card (privacy.json) of a run; JSON-ready, with ε = inf written as None (null).
 
     `guarantee` is the method's declared guarantee, possibly weakened by the ledger: a ledger with
@@ -586,7 +600,8 @@ def privacy_card(ledger: PrivacyLedger, budget: Budget, *, epsilon: float, guara
         "non_private": list(ledger.non_private),
         "claimed_epsilon": ledger.claimed_epsilon,
         "stages": [stage.to_dict() for stage in ledger.stages],
-        "assumptions": [*ASSUMPTIONS, *ledger.assumptions],
+        "noise_source": noise_source,
+        "assumptions": [*ASSUMPTIONS, NOISE_ASSUMPTIONS[noise_source], *ledger.assumptions],
     }
 
 

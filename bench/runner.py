@@ -17,6 +17,7 @@ import math
 import os
 import re
 import resource
+import secrets
 import socket
 import time
 import traceback
@@ -69,6 +70,10 @@ class RunSpec:
     # values are in `config` already, so a run without sweeps keeps its key, and a swept cell equal to an
     # unswept one is the same run)
     sweep: dict[str, Any] = field(default_factory=dict)
+    # where the fit's randomness (DP noise, batch sampling, initial weights) comes from: "seed" (the run's seed,
+    # bit-reproducible) or "os" (`--noise-source os`: 64 bits of OS entropy a fit, never written); part of the key
+    # only when "os", so that a seeded run keeps its key
+    noise_source: str = "seed"
 
     @property
     def key(self) -> str:
@@ -86,6 +91,8 @@ class RunSpec:
         }
         if self.data_version:
             ident["data_version"] = self.data_version
+        if self.noise_source != "seed":
+            ident["noise_source"] = self.noise_source
         blob = json.dumps(ident, sort_keys=True, default=str)
         digest = hashlib.sha256(blob.encode()).hexdigest()[:12]
         return f"{data.file_stem(self.method)}-{data.file_stem(self.dataset)}-{digest}"
@@ -150,6 +157,7 @@ def spec_from_json(d: dict[str, Any]) -> RunSpec:
         data_version=d.get("data_version", ""),
         notes=tuple(d.get("notes", ())),
         sweep=dict(d.get("sweep") or {}),
+        noise_source=d.get("noise_source", "seed"),
     )
 
 
@@ -210,10 +218,14 @@ def plan(
     plugins: tuple[str, ...] = (),
     data_root: str | None = None,
     sweeps: list[str] | tuple[str, ...] = (),
+    noise_source: str = "seed",
 ) -> list[RunSpec]:
     """Expand and validate the whole grid before anything runs: a bad value fails here, not mid-grid. `sweeps`
     (`--sweep [METHOD.]field=v1,v2,...`) add grid axes: each method runs at every combination of the values
-    swept for it, each value checked as a `--set` value."""
+    swept for it, each value checked as a `--set` value. `noise_source` ("seed" | "os") applies to the private
+    methods' fits (a non-private row has no DP noise and stays seeded)."""
+    if noise_source not in NOISE_SOURCES:
+        raise BenchError(f"--noise-source must be one of {', '.join(NOISE_SOURCES)}, got {noise_source!r}")
     prof = cfgmod.load_profile(profile)
     method_sets, eval_sets = cfgmod.parse_sets(sets)
     # --set eval.dpdm.epochs=5 changes one field of the profile's [eval.dpdm]
@@ -266,6 +278,7 @@ def plan(
                                 data_version=data_version,
                                 notes=tuple(notes),
                                 sweep=sweep,
+                                noise_source=noise_source if private else "seed",
                             )
                         )
     return with_reference_rows(specs, plugins)
@@ -332,10 +345,22 @@ def _index_fields(job: Job) -> dict[str, Any]:
     return fields
 
 
+NOISE_SOURCES = ("seed", "os")
+
+
 def fit_generator(seed: int) -> torch.Generator:
     """The contract's generator of a fit: on the CPU, seeded by the run's seed (a resumed fit restores its state
     from the checkpoint)."""
     return torch.Generator().manual_seed(seed)
+
+
+def os_fit_generator() -> torch.Generator:
+    """`--noise-source os`: the contract's generator of a fit seeded with 63 bits of OS entropy (secrets), a
+    seed never written; everything the fit draws (DP noise, Poisson batches, initial weights) derives from it.
+    A resumed fit restores the generator's state from its checkpoint, as a seeded one does, so its DP steps and
+    ledger are those of an uninterrupted fit. torch's CPU generator is a Mersenne Twister, not a cryptographically
+    secure one (opacus' secure_mode draws from torchcsprng, which is not built for this torch)."""
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def checkpoint_interval() -> float:
@@ -611,7 +636,11 @@ class Runner:
                 if math.isfinite(spec.epsilon)
                 else Budget.unlimited(spec.delta)
             )
-            generator = fit_generator(spec.seed)
+            if spec.noise_source == "os":
+                generator = os_fit_generator()
+                self.log(run_dir, "noise source: OS entropy (the fit's seed is not written; not bit-reproducible)")
+            else:
+                generator = fit_generator(spec.seed)
             recorder = curve.recorder(spec.eval.settings, run_dir, method.state_dict)
             progress = RunProgress(ckpt_path, self.checkpoint_every_s, *_bar_callbacks(ui, spec), recorder)
             progress.stages = self.shared_stages(spec, ui)
@@ -768,7 +797,7 @@ class Runner:
                 eps = verify(ledger, budget)
             except BudgetExceeded as e:
                 eps, error = epsilon(ledger, spec.delta, spec.accountant), str(e)
-        card = privacy_card(ledger, budget, epsilon=eps, guarantee=guarantee)
+        card = privacy_card(ledger, budget, epsilon=eps, guarantee=guarantee, noise_source=spec.noise_source)
         card["status"] = "over budget" if error else "ok"
         write_json(run_dir / "privacy.json", card)
         if error:

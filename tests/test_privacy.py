@@ -282,6 +282,7 @@ def test_stage_validation(kwargs):
 
 CARD_KEYS = {
     "assumptions",
+    "noise_source",
     "target_epsilon",
     "delta",
     "accountant",
@@ -424,7 +425,7 @@ def test_a_methods_own_assumptions_go_on_its_card_and_back_into_its_ledger() -> 
     ledger.assume("N sets the steps")
     ledger.assume("N sets the steps")  # a resumed fit says it again: once
     card = privacy.privacy_card(ledger, Budget(epsilon=1.0, delta=1e-5), epsilon=0.0, guarantee="end-to-end")
-    assert card["assumptions"] == [*privacy.ASSUMPTIONS, "N sets the steps"]
+    assert card["assumptions"] == [*privacy.ASSUMPTIONS, privacy.NOISE_ASSUMPTIONS["seed"], "N sets the steps"]
     assert PrivacyLedger.from_dict(json.loads(json.dumps(card))).assumptions == ["N sets the steps"]
     assert PrivacyLedger.from_dict(ledger.to_dict()).assumptions == ["N sets the steps"]
     with pytest.raises(ValueError, match="needs a text"):

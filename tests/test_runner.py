@@ -453,3 +453,47 @@ def test_a_cell_another_process_runs_is_waited_for(tmp_path: Path) -> None:
     assert f"pid {os.getpid()}" in lines[0]
     with other.cell_lock(spec.key) as held:  # released after the cell
         assert held
+
+
+def test_noise_source_os_draws_unwritten_noise_and_a_resume_keeps_the_accounting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`--noise-source os`: the same seed twice gives two different releases (the noise is not the seed's), the
+    card and config.json say so, the key differs from the seeded run's; a fit interrupted mid-way resumes to the
+    DP steps and ε of an uninterrupted seeded run."""
+    monkeypatch.setenv("BENCH_CHECKPOINT_EVERY", "0")
+    dpdm = [*RUN, "--methods", "dpdm", "--eps", "10", "--no-real", "--set", "noise_multiplicity=1"]
+    assert bench(*dpdm, "--results", str(tmp_path / "seeded")).exit_code == 0
+    released = []
+    for name in ("os-a", "os-b"):
+        assert bench(*dpdm, "--noise-source", "os", "--results", str(tmp_path / name)).exit_code == 0
+        (run_dir,) = run_dirs(tmp_path / name)
+        card = json.loads((run_dir / "privacy.json").read_text())
+        assert card["noise_source"] == "os" and any("OS entropy" in a for a in card["assumptions"])
+        assert json.loads((run_dir / "config.json").read_text())["noise_source"] == "os"
+        assert "noise source: OS entropy" in (run_dir / "log.txt").read_text()
+        released.append(torch.load(run_dir / "checkpoint.pt", weights_only=False)["method_state"])
+    (seeded,) = run_dirs(tmp_path / "seeded")
+    assert seeded.name != run_dir.name and json.loads((seeded / "privacy.json").read_text())["noise_source"] == "seed"
+    (a, b), names = released, list(released[0]["net"])
+    assert not any(torch.equal(a["net"][k], b["net"][k]) for k in names if a["net"][k].is_floating_point())
+
+    calls = {"n": 0}
+    save = runner.RunProgress.checkpoint
+
+    def interrupted(self: runner.RunProgress, state_fn):  # noqa: ANN001, ANN202
+        save(self, state_fn)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("interrupted after the 3rd checkpoint")
+
+    monkeypatch.setattr(runner.RunProgress, "checkpoint", interrupted)
+    assert bench(*dpdm, "--noise-source", "os", "--results", str(tmp_path / "resumed")).exit_code == 1
+    (run_dir,) = run_dirs(tmp_path / "resumed")
+    steps_at_stop = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["dpsgd"]["steps"]
+    monkeypatch.setattr(runner.RunProgress, "checkpoint", save)
+    assert bench(*dpdm, "--noise-source", "os", "--results", str(tmp_path / "resumed")).exit_code == 0
+    assert 0 < steps_at_stop < _dp_steps(tmp_path / "seeded") == _dp_steps(tmp_path / "resumed")
+    assert json.loads((run_dir / "metrics.json").read_text())["cost"]["fit_attempts"] == 2
+    eps = [json.loads((d / "privacy.json").read_text())["epsilon"] for d in (seeded, run_dir)]
+    assert eps[0] == eps[1]
