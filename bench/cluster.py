@@ -17,8 +17,10 @@ What differs:
   Store (`SendingStore`) writes the run folder and sends each index write to the driver through a mailbox actor,
   in order; the driver applies them as they arrive, so `bench report` during a grid sees the cells running.
 - Before any task, a probe task on every node checks that it sees the results folder (a file the driver wrote,
-  by content: the same path on a node's local disk is not enough), can write there, runs the same bench code
-  (the harness hash), and sees the plugin files and --data-root; a node that does not is named in the error.
+  by content: the same path on a node's local disk is not enough), can write there, is refused a lock the driver
+  holds there (fcntl.flock must exclude across nodes, which some network file systems do not do: the per-cell
+  locks would then let two workers run one cell), runs the same bench code (the harness hash), and sees the
+  plugin files and --data-root; a node that does not is named in the error.
 - A job whose worker dies (killed, out of memory, node lost) is recorded as failed with Ray's reason, in the
   index and the run's log.txt; the grid goes on. Tasks are not retried (max_retries = 0): rerunning the
   command resumes that cell from its last checkpoint.
@@ -30,6 +32,7 @@ Ray is an optional dependency (`pip install 'bench-dp-gen[ray]'`, part of the de
 
 from __future__ import annotations
 
+import fcntl
 import math
 import os
 import re
@@ -237,7 +240,8 @@ def run_job(settings: WorkerSettings, job: Job, wait: bool, mailbox: Any) -> tup
 
 
 def probe_node(root: str, probe: str, token: str, plugins: tuple[str, ...], data_root: str | None) -> dict[str, Any]:
-    """A Ray task pinned to one node: what that node cannot see or do of what the grid needs."""
+    """A Ray task pinned to one node: what that node cannot see or do of what the grid needs. The driver holds
+    an exclusive flock on locks/<probe>.lock meanwhile: this node must be refused it."""
     problems = []
     try:
         seen = (Path(root) / probe).read_text()
@@ -250,10 +254,29 @@ def probe_node(root: str, probe: str, token: str, plugins: tuple[str, ...], data
             Store(root, index=False)
         except BenchError as e:
             problems.append(str(e))
+        if problem := lock_problem(Path(root) / "locks" / f"{probe}.lock"):
+            problems.append(problem)
     problems += [f"does not see the plugin file {p}" for p in plugins if not Path(p).is_file()]
     if data_root is not None and not Path(data_root).is_dir():
         problems.append(f"does not see --data-root {data_root}")
     return {"host": socket.gethostname(), "harness": registry.harness_hash(), "problems": problems}
+
+
+def lock_problem(path: Path) -> str | None:
+    """None when this process is refused the exclusive flock on `path` (held by the driver), else what is wrong."""
+    try:
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return None
+            fcntl.flock(f, fcntl.LOCK_UN)
+    except OSError as e:
+        return f"cannot take a lock in the results folder ({e.strerror or e}): the cell locks need fcntl.flock there"
+    return (
+        "takes a lock the driver holds in the results folder: fcntl.flock on this file system does not exclude "
+        "across nodes, so two workers could run one cell; use a file system whose locks are cluster-wide"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -336,39 +359,51 @@ class RayExecutor:
                 raise BenchError(f"{option} {need:g}: the Ray cluster's largest node has {most:g} {resource}s")
         if settings.root in self._checked:
             return
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
         token = uuid.uuid4().hex
         probe = f".probe-{token}"
         probe_path = Path(settings.root) / probe
         probe_path.write_text(token)
+        lock_path = Path(settings.root) / "locks" / f"{probe}.lock"
+        lock_path.parent.mkdir(exist_ok=True)
         task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
-        try:
-            refs = {
-                n["NodeManagerAddress"]: task.options(
-                    scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
-                ).remote(settings.root, probe, token, settings.plugins, settings.data_root)
-                for n in nodes
-            }
-            failures = []
-            for address, ref in refs.items():
-                try:
-                    seen = ray.get(ref, timeout=300)
-                except Exception as e:  # noqa: BLE001 - any failure of the probe is that node's problem
-                    failures.append(f"node {address}: cannot run bench ({one_line(e)}); install the same bench there")
-                    continue
-                problems = list(seen["problems"])
-                if seen["harness"] != registry.harness_hash():
-                    problems.append(
-                        f"runs other bench code (harness {seen['harness']}, here {registry.harness_hash()}); "
-                        "install the same version on every node"
-                    )
-                failures += [f"node {seen['host']} ({address}) {p}" for p in problems]
-        finally:
-            probe_path.unlink(missing_ok=True)
+        with open(lock_path, "a+") as held:
+            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: no one else holds it
+            try:
+                failures = self._probe(ray, task, nodes, settings, probe, token)
+            finally:
+                probe_path.unlink(missing_ok=True)
+                lock_path.unlink(missing_ok=True)
         if failures:
             raise BenchError("; ".join(failures) + "; every node must see the same folders (a shared file system)")
         self._checked.add(settings.root)
+
+    def _probe(
+        self, ray: ModuleType, task: Any, nodes: list[dict[str, Any]], settings: WorkerSettings, probe: str, token: str
+    ) -> list[str]:
+        """Run probe_node on every node; one line a problem."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        refs = {
+            n["NodeManagerAddress"]: task.options(
+                scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=n["NodeID"], soft=False)
+            ).remote(settings.root, probe, token, settings.plugins, settings.data_root)
+            for n in nodes
+        }
+        failures = []
+        for address, ref in refs.items():
+            try:
+                seen = ray.get(ref, timeout=300)
+            except Exception as e:  # noqa: BLE001 - any failure of the probe is that node's problem
+                failures.append(f"node {address}: cannot run bench ({one_line(e)}); install the same bench there")
+                continue
+            problems = list(seen["problems"])
+            if seen["harness"] != registry.harness_hash():
+                problems.append(
+                    f"runs other bench code (harness {seen['harness']}, here {registry.harness_hash()}); "
+                    "install the same version on every node"
+                )
+            failures += [f"node {seen['host']} ({address}) {p}" for p in problems]
+        return failures
 
     def run(self, runner: Runner, jobs: list[Job], ui: Any, echo: Callable[[str], None]) -> list[str]:
         if not jobs:

@@ -3,6 +3,7 @@ processes on one results folder."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -150,13 +151,29 @@ def test_every_node_must_see_the_results_folder_plugins_and_data(tmp_path: Path,
     text = str(e.value)
     assert f"does not see the plugin file {tmp_path / 'gone.py'}" in text and "does not see --data-root" in text
     assert text.startswith("node ") and "\n" not in text
-    assert not list(tmp_path.glob(".probe-*"))  # the probe file is removed
+    assert "lock" not in text  # every (here: the one) node was refused the driver's probe lock
+    assert not list(tmp_path.glob(".probe-*")) and not list(tmp_path.glob("locks/.probe-*"))  # both removed
     (tmp_path / ".probe-x").write_text("another machine's token")
     seen = probe_node(str(tmp_path), ".probe-x", "the driver's token", (), None)
     assert seen["problems"] == [f"does not see the results folder {tmp_path} (the driver's probe file: "
                                 "\"another machine's token\")"]  # fmt: skip
     with pytest.raises(BenchError, match="--cpus-per-run 3: the Ray cluster's largest node has 2 CPUs"):
         ex.check(WorkerSettings.of(make_runner(tmp_path), "cpu", 3), gpus=0.0)
+
+
+def test_the_probe_checks_that_locks_exclude_across_nodes(tmp_path: Path) -> None:
+    """probe_node must be refused the exclusive flock the driver holds on locks/<probe>.lock; a node that gets it
+    (a file system whose locks are per node: simulated by nobody holding it) is told so, and the lock is left free."""
+    (tmp_path / ".probe-t").write_text("token")
+    lock = tmp_path / "locks" / ".probe-t.lock"
+    lock.parent.mkdir()
+    with open(lock, "a+") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert probe_node(str(tmp_path), ".probe-t", "token", (), None)["problems"] == []
+    (problem,) = probe_node(str(tmp_path), ".probe-t", "token", (), None)["problems"]
+    assert problem.startswith("takes a lock the driver holds") and "does not exclude across nodes" in problem
+    with open(lock, "a+") as again:
+        fcntl.flock(again, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the probe released what it took
 
 
 def test_bench_run_on_ray_from_the_command_line(tmp_path: Path, local_ray: None) -> None:
