@@ -19,7 +19,8 @@ cores, torch 2.14.1, opacus 1.6.0; UNet base 8, mults (1, 2), 41k params, 1×28�
     folded     0.82-0.95x   0.80-0.90x   one plain backward with the parameters frozen (activation
                                          gradients only); layer hooks turn activations and backprops
                                          into per-example gradients summed over the example's rows
-                                         (conv weights: one grouped convolution_backward, groups = B)
+                                         (conv weights: a grouped convolution_backward, groups = B;
+                                         a 1×1 conv: a bmm; a 1-channel conv: a forward conv, _conv2d)
     functorch  0.67-0.77x   0.45-0.73x   torch.func vmap(grad(ℓ)); slow batching rules on CPU for the
                                          GroupNorm/SiLU backward and for thin (1-channel) convolutions
     hooks      0.45-0.68x   0.39-0.69x   opacus GradSampleModule: per-ROW gradients [B·K, P], summed
@@ -36,8 +37,12 @@ The row-based modes (folded, hooks, ghost) run the model outside vmap on all exa
 per_example_loss runs under vmap once to collect the model inputs (outputs replaced by zeros, shapes
 from a probe of example 0) and once on the real outputs. So it must be deterministic (vmap refuses
 random ops there), every model input needs a leading row dimension, and the model must treat rows
-independently (like opacus, these modes rely on it; it is checked: example 0's outputs alone must
-equal its outputs among all the others').
+independently (like opacus, these modes rely on it; it is checked: the outputs of example 0, of the last
+example and of one drawn at random, each alone, must equal their outputs among all the others'). The
+check runs at the first step of each engine (so of each fit and of each resumed attempt) and then every
+ROW_CHECK_EVERY steps: row mixing is a property of the model's structure (batch statistics), which
+opacus validates once, before training; the check's three extra single-example forwards cost 0.05x of
+a DP-SAD student step on NCSN++ (benchmarks/bench_dpsad.py), too much to pay at every step.
 """
 
 from __future__ import annotations
@@ -82,6 +87,9 @@ def _dropout_off(model: nn.Module) -> Iterator[None]:
     finally:
         for m, mode in zip(layers, modes, strict=True):
             m.train(mode)
+
+
+ROW_CHECK_EVERY = 25  # steps between two checks that the model treats rows independently (the first step: always)
 
 
 class _NotRowwise(ValueError):
@@ -144,7 +152,9 @@ def add_noise(sums: Sequence[Tensor], *, noise_std: float, generator: torch.Gene
     """Σ_i ḡ_i + N(0, noise_std²) on every coordinate, drawn from `generator` on each tensor's device."""
     if noise_std == 0.0:
         return list(sums)
-    return [s + noise_std * torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype) for s in sums]
+    noise = [torch.randn(s.shape, generator=generator, device=s.device, dtype=s.dtype) for s in sums]
+    torch._foreach_mul_(noise, noise_std)  # one kernel launch a list, not a tensor: the same values
+    return list(torch._foreach_add(list(sums), noise))
 
 
 # ------------------------------------------------------------- per-example gradients from hooks ("folded")
@@ -153,15 +163,38 @@ def add_noise(sums: Sequence[Tensor], *, noise_std: float, generator: torch.Gene
 
 
 def _conv2d(m: nn.Conv2d, a: Tensor, g: Tensor, B: int) -> dict[str, Tensor]:
+    """Three exact forms of the same per-example weight gradient, the fastest for the layer's shape on a CPU
+    (measured: benchmarks/bench_dpsad.py): a 1×1 convolution is a batched matrix product over positions; a layer
+    with one input or one output channel is a forward convolution of the inputs with the output gradients as a
+    depthwise kernel (stride and dilation swap roles); any other a grouped convolution, example b as group b."""
     R = a.shape[0] // B
-    a_ = a.reshape(R, B * m.in_channels, *a.shape[2:])  # example b becomes channel group b: no copy
-    g_ = g.reshape(R, B * m.out_channels, *g.shape[2:])
-    size = (B * m.out_channels, *m.weight.shape[1:])
-    w = conv2d_weight(a_, size, g_, m.stride, m.padding, m.dilation, B * m.groups)
+    if m.groups == 1 and m.kernel_size == (1, 1) and m.stride == (1, 1) and m.padding == (0, 0):
+        g_ = g.reshape(R, B, m.out_channels, -1).transpose(0, 1).transpose(2, 3).reshape(B, -1, m.out_channels)
+        a_ = a.reshape(R, B, m.in_channels, -1).transpose(0, 1).transpose(2, 3).reshape(B, -1, m.in_channels)
+        w = torch.bmm(g_.transpose(1, 2), a_)  # [B, out, in]: Σ over rows and positions
+    elif m.groups == 1 and 1 in (m.in_channels, m.out_channels):
+        w = _conv2d_by_forward(m, a, g, B, R)
+    else:
+        a_ = a.reshape(R, B * m.in_channels, *a.shape[2:])  # example b becomes channel group b: no copy
+        g_ = g.reshape(R, B * m.out_channels, *g.shape[2:])
+        size = (B * m.out_channels, *m.weight.shape[1:])
+        w = conv2d_weight(a_, size, g_, m.stride, m.padding, m.dilation, B * m.groups)
     out = {"weight": w.view(B, *m.weight.shape)}
     if m.bias is not None:
         out["bias"] = g.reshape(R, B, m.out_channels, -1).sum((0, 3))
     return out
+
+
+def _conv2d_by_forward(m: nn.Conv2d, a: Tensor, g: Tensor, B: int, R: int) -> Tensor:
+    """∂ℓ_b/∂W[o, c, i, j] = Σ_{r,h,w} a_pad[r·B+b, c, s·h + d·i, s·w + d·j] · g[r·B+b, o, h, w]: a convolution whose
+    batch is the input channels (and the rows), whose channels are the examples, with g as a depthwise kernel
+    (B groups of `out` kernels), stride d and dilation s; the output is cropped to the kernel size."""
+    (kh, kw), Ci, Co = m.kernel_size, m.in_channels, m.out_channels
+    x = a.reshape(R, B, Ci, *a.shape[2:]).permute(0, 2, 1, 3, 4).reshape(R * Ci, B, *a.shape[2:])  # [R·C, B, H, W]
+    k = g.reshape(R, B * Co, *g.shape[2:])
+    w = torch.stack([F.conv2d(x[r * Ci : (r + 1) * Ci], k[r][:, None], stride=m.dilation, padding=m.padding,
+                              dilation=m.stride, groups=B) for r in range(R)]).sum(0)  # fmt: skip
+    return w[:, :, :kh, :kw].reshape(Ci, B, Co, kh, kw).permute(1, 2, 0, 3, 4)  # [B, Co, Ci, kh, kw]
 
 
 def _linear(m: nn.Linear, a: Tensor, g: Tensor, B: int) -> dict[str, Tensor]:
@@ -352,6 +385,7 @@ class DPSGD(ChargedSteps):
         # which example besides 0 and the last the row check compares at each call: its own stream, so that the
         # run's generators (and results) do not depend on the check
         self._probe_rng = random.Random(0)
+        self._row_calls = 0  # row-based forwards so far: the check runs at the first and every ROW_CHECK_EVERY-th
         self._gsm: GradSampleModule | GradSampleModuleFastGradientClipping | None = None
         if self.mode == "hooks":
             self._gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum", strict=True)
@@ -414,8 +448,8 @@ class DPSGD(ChargedSteps):
             else:
                 loss = clipped = norm = math.nan
             noisy = add_noise(sums, noise_std=sigma * C if sigma > 0 else 0.0, generator=self.generator)
-            for p, g in zip(self.params, noisy, strict=True):
-                p.grad = g / self.expected_batch_size
+            for p, g in zip(self.params, torch._foreach_div(noisy, self.expected_batch_size), strict=True):
+                p.grad = g
         except BaseException:
             for p in self.params:
                 p.grad = None  # never leave an un-noised gradient behind
@@ -518,7 +552,8 @@ class DPSGD(ChargedSteps):
 
             def backward_hook(g: Tensor) -> None:
                 acts = a.float() if a.is_floating_point() else a  # float32 under autocast; indices stay integers
-                per_example = _FOLDED[type(m)](m, acts, g.detach().float(), B)
+                with torch.autocast(acts.device.type, enabled=False):  # the per-example gradients in float32
+                    per_example = _FOLDED[type(m)](m, acts, g.detach().float(), B)
                 for name, i in self._layers[m]:
                     acc[i] = acc[i] + per_example[name] if i in acc else per_example[name]
 
@@ -555,12 +590,14 @@ class DPSGD(ChargedSteps):
             B, R = inputs[0].shape[0], inputs[0].shape[1]
             if any(x.dim() < 2 or x.shape[1] != R for x in inputs):
                 raise _NotRowwise("step_outputs needs inputs [B, R, ...] with one common row dimension")
-            with torch.no_grad(), self._autocast():  # example 0 alone: the rows must not mix (a privacy check)
-                alone = self.model(*(x[0] for x in inputs))
+            if check := self._row_check_due():
+                with torch.no_grad(), self._autocast():  # example 0 alone: the rows must not mix (a privacy check)
+                    alone = self.model(*(x[0] for x in inputs))
             with self._folded_hooks(B) as acc:
                 with self._autocast():
                     out = self._rows_call(inputs, B)
-                self._check_rowwise(list(inputs), out.detach(), alone, "step_outputs needs")
+                if check:
+                    self._check_rowwise(list(inputs), out.detach(), alone, "step_outputs needs")
                 start = sum(len(done) for done in outs)  # the chunks come in order
                 o, losses = output_grad(out.detach().float(), slice(start, start + B))
                 if o.shape != out.shape:
@@ -625,11 +662,16 @@ class DPSGD(ChargedSteps):
             gsm.disable_hooks()
         return losses
 
+    def _row_check_due(self) -> bool:
+        """Whether this row-based forward checks that the rows do not mix: the first, then every ROW_CHECK_EVERY-th."""
+        self._row_calls += 1
+        return (self._row_calls - 1) % ROW_CHECK_EVERY == 0
+
     def _check_rowwise(self, inputs: list[Tensor], out: Tensor, alone: Tensor, how: str) -> None:
         """Privacy: an example's rows must give the same model outputs alone as among all the others' (`out`
         [B, R, ...], the batched call); a model that mixes rows (batch statistics) would let one example's gradient
         depend on another's. Checked for example 0 (`alone`: its outputs computed beforehand), the last example and
-        one drawn at random at each call, so that a model that leaves some example untouched is still caught. A
+        one drawn at random at each check, so that a model that leaves some example untouched is still caught. A
         model with dropout is compared with its dropout off, each example alone and among the first 4 (extra
         forwards without gradients). Tolerance: 1e-4 of the largest output in float32 (batched and single
         convolutions differ by rounding only), 2e-2 under bf16 autocast."""
@@ -685,7 +727,7 @@ class DPSGD(ChargedSteps):
             self.per_example_loss(call, *example)
             return calls
 
-        outs = []
+        outs, check = [], self._row_check_due()
         for inputs, reference in zip(vmap(capture)(*batch), probe, strict=True):  # inputs [B, R, ...]
             R = inputs[0].shape[1]
             if any(x.shape[1] != R for x in inputs):
@@ -696,7 +738,8 @@ class DPSGD(ChargedSteps):
             if not isinstance(out, Tensor) or out.shape[0] != R * B:
                 raise _NotRowwise(f"{how} a model output that is a tensor with {R * B} rows")
             out = out.reshape(R, B, *out.shape[1:]).transpose(0, 1)  # row r·B + b -> [b, r]
-            self._check_rowwise(inputs, out, reference, how)
+            if check:
+                self._check_rowwise(inputs, out, reference, how)
             outs.append(out)
 
         def loss(outs: list[Tensor], *example: Tensor) -> Tensor:

@@ -2,6 +2,7 @@
 per epoch of each stage in the smoke profile.
 
     .venv/bin/pytest benchmarks/bench_dpsad.py --benchmark-only -q --benchmark-min-rounds=5 [--threads 1]
+    .venv/bin/pytest benchmarks/bench_dpsad.py --benchmark-only -q -k interleaved --threads 1   # the ratios
     BENCH_DPSAD_DATASET=fmnist .venv/bin/pytest benchmarks/bench_dpsad.py -q -s -k epoch   # seconds per epoch
 
 Step benchmark, for each denoiser: the smoke profile's networks on 1×28×28, batch 128 (edm: NCSN++ nf 8 with
@@ -56,11 +57,8 @@ def make_draws(method: Any) -> tuple[Any, torch.Tensor]:
     return d, method.outputs(method.teacher_ema.model, d)
 
 
-@pytest.mark.parametrize("denoiser", DENOISERS)
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_student_step_throughput(
-    benchmark: Any, ratios: dict[str, dict[str, Any]], variant: str, denoiser: str
-) -> None:
+def make_step(variant: str, denoiser: str) -> Any:
+    """One student step of `variant` on the smoke networks of `denoiser`, from fixed draws."""
     torch.manual_seed(0)
     method = smoke_method("dpsad", clip_target="output" if variant == "output" else "params", **DENOISERS[denoiser])
     d, out_T = make_draws(method)
@@ -99,7 +97,15 @@ def test_student_step_throughput(
         def step() -> None:
             dp.step(*batch)
 
-    benchmark(step)
+    return step
+
+
+@pytest.mark.parametrize("denoiser", DENOISERS)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_student_step_throughput(
+    benchmark: Any, ratios: dict[str, dict[str, Any]], variant: str, denoiser: str
+) -> None:
+    benchmark(make_step(variant, denoiser))
     benchmark.extra_info.update(variant=variant, batch=BATCH, threads=torch.get_num_threads())
     if benchmark.stats is None:  # --benchmark-disable
         return
@@ -109,6 +115,31 @@ def test_student_step_throughput(
     if "non-private" in rows:
         ref_min, ref_med = rows["non-private"]
         benchmark.extra_info.update(ratio_min=ref_min / stats.min, ratio_median=ref_med / stats.median)
+
+
+INTERLEAVED = ("non-private", "params", "output")
+ROUNDS = int(os.environ.get("BENCH_DPSAD_ROUNDS", "30"))
+
+
+@pytest.mark.parametrize("denoiser", DENOISERS)
+def test_student_step_ratios_interleaved(benchmark: Any, ratios: dict[str, dict[str, Any]], denoiser: str) -> None:
+    """The same steps as above, one of each variant a round (non-private, params, output), ROUNDS rounds after 3
+    of warm-up: a drift of the machine's speed (a shared VM's neighbours) then slows every variant alike, where
+    the sequential benchmark above gives all of one variant's rounds before the next's."""
+    steps = {v: make_step(v, denoiser) for v in INTERLEAVED}
+    times: dict[str, list[float]] = {v: [] for v in INTERLEAVED}
+
+    def one_round() -> None:
+        for v, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            times[v].append(time.perf_counter() - t0)
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, warmup_rounds=3, iterations=1)
+    rows = ratios.setdefault(f"{denoiser}-interleaved", {})
+    for v, ts in times.items():
+        kept = sorted(ts[-ROUNDS:])
+        rows[v] = (kept[0], kept[len(kept) // 2])
 
 
 class _Timer:

@@ -105,6 +105,37 @@ class Mixed(nn.Module):
         return self.lin(torch.tanh(self.lin(self.norm(h))))
 
 
+@pytest.mark.parametrize(
+    ("cin", "cout", "kernel", "options"),
+    [
+        (3, 4, 1, {}),  # 1×1: a batched matrix product
+        (3, 4, 1, {"stride": 2}),  # 1×1 strided: the grouped convolution
+        (3, 1, 3, {"padding": 1}),  # one output channel: the forward form
+        (1, 4, 3, {"padding": 1}),
+        (1, 4, 3, {"stride": 2, "padding": 1}),  # stride and dilation swap roles in the forward form
+        (3, 1, 3, {"dilation": 2, "padding": 2}),
+        (1, 2, (3, 2), {"stride": (2, 1), "dilation": (1, 2), "padding": (1, 0)}),  # its output is cropped
+        (3, 4, 3, {"padding": 1}),  # the grouped convolution
+        (4, 2, 3, {"groups": 2, "padding": 1}),
+    ],
+)
+def test_every_form_of_the_per_example_conv_gradient_equals_the_reference(
+    cin: int, cout: int, kernel: int | tuple[int, int], options: dict[str, Any]
+) -> None:
+    """bench.dpsgd._conv2d picks one of three forms by the layer's shape; each gives plain autograd's per-example
+    gradient, with 3 rows per example (summed)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(cin, cout, kernel, **options), nn.Tanh())
+
+    def loss(call: Callable[..., Tensor], x: Tensor) -> Tensor:
+        return call(torch.stack([x, x.flip(-1), 0.5 * x])).pow(2).sum()
+
+    batch = (torch.randn(5, cin, 7, 6),)
+    grads, _ = make_dp(model, mode="folded", per_example_loss=loss)._per_example_grads(*batch)
+    for g, r in zip(grads, reference_grads(model, loss, batch), strict=True):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)
+
+
 def two_calls_loss(model_call: Callable[..., Tensor], x: Tensor, y: Tensor) -> Tensor:
     """Calls the model twice per example, with 1 and 3 rows (a GAN discriminator on real and fake)."""
     one = model_call(x[None], y[None])
@@ -208,6 +239,43 @@ def test_the_row_check_compares_the_last_and_a_random_example_too(B: int) -> Non
     grads, _ = make_dp(model, mode="folded", per_example_loss=loss)._per_example_grads(x)
     for g, r in zip(grads, reference_grads(model, loss, (x,)), strict=True):
         torch.testing.assert_close(g, r, atol=1e-6, rtol=1e-5)
+
+
+class MixesLater(nn.Module):
+    """Row-wise until `mix` is set, then every row sees the batch mean."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.mix = nn.Linear(3, 1), False
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.lin(x - x.mean(0, keepdim=True) if self.mix else x)
+
+
+@pytest.mark.parametrize("path", ["step", "step_outputs"])
+def test_the_row_check_runs_at_the_first_step_and_every_row_check_every_steps(path: str) -> None:
+    """The check's schedule: a model that starts mixing rows after the first step trains unchecked until step
+    ROW_CHECK_EVERY + 1, where it is refused; before the first step of a new engine (a resumed fit) it is checked."""
+    model, x = MixesLater(), torch.randn(4, 3)
+
+    def loss(call: Callable[..., Tensor], x: Tensor) -> Tensor:
+        return call(x[None]).pow(2).sum()
+
+    def make() -> DPSGD:
+        return make_dp(model, mode="folded", per_example_loss=loss if path == "step" else dpsgd.output_surrogate)
+
+    def step(dp: DPSGD) -> None:
+        dp.step(x) if path == "step" else dp.step_outputs((x[:, None],), _output_grad(torch.zeros(4, 1, 1)))
+
+    dp = make()
+    step(dp)
+    model.mix = True
+    for _ in range(dpsgd.ROW_CHECK_EVERY - 1):
+        step(dp)
+    with pytest.raises(ValueError, match="mixes"):
+        step(dp)
+    with pytest.raises(ValueError, match="mixes"):
+        step(make())
 
 
 def test_the_row_check_tolerance_is_tight() -> None:
