@@ -89,7 +89,9 @@ def _dropout_off(model: nn.Module) -> Iterator[None]:
             m.train(mode)
 
 
-ROW_CHECK_EVERY = 25  # steps between two checks that the model treats rows independently (the first step: always)
+# row-based forwards (one a step, or one a physical batch of it) between two checks that the model treats rows
+# independently; the first forward of an engine is always checked
+ROW_CHECK_EVERY = 25
 
 
 class _NotRowwise(ValueError):
