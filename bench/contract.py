@@ -107,7 +107,7 @@ def shared_stage(progress: Progress, name: str, ident: dict[str, Any], build: Sh
 
 @runtime_checkable
 class Method(Protocol):
-    """A generative method. See DESIGN.md, "The method contract".
+    """A generative method. See docs/design.md, "The method contract".
 
     `generator` is always a CPU torch.Generator seeded by the harness; a method that needs random
     numbers on an accelerator seeds a device generator from it (and checkpoints both states).

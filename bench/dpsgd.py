@@ -351,7 +351,7 @@ class DPSGD(ChargedSteps):
         if autocast_dtype is not None and mode in ("hooks", "ghost"):
             raise ValueError(f"autocast runs with modes 'folded' and 'functorch' only, not {mode!r}")
         if any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-            raise ValueError("BatchNorm mixes the examples of a batch; use GroupNorm (PRIVACY.md rule 8)")
+            raise ValueError("BatchNorm mixes the examples of a batch; use GroupNorm (docs/privacy.md rule 8)")
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise ValueError("model has no trainable parameters")

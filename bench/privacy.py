@@ -49,7 +49,7 @@ GUARANTEES: tuple[str, ...] = ("end-to-end", "partial", "none")
 
 # opacus' DEFAULT_ALPHAS, so that our RDP ε equals what the DP-SGD literature reports.
 RDP_ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
-# Width of the PLD's privacy-loss grid. 1e-4 is dp_accounting's default: it reproduces PRIVACY.md's
+# Width of the PLD's privacy-loss grid. 1e-4 is dp_accounting's default: it reproduces docs/privacy.md's
 # PLD column to ~1e-6, so anyone recomputing a card with default settings gets the same ε, at
 # 0.1-0.4 s per evaluation of a typical DP-SGD run (2e-4 would halve that but errs by up to 1.6e-3).
 PLD_VALUE_DISCRETIZATION = 1e-4
@@ -85,9 +85,10 @@ def check_delta(delta: float) -> float:
 
 
 def default_delta(num_records: int) -> float:
-    """PRIVACY.md rule 1: δ = 1e-5 for fewer than 100,000 training records, else 1e-6."""
+    """docs/privacy.md rule 1: δ = 1e-5 below 100,000 training records, else 10^−(⌊log10 N⌋+1) (1e-6 up to
+    999,999 records, 1e-7 up to 9,999,999, ...): always below 1/N."""
     _check_num_records(num_records)
-    return 1e-5 if num_records < 100_000 else 1e-6
+    return min(1e-5, 10.0 ** -(math.floor(math.log10(num_records)) + 1))
 
 
 # --------------------------------------------------------------------------------------------- budget
@@ -119,7 +120,7 @@ class Budget:
         delta: float | None = None,
         accountant: str = DEFAULT_ACCOUNTANT,
     ) -> Budget:
-        """The budget for a training set of `num_records` records: default δ by PRIVACY.md rule 1,
+        """The budget for a training set of `num_records` records: default δ by docs/privacy.md rule 1,
         and δ ≥ 1/N refused (such a δ allows publishing a record outright)."""
         _check_num_records(num_records)
         if delta is None:
@@ -222,7 +223,7 @@ class Stage:
         return dp_event.SelfComposedDpEvent(dp_event.LaplaceDpEvent(sigma), self.count)
 
     def to_dict(self) -> dict[str, Any]:
-        """The card's stage entry (PRIVACY.md key names); keys that do not apply are omitted."""
+        """The card's stage entry (docs/privacy.md key names); keys that do not apply are omitted."""
         out: dict[str, Any] = {"name": self.name, "mechanism": self.mechanism}
         if self.mechanism == "poisson_gaussian":
             out["sampling_rate"] = self.sampling_rate
@@ -264,7 +265,7 @@ _STAGE_KEYS = {
 
 @dataclass(kw_only=True)
 class PrivacyLedger:
-    """Every mechanism a method applied to private data (PRIVACY.md rules 3 and 5).
+    """Every mechanism a method applied to private data (docs/privacy.md rules 3 and 5).
 
     The harness recomputes ε from `stages`; anything that touched private data outside a DP mechanism
     is listed in `non_private`, which makes the guarantee "partial".
@@ -400,7 +401,7 @@ def _stages(ledger_or_stages: PrivacyLedger | Sequence[Stage]) -> list[Stage]:
 
 
 def verify(ledger: PrivacyLedger, budget: Budget) -> float:
-    """Recompute ε from the ledger with the budget's accountant and δ (PRIVACY.md rule 3).
+    """Recompute ε from the ledger with the budget's accountant and δ (docs/privacy.md rule 3).
 
     Returns ε; raises BudgetExceeded when ε > target · (1 + 1e-6), and BenchError for an empty ledger (a private
     method that records no mechanism would read ε = 0).
@@ -435,7 +436,7 @@ def calibrate(
 
     Bracketing search on log σ (bisection sped up by false-position steps), assuming ε decreases in
     σ. The returned σ is always the upper end of the bracket, an evaluated point with ε(σ) ≤ target
-    (PRIVACY.md rule 6). Stops when the bracket is narrower than `rtol` relative, or ε(σ) is within
+    (docs/privacy.md rule 6). Stops when the bracket is narrower than `rtol` relative, or ε(σ) is within
     `rtol` of the target. `bracket` is a starting guess (lo, hi), widened as needed within
     [SIGMA_MIN, SIGMA_MAX]; a target that even SIGMA_MAX misses raises BenchError.
     """

@@ -1,4 +1,4 @@
-"""The DP-SGD step, checked on the running code (PRIVACY.md, "Checks that must exist as tests")."""
+"""The DP-SGD step, checked on the running code (docs/privacy.md, "The checks that exist as tests")."""
 
 from __future__ import annotations
 

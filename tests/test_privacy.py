@@ -18,7 +18,7 @@ from bench.errors import BenchError
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, Stage
 from tests.conftest import TESTS, TINY_PROFILE, bench
 
-# q, σ, steps, δ, RDP ε, PLD ε (PRIVACY.md table).
+# q, σ, steps, δ, RDP ε, PLD ε (docs/privacy.md, ground-truth vectors).
 TABLE = [
     (0.04, 1.5, 2250, 1e-5, 7.32911117, 6.76879),
     (256 / 60000, 1.1, 14063, 1e-5, 2.596656, 2.38178),
@@ -209,12 +209,16 @@ def test_default_delta_rule():
     assert privacy.default_delta(60_000) == 1e-5
     assert privacy.default_delta(99_999) == 1e-5
     assert privacy.default_delta(100_000) == 1e-6
+    assert privacy.default_delta(999_999) == 1e-6
+    assert privacy.default_delta(1_000_000) == 1e-7  # 10^−(⌊log10 N⌋+1): always below 1/N
+    assert privacy.default_delta(50) == 1e-5
+    assert Budget.for_records(10.0, 2_000_000).delta == 1e-7  # was 1e-6 ≥ 1/N: refused
     assert Budget.for_records(10.0, 60_000).delta == 1e-5
     assert Budget.for_records(10.0, 162_770).delta == 1e-6
     assert Budget.for_records(10.0, 60_000, accountant="pld").accountant == "pld"
 
 
-@pytest.mark.parametrize(("delta", "num_records"), [(1e-3, 1000), (2e-3, 1000), (None, 2_000_000)])
+@pytest.mark.parametrize(("delta", "num_records"), [(1e-3, 1000), (2e-3, 1000), (1e-6, 2_000_000)])
 def test_delta_at_least_one_over_n_refused(delta, num_records):
     with pytest.raises(BenchError, match="1/N"):
         Budget.for_records(1.0, num_records, delta=delta)

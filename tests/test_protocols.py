@@ -75,7 +75,7 @@ def datalens_cnn(channels: int, flat: int, classes: int) -> int:
 def test_parameter_counts_are_the_references(name, classifier, shape, classes, expected):
     assert PROTOCOLS[name].parameters(classifier, shape, classes) == expected
     if (name, classifier, shape) == ("dpdm", "cnn", (1, 28, 28)):
-        assert expected == 241_546  # the count EVALUATION.md quotes
+        assert expected == 241_546  # the count docs/evaluation.md quotes
     if (name, shape) == ("datalens", (1, 28, 28)):
         assert expected == 515_146
 

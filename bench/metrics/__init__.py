@@ -1,4 +1,4 @@
-"""Metrics, computed by the harness for every method's samples (see EVALUATION.md).
+"""Metrics, computed by the harness for every method's samples (see docs/evaluation.md).
 
 `evaluate` returns one record per metric: its value and how it was computed (extractor or protocol,
 sample counts, reference split), because numbers computed differently are not comparable.
