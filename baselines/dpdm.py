@@ -17,7 +17,7 @@ per-cell tuned samplers behind its "(FID)" and "(Acc)" rows are `sampler_preset 
 (bench.diffusion.SAMPLER_PRESETS, with their source).
 
 Deviations from the reference, recorded here and in every run's config:
-- DP-SGD is ours (bench.dpsgd), not the reference's opacus fork (make_private_with_epsilon with Poisson
+- DP-SGD is ours (bench.privacy.dpsgd), not the reference's opacus fork (make_private_with_epsilon with Poisson
   sampling): the same mechanism (Poisson batches, steps = round(epochs / q), noise on the clipped sum divided by
   the expected batch size); σ is calibrated by the harness's accountant (RDP by default), not opacus's.
 - The reference's ε = 0.2 configs say `epsilon: 10.`; a slip (their file names and the paper say 0.2): we use the
@@ -36,12 +36,13 @@ import torch
 from torch import Tensor
 
 from bench.config import choice
-from bench.contract import ImageDataset, Progress, device_generator
+from bench.contract import ImageDataset, Progress
 from bench.diffusion import ConditionalDenoiser, DiffusionConfig, to_model_range
-from bench.dpsgd import DPSGD, MODES, poisson_stream
 from bench.nets import seeded_init
-from bench.privacy import Budget, PrivacyLedger, calibrate_sigma
-from bench.training import FitState, dp_steps, ledger_of, poisson_rate, steps_for
+from bench.privacy import Budget, PrivacyLedger
+from bench.privacy.dpsgd import MODES, poisson_stream
+from bench.privacy.setup import make_dpsgd, poisson_rate, steps_for
+from bench.training import FitState, dp_steps, ledger_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,7 +52,7 @@ class Config(DiffusionConfig):
     lr: float = 3e-4  # Adam, no weight decay (reference: 3e-4)
     max_grad_norm: float = 1.0  # clipping bound C (reference: 1)
     noise_multiplicity: int = 32  # K draws of (σ, noise) per example, averaged before clipping (reference: 32)
-    dp_mode: str = "auto"  # per-example gradient implementation (bench.dpsgd)
+    dp_mode: str = "auto"  # per-example gradient implementation (bench.privacy.dpsgd)
     physical_batch_size: int = 512  # examples per chunk of a logical batch (memory only; same step)
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # forward/backward; auto: bf16 on CUDA, fp32 elsewhere
 
@@ -92,11 +93,6 @@ class DPDM(ConditionalDenoiser):
         cfg, n = self.config, len(train)
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
-        q = poisson_rate("dpdm: batch_size", cfg.batch_size, n)
-        steps = steps_for(cfg.epochs, q)
-        sigma = calibrate_sigma(
-            budget.epsilon, sample_rate=q, steps=steps, delta=budget.delta, accountant=budget.accountant
-        )
         cuda = self.device.type == "cuda"
         self.precision = "bf16" if cfg.precision == "bf16" or (cfg.precision == "auto" and cuda) else "fp32"
         x_all = to_model_range(train.images).to(self.device)
@@ -105,22 +101,14 @@ class DPDM(ConditionalDenoiser):
             self.net = self.net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             x_all = x_all.contiguous(memory_format=torch.channels_last)
         y_all = train.labels.to(self.device)
-        # Poisson sampling draws from the run's CPU generator; noise is drawn where the parameters live.
-        noise_gen = device_generator(generator, self.device)
         optimizer = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
-        dp = DPSGD(
-            self.net,
-            optimizer,
-            per_example_loss=self.example_loss,
-            noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm,
-            sample_rate=q,
-            num_records=n,
-            generator=noise_gen,
-            mode=cfg.dp_mode,
-            max_physical_batch_size=cfg.physical_batch_size,
+        private = make_dpsgd(
+            self.net, optimizer, name="dpdm: batch_size", per_example_loss=self.example_loss, budget=budget,
+            batch_size=cfg.batch_size, epochs=cfg.epochs, num_records=n, max_grad_norm=cfg.max_grad_norm,
+            generator=generator, device=self.device, mode=cfg.dp_mode, max_physical_batch_size=cfg.physical_batch_size,
             autocast_dtype=torch.bfloat16 if self.precision == "bf16" else None,
-        )
+        )  # fmt: skip
+        dp, noise_gen, (q, steps, sigma) = private.engine, private.noise_generator, private.plan.astuple()
         fit = FitState(progress, generator, noise_gen, {"model": self, "optimizer": optimizer, "dpsgd": dp})
         fit.resume()
         fit.start(steps, f"dpdm σ={sigma:.3f}", dp.steps)

@@ -19,7 +19,7 @@ noisy steps actually taken; σ is calibrated so that it meets the budget.
 Loss. "ns": non-saturating GAN loss, ℓ_D = softplus(−D(x_i)) + softplus(D(fake_i)), ℓ_G =
 softplus(−D(G(z))). "wgan-gp": ℓ_D = D(fake_i) − D(x_i) + λ_gp (‖∇_x̂ D(x̂_i)‖ − 1)², x̂_i = a_i x_i +
 (1 − a_i) fake_i, ℓ_G = −D(G(z)); the penalty needs a double backward inside the per-example loss, which
-only the "functorch" per-example-gradient mode of bench.dpsgd can do ("folded" replaces the model's
+only the "functorch" per-example-gradient mode of bench.privacy.dpsgd can do ("folded" replaces the model's
 outputs and cannot differentiate through an input gradient). "ns" runs in the faster "folded" mode.
 """
 
@@ -32,14 +32,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bench.contract import ImageDataset, Progress, device_generator
+from bench.contract import ImageDataset, Progress
 from bench.diffusion import to_model_range
-from bench.dpsgd import DPSGD, MODES, poisson_stream
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.gan import ConditionalGAN, build_pair, generate
-from bench.privacy import Budget, PrivacyLedger, calibrate_sigma
-from bench.training import FitState, dp_steps, ledger_of, poisson_rate
+from bench.privacy import Budget, PrivacyLedger
+from bench.privacy.dpsgd import MODES, poisson_stream
+from bench.privacy.setup import make_dpsgd, poisson_rate, steps_for
+from bench.training import FitState, dp_steps, ledger_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,7 +59,7 @@ class Config:
     beta2: float = 0.999  # Adam β2
     generator_batch_size: int = 64  # generated samples per generator step
     max_grad_norm: float = 1.0  # clipping bound C of the discriminator's per-example gradient
-    dp_mode: str = "auto"  # per-example gradients (bench.dpsgd); wgan-gp needs "functorch"
+    dp_mode: str = "auto"  # per-example gradients (bench.privacy.dpsgd); wgan-gp needs "functorch"
     physical_batch_size: int = 256  # examples per backward (memory only; same step)
 
     def __post_init__(self) -> None:
@@ -130,7 +131,7 @@ class DPGAN(ConditionalGAN):
         """{stage: units of work} of a fit (bench.contract, optional members: `work`)."""
         cfg = config
         q = poisson_rate("dpgan: batch_size", cfg.batch_size, num_records)
-        return {"discriminator dp steps": max(1, round(cfg.epochs / (q * cfg.d_steps))) * cfg.d_steps}
+        return {"discriminator dp steps": steps_for(cfg.epochs, q, cfg.d_steps)}
 
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
@@ -138,29 +139,17 @@ class DPGAN(ConditionalGAN):
         cfg, n = self.config, len(train)
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
-        q = poisson_rate("dpgan: batch_size", cfg.batch_size, n)
-        generator_steps = max(1, round(cfg.epochs / (q * cfg.d_steps)))
-        steps = generator_steps * cfg.d_steps  # discriminator (noisy) steps
-        sigma = calibrate_sigma(
-            budget.epsilon, sample_rate=q, steps=steps, delta=budget.delta, accountant=budget.accountant
-        )
         x_all = to_model_range(train.images).to(self.device)  # fixed constants, no data statistics
         y_all = train.labels.to(self.device)
-        noise_gen = device_generator(generator, self.device)
         opt_d = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(cfg.beta1, cfg.beta2))
         opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=(cfg.beta1, cfg.beta2))
-        dp = DPSGD(
-            self.D,
-            opt_d,
-            per_example_loss=self._d_loss,
-            noise_multiplier=sigma,
-            max_grad_norm=cfg.max_grad_norm,
-            sample_rate=q,
-            num_records=n,
-            generator=noise_gen,
-            mode="functorch" if cfg.loss == "wgan-gp" else cfg.dp_mode,
-            max_physical_batch_size=cfg.physical_batch_size,
-        )
+        private = make_dpsgd(
+            self.D, opt_d, name="dpgan: batch_size", per_example_loss=self._d_loss, budget=budget,
+            batch_size=cfg.batch_size, epochs=cfg.epochs, num_records=n, max_grad_norm=cfg.max_grad_norm,
+            generator=generator, device=self.device, steps_multiple=cfg.d_steps,  # whole generator rounds
+            mode="functorch" if cfg.loss == "wgan-gp" else cfg.dp_mode, max_physical_batch_size=cfg.physical_batch_size,
+        )  # fmt: skip
+        dp, noise_gen, (q, steps, sigma) = private.engine, private.noise_generator, private.plan.astuple()
         parts = {"model": self, "opt_d": opt_d, "opt_g": opt_g, "dpsgd": dp}
         fit = FitState(progress, generator, noise_gen, parts)
         fit.resume()

@@ -3,7 +3,7 @@
 - Non-private minibatch training (the non-private reference `ddpm`, DP-SAD's teacher): shuffled epochs, as a
   DataLoader with shuffle=True and drop_last=True, and one plain optimiser step followed by the EMA update.
 - The skeleton of a resumable fit: `FitState` (set-up of what is checkpointed, resume, progress, checkpoint),
-  and for DP-SGD (whose step is bench.dpsgd) the rate check, the step count, the loop over Poisson batches and
+  and for DP-SGD (whose step is bench.privacy.dpsgd) the rate check, the step count, the loop over Poisson batches and
   the ledger of the executed stages. dpdm, dpgan and both DP-SAD variants are built on it.
 """
 
@@ -18,9 +18,9 @@ from torch import Tensor, nn
 
 from bench.contract import Progress
 from bench.diffusion import EMA
-from bench.dpsgd import ChargedSteps
-from bench.errors import BenchError
 from bench.privacy import PrivacyLedger, Stage
+from bench.privacy.dpsgd import ChargedSteps
+from bench.privacy.setup import poisson_rate, steps_for  # noqa: F401 - their old home: methods import them here
 
 
 @dataclass
@@ -136,18 +136,6 @@ class FitState:
         """One unit of work taken: advance the bar; the harness checkpoints when one is due."""
         self.progress.advance()
         self.progress.checkpoint(self.state)
-
-
-def poisson_rate(name: str, batch_size: int, num_records: int) -> float:
-    """The Poisson sampling rate q = B/N of an expected batch size (a one-line error when B > N)."""
-    if batch_size > num_records:
-        raise BenchError(f"{name} {batch_size} exceeds the {num_records} training records")
-    return batch_size / num_records
-
-
-def steps_for(epochs: float, q: float) -> int:
-    """DP-SGD steps for `epochs` expected passes at rate q: round(epochs / q), at least 1."""
-    return max(1, round(epochs / q))
 
 
 def dp_steps(

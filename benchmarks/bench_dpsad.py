@@ -31,8 +31,8 @@ import torch
 from bench.methods.dpsad_common import OutputClipStep
 
 from bench import config, data, registry
-from bench.dpsgd import DPSGD
 from bench.privacy import Budget
+from bench.privacy.dpsgd import DPSGD
 
 BATCH, NUM_RECORDS = 128, 60_000
 VARIANTS = ("non-private", "params", "output", "direct-functorch")  # the reference first: ratios need it

@@ -15,9 +15,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bench.dpsgd import DPSGD
 from bench.nets.ncsnpp import NCSNpp, NCSNppConfig
 from bench.nets.unet import UNet, UNetConfig
+from bench.privacy.dpsgd import DPSGD
 
 NETWORKS = {
     "unet41k": lambda: UNet(UNetConfig(base_channels=8, channel_mults=(1, 2), groups=4)),  # 40,841 parameters

@@ -29,7 +29,7 @@ from bench.baselines.pategan import PATEGAN
 from bench.baselines.pategan import Config as PATEGANConfig
 
 from bench.contract import DataSpec, ImageDataset
-from bench.dpsgd import DPSGD
+from bench.privacy.dpsgd import DPSGD
 
 N = 60_000
 SPEC = DataSpec(channels=1, height=28, width=28, num_classes=10, num_train=N)

@@ -21,7 +21,7 @@ class-conditional discriminator φ sees (x, teacher or student output, the noise
 DP, to tell teacher (label 1) from student (label 0), after each student step on that step's outputs. The
 student's updates are clipped and noised:
 
-- clip_target = "params": DP-SGD (bench.dpsgd.DPSGD) on ℓ_i: per-example parameter gradients ḡ_i clipped
+- clip_target = "params": DP-SGD (bench.privacy.dpsgd.DPSGD) on ℓ_i: per-example parameter gradients ḡ_i clipped
   to C, g̃ = (Σ ḡ_i + z) / (q·N).
 - clip_target = "output" (what secondary reports say the paper does): the gradient of ℓ_i with respect
   to the student network's OUTPUT, o_i = ∂ℓ_i/∂F_θ(x_i) [K, C, H, W], is clipped to C, each example's clipped
@@ -46,9 +46,9 @@ clipping bound no longer bounds the sensitivity. Guarantee "partial".
 
 Speed: the teacher's output runs batched, outside the per-example gradient. The student's per-example gradient is
 J_iᵀ o_i with o_i = ∂ℓ_i/∂F_i computed batched through the discriminator from the student's outputs, and
-bench.dpsgd's `step_outputs` takes the outputs and the per-example gradients from ONE forward and ONE backward
+bench.privacy.dpsgd's `step_outputs` takes the outputs and the per-example gradients from ONE forward and ONE backward
 of the student ("folded" mode). This needs a student and a discriminator that treat rows independently (GroupNorm,
-never BatchNorm), which bench.dpsgd checks at every step and tests/test_dpsad.py tests.
+never BatchNorm), which bench.privacy.dpsgd checks at every step and tests/test_dpsad.py tests.
 
 Choices the paper leaves open (network sizes, batch size, learning rates, C, iterations) are config fields
 with a comment each; δ follows the harness rule.
@@ -75,10 +75,11 @@ from torch import Tensor
 
 from bench.config import build_dataclass, choice, to_jsonable
 from bench.contract import ImageDataset, Progress
-from bench.dpsgd import DPSGD
 from bench.nets import seeded_init
-from bench.privacy import Budget, PrivacyLedger, Stage, calibrate_sigma, epsilon
-from bench.training import ledger_of, poisson_rate, steps_for
+from bench.privacy import Budget, PrivacyLedger, Stage, epsilon
+from bench.privacy.dpsgd import DPSGD
+from bench.privacy.setup import plan_dpsgd, poisson_rate, steps_for
+from bench.training import ledger_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -120,12 +121,9 @@ class DPSAD(DPSADBase):
         cfg, n = self.config, len(train)
         with seeded_init(generator):  # initial weights from the run's seed
             self._build()
-        q = poisson_rate("dpsad: batch_size", cfg.batch_size, n)
-        steps = steps_for(cfg.epochs, q)
         # σ as the paper's analysis sets it: the student's subsampled Gaussian alone
-        sigma = calibrate_sigma(
-            budget.epsilon, sample_rate=q, steps=steps, delta=budget.delta, accountant=budget.accountant
-        )
+        q, steps, sigma = plan_dpsgd("dpsad: batch_size", budget=budget, batch_size=cfg.batch_size, epochs=cfg.epochs,
+                                     num_records=n).astuple()  # fmt: skip
         sigma_eff = sigma / cfg.T if cfg.noise_divisor == "BT" else sigma  # what the code adds (docstring)
         fit = StudentFit(self, train, generator, progress, teacher=False)
         if cfg.clip_target == "params":

@@ -40,8 +40,8 @@ from torch import Tensor, nn
 from bench.config import at_least, choice, fraction
 from bench.contract import ImageDataset, Progress, device_generator
 from bench.diffusion import EMA, ConditionalDenoiser, make_network, q_sample, to_model_range
-from bench.dpsgd import DPSGD, MODES, ChargedSteps, OutputGrad, clip_factors, output_surrogate, poisson_stream
 from bench.nets.unet import timestep_embedding
+from bench.privacy.dpsgd import DPSGD, MODES, ChargedSteps, OutputGrad, clip_factors, output_surrogate, poisson_stream
 from bench.training import FitState, dp_steps
 
 __all__ = ["TEACHER_NOT_DP", "CommonConfig", "DPSADBase", "Draw", "OutputClipStep", "StudentFit", "disc_loss"]
@@ -91,7 +91,7 @@ class CommonConfig(DenoiserFields):
     lr: float = 3e-4  # Adam
     max_grad_norm: float = 1.0  # clipping bound C
     ema_decay: float = 0.999  # EMA of the student's DP iterates (post-processing), released
-    dp_mode: str = "auto"  # per-example gradient implementation (bench.dpsgd)
+    dp_mode: str = "auto"  # per-example gradient implementation (bench.privacy.dpsgd)
     physical_batch_size: int = 512  # examples per chunk of a logical batch (memory only; same step)
 
     def __post_init__(self) -> None:

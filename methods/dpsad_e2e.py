@@ -33,10 +33,11 @@ from torch import Tensor
 from bench.config import choice
 from bench.contract import ImageDataset, Progress
 from bench.diffusion import to_model_range
-from bench.dpsgd import poisson_stream
 from bench.nets import seeded_init
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, calibrate_sigma
-from bench.training import dp_steps, ledger_of, poisson_rate, steps_for
+from bench.privacy.dpsgd import poisson_stream
+from bench.privacy.setup import poisson_rate, steps_for
+from bench.training import dp_steps, ledger_of
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -13,9 +13,9 @@ import math
 import pytest
 import torch
 
-from bench import config, curve, data, dpsgd, registry
+from bench import config, curve, data, registry
 from bench.contract import ImageDataset, NullProgress
-from bench.privacy import Budget, PrivacyLedger, epsilon
+from bench.privacy import Budget, PrivacyLedger, dpsgd, epsilon
 from bench.store import load_torch
 from tests.conftest import TINY_PROFILE, InterruptAt
 

@@ -7,9 +7,9 @@ import torch
 
 from bench import config, registry
 from bench.contract import NullProgress
-from bench.dpsgd import DPSGD
 from bench.errors import BenchError
 from bench.privacy import Budget, calibrate_sigma, epsilon
+from bench.privacy.dpsgd import DPSGD
 from tests.conftest import TINY_PROFILE
 
 

@@ -10,13 +10,13 @@ import pytest
 import torch
 from torch import Tensor
 
-import bench.dpsgd as dpsgd
+import bench.privacy.dpsgd as dpsgd
 from bench import config, registry
 from bench.contract import NullProgress
-from bench.dpsgd import DPSGD
 from bench.errors import BenchError
 from bench.nets.gan import Discriminator, Generator
 from bench.privacy import Budget, calibrate_sigma, epsilon
+from bench.privacy.dpsgd import DPSGD
 from tests.conftest import TINY_PROFILE, InterruptAt
 
 CPU = torch.device("cpu")

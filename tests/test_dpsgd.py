@@ -13,9 +13,9 @@ import torch
 from scipy import stats
 from torch import Tensor, nn
 
-import bench.dpsgd as dpsgd
-from bench.dpsgd import DPSGD, PoissonSampler, clip_factors, per_example_norms
+import bench.privacy.dpsgd as dpsgd
 from bench.nets.unet import UNet, UNetConfig
+from bench.privacy.dpsgd import DPSGD, PoissonSampler, clip_factors, per_example_norms
 
 NET = UNetConfig(base_channels=8, channel_mults=(1, 2), groups=4, num_classes=3)
 ALPHA_BAR = torch.linspace(0.999, 0.05, 10)
@@ -122,7 +122,7 @@ class Mixed(nn.Module):
 def test_every_form_of_the_per_example_conv_gradient_equals_the_reference(
     cin: int, cout: int, kernel: int | tuple[int, int], options: dict[str, Any]
 ) -> None:
-    """bench.dpsgd._conv2d picks one of three forms by the layer's shape; each gives plain autograd's per-example
+    """bench.privacy.dpsgd._conv2d picks one of three forms by the layer's shape; each gives autograd's per-example
     gradient, with 3 rows per example (summed)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(cin, cout, kernel, **options), nn.Tanh())

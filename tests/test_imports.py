@@ -82,3 +82,37 @@ def test_the_check_catches_a_cycle() -> None:
     graph = module_graph()
     graph["bench.frame"] = graph["bench.frame"] | {"bench.report"}
     assert any({"bench.frame", "bench.report"} <= c for c in cycles(graph))
+
+
+# The declared layering, bottom up: an arrow against it fails the test (test_the_check_catches_an_upward_arrow).
+# privacy is the floor every method and the grid stand on: it imports nothing of the harness but errors and the
+# contract; a method imports no part of the grid, the reports or the CLI (it is run by them, never runs them).
+FLOOR = ("bench.errors", "bench.contract", "bench.privacy")
+ABOVE_METHODS = ("bench.runner", "bench.cli", "bench.cluster", "bench.store", "bench.report", "bench.html",
+                 "bench.paper", "bench.tables", "bench.frame", "bench.plots", "bench.audit")  # fmt: skip
+
+
+def _in(module: str, packages: tuple[str, ...]) -> bool:
+    return any(module == p or module.startswith(p + ".") for p in packages)
+
+
+def upward_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
+    arrows = []
+    for module, deps in graph.items():
+        for dep in deps:
+            if _in(module, ("bench.privacy",)) and not _in(dep, FLOOR):
+                arrows.append((module, dep))
+            if _in(module, ("bench.methods", "bench.baselines")) and _in(dep, ABOVE_METHODS):
+                arrows.append((module, dep))
+    return sorted(arrows)
+
+
+def test_no_arrow_runs_against_the_layering() -> None:
+    assert upward_arrows(module_graph()) == []
+
+
+def test_the_check_catches_an_upward_arrow() -> None:
+    graph = module_graph()
+    graph["bench.privacy.ledger"] = graph["bench.privacy.ledger"] | {"bench.runner"}
+    graph["bench.baselines.dpdm"] = graph["bench.baselines.dpdm"] | {"bench.report"}
+    assert upward_arrows(graph) == [("bench.baselines.dpdm", "bench.report"), ("bench.privacy.ledger", "bench.runner")]

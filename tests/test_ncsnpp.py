@@ -28,8 +28,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from bench.dpsgd import DPSGD
 from bench.nets.ncsnpp import AttnBlock, NCSNpp, NCSNppConfig, ResBlock, count_parameters, reference_config
+from bench.privacy.dpsgd import DPSGD
 
 # nv-tlabs/DPDM@29bb94d: sum(p.numel() for p in NCSNpp(**config.model.network).parameters()), the
 # network of configs/<name>/train_eps_*.yaml, counted by instantiating the reference (module docstring)

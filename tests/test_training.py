@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from bench.diffusion import EMA
-from bench.dpsgd import DPSGD, poisson_stream
 from bench.errors import BenchError
 from bench.privacy import Stage
+from bench.privacy.dpsgd import DPSGD, poisson_stream
 from bench.training import FitState, ShuffledEpochs, dp_steps, ledger_of, plain_step, poisson_rate, steps_for
 from tests.conftest import InterruptAt
 

@@ -5,7 +5,7 @@
 - `Discriminator`: (x, y) -> one logit per row; strided convolutions, LeakyReLU, GroupNorm (never
   BatchNorm: it mixes the examples of a batch and breaks per-example clipping), class conditioning by
   projection (Miyato & Koyama 2018): logit = w·h + b + <E[y], h>. Only Conv2d, GroupNorm, Linear and
-  Embedding hold parameters, so bench.dpsgd's "folded" per-example gradients apply.
+  Embedding hold parameters, so bench.privacy.dpsgd's "folded" per-example gradients apply.
 - `TeacherBank`: k discriminators in one module, parameters stacked along a leading teacher dim and
   run with torch.func.vmap (convolutions become one grouped convolution), for PATE-GAN's teachers.
   `TeacherList` is the same k networks as a Python loop (same initial weights): the reference the

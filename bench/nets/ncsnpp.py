@@ -25,7 +25,7 @@ zero biases, PyTorch's default for nn.Embedding. Easy to miss, and kept: NIN's d
 shortcuts are ddpm_conv1x1 with scale 1. Deviations:
 
   - NIN (a per-pixel linear map, W [in, out] and bias) is an nn.Conv2d with kernel_size 1, weight
-    [out, in, 1, 1] = Wᵀ, so that bench.dpsgd's folded mode knows every parameter. Its initial weight
+    [out, in, 1, 1] = Wᵀ, so that bench.privacy.dpsgd's folded mode knows every parameter. Its initial weight
     is drawn with the reference's shape (in, out) and transposed; fan_avg is symmetric in the two fans,
     so the scale does not depend on the layout. The conv is built with torch.nn.utils.skip_init: the
     reference's NIN draws nothing but its W, so the random stream stays the same.
