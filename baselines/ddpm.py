@@ -19,8 +19,9 @@ import torch
 from torch import Tensor
 
 from bench.contract import ImageDataset, Progress
-from bench.diffusion import ConditionalDenoiser, DiffusionConfig, to_model_range
+from bench.diffusion import ConditionalDenoiser, DiffusionConfig
 from bench.nets import seeded_init
+from bench.pixels import to_model_range
 from bench.privacy import Budget, PrivacyLedger
 from bench.training import FitState, ShuffledEpochs, plain_step, plain_steps
 

@@ -37,8 +37,9 @@ from torch import Tensor
 
 from bench.config import choice
 from bench.contract import ImageDataset, Progress
-from bench.diffusion import ConditionalDenoiser, DiffusionConfig, to_model_range
+from bench.diffusion import ConditionalDenoiser, DiffusionConfig
 from bench.nets import seeded_init
+from bench.pixels import to_model_range
 from bench.privacy import Budget, PrivacyLedger
 from bench.privacy.dpsgd import MODES, poisson_stream
 from bench.privacy.setup import make_dpsgd, poisson_rate, steps_for

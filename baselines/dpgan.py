@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.contract import ImageDataset, Progress
-from bench.diffusion import to_model_range
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.gan import ConditionalGAN, build_pair, generate
+from bench.pixels import to_model_range
 from bench.privacy import Budget, PrivacyLedger
 from bench.privacy.dpsgd import MODES, poisson_stream
 from bench.privacy.setup import make_dpsgd, poisson_rate, steps_for

@@ -43,10 +43,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bench.contract import ImageDataset, Progress, device_generator
-from bench.diffusion import to_model_range
 from bench.errors import BenchError
 from bench.nets import seeded_init
 from bench.nets.gan import ConditionalGAN, Discriminator, TeacherBank, TeacherList, build_pair, generate
+from bench.pixels import to_model_range
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, epsilon
 
 L1_SENSITIVITY = 2.0  # one teacher's vote moves: one count −1, another +1

@@ -36,6 +36,7 @@ from bench.edm import loss as edm_loss
 from bench.edm import multiplicity_loss as edm_multiplicity_loss
 from bench.edm import sample as sample_sigma
 from bench.errors import BenchError
+from bench.pixels import to_model_range, to_uint8  # noqa: F401 - re-exported: their old home
 
 if TYPE_CHECKING:
     from bench.contract import DataSpec
@@ -63,16 +64,6 @@ class Schedule:
     def alpha_bar(self, device: torch.device | str = "cpu") -> Tensor:
         """ᾱ_t, float32 [T]."""
         return torch.cumprod(1.0 - self.betas(device), dim=0).float()
-
-
-def to_model_range(images: Tensor) -> Tensor:
-    """uint8 [N,C,H,W] 0..255 -> float32 in [−1, 1]."""
-    return images.float() / 127.5 - 1.0
-
-
-def to_uint8(x: Tensor) -> Tensor:
-    """float in [−1, 1] (clamped) -> uint8 0..255."""
-    return ((x.clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
 
 
 def q_sample(x0: Tensor, t: Tensor, noise: Tensor, alpha_bar: Tensor) -> Tensor:

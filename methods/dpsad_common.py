@@ -39,8 +39,9 @@ from torch import Tensor, nn
 
 from bench.config import at_least, choice, fraction
 from bench.contract import ImageDataset, Progress, device_generator
-from bench.diffusion import EMA, ConditionalDenoiser, make_network, q_sample, to_model_range
+from bench.diffusion import EMA, ConditionalDenoiser, make_network, q_sample
 from bench.nets.unet import timestep_embedding
+from bench.pixels import to_model_range
 from bench.privacy.dpsgd import DPSGD, MODES, ChargedSteps, OutputGrad, clip_factors, output_surrogate, poisson_stream
 from bench.training import FitState, dp_steps
 

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from bench.config import choice
 from bench.contract import ImageDataset, Progress
-from bench.diffusion import to_model_range
 from bench.nets import seeded_init
+from bench.pixels import to_model_range
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, calibrate_sigma
 from bench.privacy.dpsgd import poisson_stream
 from bench.privacy.setup import poisson_rate, steps_for

@@ -32,8 +32,9 @@ from torch import Tensor
 
 from bench.config import at_least, choice, fraction
 from bench.contract import ImageDataset, Progress, shared_stage
-from bench.diffusion import ConditionalDenoiser, Schedule, SigmaSpaceFields, to_model_range
+from bench.diffusion import ConditionalDenoiser, Schedule, SigmaSpaceFields
 from bench.nets import seeded_init
+from bench.pixels import to_model_range
 from bench.privacy import Budget, PrivacyLedger
 from bench.training import FitState, ShuffledEpochs, plain_step, plain_steps
 

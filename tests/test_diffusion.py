@@ -3,8 +3,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.diffusion import EMA, Schedule, ddim_sample, multiplicity_loss, q_sample, to_model_range, to_uint8
+from bench.diffusion import EMA, Schedule, ddim_sample, multiplicity_loss, q_sample
 from bench.nets.unet import UNet, UNetConfig
+from bench.pixels import to_model_range, to_uint8
 
 
 def test_schedule_matches_ddpm() -> None:

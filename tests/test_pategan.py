@@ -13,9 +13,9 @@ from torch import Tensor
 
 from bench import config, registry
 from bench.contract import NullProgress
-from bench.diffusion import to_uint8
 from bench.errors import BenchError
 from bench.nets.gan import Discriminator, TeacherBank, TeacherList
+from bench.pixels import to_uint8
 from bench.privacy import Budget, calibrate, epsilon
 from tests.conftest import TINY_PROFILE, InterruptAt
 

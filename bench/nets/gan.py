@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
 from bench.contract import DataSpec
-from bench.diffusion import to_uint8
 from bench.errors import BenchError
+from bench.pixels import to_uint8
 
 
 def check_gan_resolution(height: int, width: int) -> None:
