@@ -80,13 +80,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import scipy.stats
 import torch
 from sklearn.metrics import roc_auc_score
 
 from bench import config as cfgmod
 from bench import data, registry
+from bench.audit_table import audit_table, stored_audits  # noqa: F401 - the reporting side, re-exported
 from bench.contract import ImageDataset
 from bench.errors import BenchError
 from bench.privacy import Budget, verify
@@ -396,36 +396,6 @@ def _finite(scores: dict[str, list[float]]) -> dict[str, np.ndarray]:
         a = np.asarray(v, dtype=np.float64)
         out[k] = np.nan_to_num(a, neginf=np.min(a[np.isfinite(a)], initial=0.0) - 1.0)
     return out
-
-
-def _auc_text(aucs: dict[str, list[float]]) -> str:
-    return "; ".join(f"{k} {a:.3f} [{lo:.3f}, {hi:.3f}]" for k, (a, lo, hi) in sorted(aucs.items()))
-
-
-def audit_table(results: list[dict[str, Any]]) -> pd.DataFrame:
-    """One row per audit cell: method, dataset, ε, lower bound, AUC [95% CI] of the audit and both controls; the
-    index holds each cell's key (not written to the tables' files)."""
-    ordered = sorted(results, key=lambda r: (r["dataset"], r["method"], r["target_epsilon"], r["seed"]))
-    rows = [
-        {
-            "method": r["method"],
-            "dataset": r["dataset"],
-            "ε": f"{r['audit']['epsilon']:.3g}",
-            "seed": r["seed"],
-            "ε lower bound (95%)": f"{r['epsilon_lb']:.3f}",
-            "AUC [95% CI]": _auc_text(r["audit"]["auc"]),
-            "negative control AUC": _auc_text(r["negative"]["auc"]),
-            "positive control AUC": _auc_text(r["positive"]["auc"]) + f" (ε = {r['positive_epsilon']:g})",
-            "verdict": r["verdict"],
-            "why": r["reason"],
-        }  # fmt: skip
-        for r in ordered
-    ]
-    return pd.DataFrame(rows, index=pd.Index([r["key"] for r in ordered], name="key"))
-
-
-def stored_audits(store: Any) -> list[dict[str, Any]]:
-    return [json.loads(row["info"]) for row in store.audits() if row["status"] == "done" and row["info"]]
 
 
 def run_audits(r: Runner, specs: list[AuditSpec], *, echo: Callable[[str], None] = lambda line: None) -> dict[str, str]:

@@ -421,7 +421,7 @@ def paper(
 ) -> None:
     """A paper's table: published values beside ours (mean ± std over seeds) and the difference per cell."""
     from bench import paper as papers_
-    from bench import runner
+    from bench import paper_run, runner
     from bench.store import Store
     from bench.tables import check_formats
     from bench.ui import print_plan
@@ -438,7 +438,7 @@ def paper(
         chosen = papers_.get_paper(known, paper_id)
         ex, dev = _executor(executor, ray_address, gpus_per_run, cpus_per_run, device)
         plugins = tuple(str(p) for p in plugin or ())
-        plan = papers_.plan_paper(
+        plan = paper_run.plan_paper(
             chosen,
             known,
             published,
@@ -460,7 +460,7 @@ def paper(
             _estimate(plan, chosen.id, throughput, dev, out or Path("reports"))
             return
         if dry_run:
-            typer.echo(papers_.plan_text(plan))
+            typer.echo(paper_run.plan_text(plan))
             print_plan(list(plan.specs))
             return
         if not run_cells and not results.is_dir():
@@ -480,9 +480,9 @@ def paper(
                 debug=debug(),
             )
         with ex:
-            frame, failed = papers_.reproduce(plan, store, r, echo=_err, executor=ex)
+            frame, failed = paper_run.reproduce(plan, store, r, echo=_err, executor=ex)
         if plan.specs:  # `bench report` shows this paper's table on its HTML page
-            papers_.record_run(store, chosen.id, profile=profile, seeds=runner.parse_seeds(seeds),
+            papers_.record_run(store, plan, profile=profile, seeds=runner.parse_seeds(seeds),
                                accountant=accountant, sets=set_ or [], sweeps=sweep or [],
                                plugins=[str(Path(p).resolve()) for p in plugins],
                                data_root=str(Path(data_root).resolve()) if data_root else None)  # fmt: skip

@@ -7,11 +7,12 @@ setting it was published with where a paper published several (DPDM's "(FID)" an
 its source is primary or secondary, and the exact source (repository@commit:path, table, row).
 
 A paper's cells are its published rows (plus, per table, our extra methods beside them). A cell we can
-produce becomes RunSpecs through `runner.plan`, so its runs are the very runs `bench run` makes with the
-same profile and seeds (same keys: finished runs are reused). Ours is set beside a published value only
-when both were computed by the same protocol; otherwise the cell says "protocol differs (theirs X, ours
-Y)". A cell we cannot produce says why: method not implemented, dataset not available, metric not
-implemented. Marks: § secondary source, ° our records ran a shortened protocol, ¶ published with a tuned
+produce becomes RunSpecs through `runner.plan` (bench.paper_run, the grid side of a paper), so its runs are the
+very runs `bench run` makes with the same profile and seeds (same keys: finished runs are reused). This module
+is the reporting side: the published data, the comparison and its tables; it never plans or runs. Ours is set
+beside a published value only when both were computed by the same protocol; otherwise the cell says "protocol
+differs (theirs X, ours Y)". A cell we cannot produce says why: method not implemented, dataset not available,
+metric not implemented. Marks: § secondary source, ° our records ran a shortened protocol, ¶ published with a tuned
 setting our runs do not use, ‡ test-selected, † partial guarantee; each with its footnote in every format.
 
 A table may sweep one config field (an ablation, `sweep = { field, values }`): each of its CSV rows names its value
@@ -22,11 +23,12 @@ printed table gains a column for the field. `--sweep` turns each cell we can pro
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import re
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -35,7 +37,7 @@ from typing import Any
 
 import pandas as pd
 
-from bench import data, registry, runner, tables
+from bench import tables
 from bench.config import coerce, parse_value, value_text
 from bench.errors import BenchError
 from bench.frame import (
@@ -50,7 +52,6 @@ from bench.frame import (
 )
 from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
 from bench.metrics.protocols import PROTOCOLS
-from bench.runner import RunSpec
 from bench.store import Store, read_json, write_json
 
 COLUMNS = (
@@ -159,10 +160,20 @@ class Cell:
 
 @dataclass(frozen=True, kw_only=True)
 class PaperPlan:
+    """A paper's cells and the runs that produce them. Planned by bench.paper_run (the grid side: `specs` are its
+    RunSpecs); rebuilt from the folder's record by `recorded_plan` for `bench report` (no specs: reporting never
+    plans or runs)."""
+
     paper: Paper
     cells: tuple[Cell, ...]
-    specs: tuple[RunSpec, ...]  # unique by key, in cell order
+    specs: tuple[Any, ...]  # bench.runner.RunSpec, unique by key, in cell order; () for a recorded plan
     metrics: tuple[str, ...]  # our metrics the cells need
+    settings: dict[str, str] = field(default_factory=dict)  # run key -> the published setting its config names
+
+    @property
+    def run_keys(self) -> tuple[str, ...]:
+        """The keys of the runs the cells read (their seeds' runs), in cell order."""
+        return tuple(dict.fromkeys(k for c in self.cells for k in c.keys))
 
     def run_metrics(self) -> tuple[str, ...]:
         """Metric set for new runs: the table's, plus the profile's default set when it names one (a profile
@@ -441,152 +452,6 @@ def our_metric(table: Table, row: Published) -> tuple[str, str | None]:
     return (mapped, None) if mapped else ("", f"{NO_METRIC} (protocol {row.protocol} has no {row.metric})")
 
 
-def plan_paper(
-    paper: Paper,
-    papers: dict[str, Paper],
-    published: list[Published],
-    *,
-    profile: str,
-    seeds: list[int],
-    accountant: str = "rdp",
-    sets: Iterable[str] = (),
-    plugins: tuple[str, ...] = (),
-    data_root: str | None = None,
-    sweeps: Iterable[str] = (),
-) -> PaperPlan:
-    """Every cell of the paper with its status, and the RunSpecs (via runner.plan) of those we can produce. A row
-    of a sweep table runs our method at the row's swept value; `sweeps` (`--sweep`) turn each row we can produce
-    into one cell per combination of the values swept for its method. An item of `sets` or `sweeps` scoped to
-    one method of the paper (METHOD.field) applies to that method's cells only."""
-    methods = registry.methods(plugins)
-    in_paper = {m for t in paper.tables for m in (*t.methods, *t.extra_methods)}
-    cells: list[Cell] = []
-    specs: dict[str, RunSpec] = {}
-    planned: dict[tuple[Any, ...], dict[tuple[tuple[str, Any], ...], tuple[str, ...]]] = {}
-    unavailable: dict[str, str] = {}  # dataset -> why its shape or size cannot be known ("": it can)
-    for table, row in paper_cells(paper, papers, published):
-        ours, why = our_metric(table, row)
-        status = _status(row, why, methods, unavailable, data_root)
-        mine_sets, mine_sweeps = _for_method(sets, row.method, in_paper), _for_method(sweeps, row.method, in_paper)
-        if status is None and table.sweep and _gives(table.sweep.field, row.method, [*mine_sets, *mine_sweeps]):
-            status = SWEEP_CONFLICT.format(field=table.sweep.field)
-        if status is not None:
-            cells.append(Cell(table=table, row=row, ours=ours, status=status, sweep=row.sweep))
-            continue
-        group = (row.method, row.dataset, row.epsilon, table.delta, *row.sweep.items())
-        if group not in planned:
-            grid = runner.plan(
-                methods=[row.method],
-                epsilons=[row.epsilon],
-                datasets=[row.dataset],
-                seeds=seeds,
-                delta=table.delta,
-                accountant=accountant,
-                profile=profile,
-                sets=mine_sets,
-                plugins=plugins,
-                data_root=data_root,
-                sweeps=[*mine_sweeps, *(f"{row.method}.{k}={value_text(v)}" for k, v in row.sweep.items())],
-            )
-            specs.update((s.key, s) for s in grid if s.key not in specs)
-            by_sweep: dict[tuple[tuple[str, Any], ...], list[str]] = {}
-            for s in grid:  # one cell per swept combination, its seeds together; not the reference rows it needs
-                if s.method == row.method:
-                    by_sweep.setdefault(tuple(s.sweep.items()), []).append(s.key)
-            planned[group] = {sweep: tuple(keys) for sweep, keys in by_sweep.items()}
-        cells += [Cell(table=table, row=row, ours=ours, status=None, keys=keys, sweep=dict(sweep))
-                  for sweep, keys in planned[group].items()]  # fmt: skip
-    needed = select_metrics({c.ours for c in cells if c.status is None}) if specs else ()
-    return PaperPlan(paper=paper, cells=tuple(cells), specs=tuple(specs.values()), metrics=needed)
-
-
-def _status(
-    row: Published, why: str | None, methods: dict[str, Any], unavailable: dict[str, str], data_root: str | None
-) -> str | None:
-    """Why a cell cannot be produced (None: it can); `unavailable` caches each dataset's reason ("" for none)."""
-    if row.method not in methods:
-        return NOT_IMPLEMENTED
-    if row.dataset not in data.DATASETS:
-        return NO_DATASET
-    if why is not None:
-        return why
-    if row.dataset not in unavailable:
-        try:
-            data.spec(row.dataset, root=data_root)
-            unavailable[row.dataset] = ""
-        except BenchError as e:  # e.g. CelebA-Hair, whose record count (and so δ) needs its files
-            unavailable[row.dataset] = str(e)
-    return f"{NO_DATASET}: {unavailable[row.dataset]}" if unavailable[row.dataset] else None
-
-
-def _for_method(items: Iterable[str], method: str, in_paper: set[str]) -> list[str]:
-    """The `--set`/`--sweep` items for the cells of `method`: all but those scoped to another method of the paper
-    (an item scoped to a method the paper lacks is kept, so that runner.plan names it as an error)."""
-    out = []
-    for item in items:
-        key = item.partition("=")[0].strip()
-        scope = "" if key.startswith("eval.") else key.rpartition(".")[0]
-        if not scope or scope == method or scope not in in_paper:
-            out.append(item)
-    return out
-
-
-def _gives(name: str, method: str, items: Iterable[str]) -> bool:
-    """Whether a `--set`/`--sweep` item gives `method`'s field `name` (bare or scoped)."""
-    return any(item.partition("=")[0].strip() in (name, f"{method}.{name}") for item in items)
-
-
-def plan_text(plan: PaperPlan) -> str:
-    """--dry-run: what would run and what cannot, one line per table cell we cannot produce."""
-    lines = [f"{plan.paper.id}: {len(plan.cells)} cell(s), {len(plan.specs)} run(s) to produce them"]
-    if plan.metrics:
-        lines.append(f"metrics needed: {', '.join(plan.metrics)}")
-    for c in plan.cells:
-        if c.status is not None:
-            r = c.row
-            swept = "".join(f" {k}={sweep_text(v)}" for k, v in c.sweep.items())
-            lines.append(f"  {c.table.name}: {r.method}{swept} {r.dataset} ε={r.epsilon:g} {r.metric}: {c.status}")
-    return "\n".join(lines)
-
-
-def reproduce(
-    plan: PaperPlan, store: Store, r: runner.Runner | None, *, echo: Callable[[str], None],
-    executor: runner.Executor | None = None,
-) -> tuple[pd.DataFrame, list[RunSpec]]:  # fmt: skip
-    """The comparison frame of a planned paper (see `compare`), and the cells that failed. With a runner `r`,
-    first run the cells not finished yet through `executor` (a dataset that cannot be loaded leaves its cells
-    "dataset not available") and score the metrics the tables need on reused runs that lack them."""
-    missing_data: dict[str, str] = {}
-    failed: list[RunSpec] = []
-    if r is not None and plan.specs:
-        grid = runner.run_grid(r, list(plan.specs), real=False, skip_missing_data=True, executor=executor, echo=echo)
-        missing_data, failed = grid.missing_data, grid.failed
-        score_reused(r, [s for s, _ in grid.outcomes], plan.metrics, echo=echo)
-    return compare(plan, store, missing_data=missing_data), failed
-
-
-def score_reused(
-    r: runner.Runner, specs: Iterable[RunSpec], metrics: Iterable[str], *, echo: Callable[[str], None]
-) -> None:
-    """Score the metrics a table needs on finished runs that were scored with another set (reused runs)."""
-    for key, missing in unscored(r.store, specs, metrics).items():
-        echo(f"scoring {key} (reused run): {', '.join(missing)}")
-        r.score(r.store.run_dir(key), metrics=missing)
-
-
-def unscored(store: Store, specs: Iterable[RunSpec], metrics: Iterable[str]) -> dict[str, tuple[str, ...]]:
-    """Finished runs (key -> metrics) that lack some of `metrics`: reused runs scored with another set."""
-    out = {}
-    for spec in specs:
-        if not store.finished(spec.key):
-            continue
-        recorded = read_json(store.run_dir(spec.key) / "metrics.json").get("metrics", {})
-        missing = tuple(m for m in metrics if m not in recorded)
-        if missing:
-            out[spec.key] = missing
-    return out
-
-
 # ---------------------------------------------------------------------------------------------------
 # Comparison
 # ---------------------------------------------------------------------------------------------------
@@ -609,7 +474,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
     """
     missing_data = missing_data or {}
     frame, run_status, run_error = pd.DataFrame(), {}, {}
-    if plan.specs:
+    if plan.run_keys:
         if store is None:
             raise BenchError("no results folder given")
         runs, _ = store.rows()
@@ -619,8 +484,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
         run_error = {r["key"]: r.get("error") for r in runs}
         if "done" in run_status.values():
             frame = load_frame(store)
-            frame = frame[frame["key"].isin({s.key for s in plan.specs})]
-    configs = {s.key: s.config for s in plan.specs}
+            frame = frame[frame["key"].isin(set(plan.run_keys))]
     swept = list(dict.fromkeys(k for c in plan.cells for k in c.sweep))  # a column each, after the method's
     rows = []
     for c in plan.cells:
@@ -642,7 +506,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
                 selected = selected or any(i.get("test_selected", False) for i in infos)
                 ran = {i["protocol"] for i in infos if i.get("protocol")}
                 shortened = {k: v for i in infos for k, v in (i.get("shortened") or {}).items()}
-                ours_setting = {_setting(configs[k]) for k in done}
+                ours_setting = {plan.settings.get(k, "") for k in done}
                 setting_differs = bool(r.setting) and ours_setting != {r.setting}
                 pooled_mean, pooled_std, pooled_n = tables.stats(mine["values"])
                 if mine.empty:
@@ -694,7 +558,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
 SETTING_KEYS = ("sampler_preset", "adjacency")  # config fields whose value names a published setting
 
 
-def _setting(config: dict[str, Any]) -> str:
+def config_setting(config: dict[str, Any]) -> str:
     """The published setting a run's config reproduces ("" when it names none)."""
     return next((str(config[k]) for k in SETTING_KEYS if config.get(k)), "")
 
@@ -824,15 +688,19 @@ def _records_dir(store: Store) -> Path:
     return store.root / "papers"
 
 
-def record_run(store: Store, paper_id: str, **options: Any) -> Path:
-    """results/papers/<ID>.json: the options `bench paper ID` planned with, so that `bench report` can compare the
-    paper's table with the folder's runs again (the latest call wins)."""
+def record_run(store: Store, plan: PaperPlan, **options: Any) -> Path:
+    """results/papers/<ID>.json: the options `bench paper ID` planned with and the plan itself (its cells, their
+    run keys, the setting each run's config names), so that `bench report` can compare the paper's table with the
+    folder's runs again without planning (the latest call wins)."""
     unknown = sorted(set(options) - set(RECORD_OPTIONS))
     if unknown:
         raise ValueError(f"unknown paper record option {unknown[0]!r}")
-    path = _records_dir(store) / f"{paper_id}.json"
+    path = _records_dir(store) / f"{plan.paper.id}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, {"paper": paper_id, **options})
+    cells = [{"table": [c.table.paper, c.table.name], "row": dataclasses.asdict(c.row), "ours": c.ours,
+              "status": c.status, "keys": list(c.keys), "sweep": c.sweep} for c in plan.cells]  # fmt: skip
+    write_json(path, {"paper": plan.paper.id, **options, "plan": {"cells": cells, "metrics": list(plan.metrics),
+                                                                  "settings": plan.settings}})  # fmt: skip
     return path
 
 
@@ -842,14 +710,23 @@ def recorded_runs(store: Store) -> list[dict[str, Any]]:
     return [read_json(p) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def replan(record: dict[str, Any]) -> PaperPlan:
-    """The plan a record describes (BenchError when the paper or a plugin is gone)."""
+def recorded_plan(record: dict[str, Any]) -> PaperPlan:
+    """The plan a record holds (BenchError when the record predates recorded plans, or names a table that
+    papers.toml no longer has)."""
+    paper_id = str(record.get("paper", "?"))
+    if "plan" not in record:
+        raise BenchError(f"paper record {paper_id!r} holds no plan (an older bench wrote it): run `bench paper "
+                         f"{paper_id}` again")  # fmt: skip
     known = load_papers()
     try:
-        paper = get_paper(known, record["paper"])
-        return plan_paper(paper, known, load_published(known), profile=str(record["profile"]),
-                          seeds=[int(s) for s in record["seeds"]], accountant=str(record["accountant"]),
-                          sets=list(record["sets"]), plugins=tuple(record["plugins"]),
-                          data_root=record["data_root"], sweeps=list(record.get("sweeps", [])))  # fmt: skip
+        paper = get_paper(known, paper_id)
+        tables_by = {(t.paper, t.name): t for p in known.values() for t in p.tables}
+        cells = tuple(
+            Cell(table=tables_by[tuple(c["table"])], row=Published(**c["row"]), ours=c["ours"], status=c["status"],
+                 keys=tuple(c["keys"]), sweep=dict(c["sweep"]))
+            for c in record["plan"]["cells"]
+        )  # fmt: skip
+        return PaperPlan(paper=paper, cells=cells, specs=(), metrics=tuple(record["plan"]["metrics"]),
+                         settings=dict(record["plan"]["settings"]))  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
-        raise BenchError(f"paper record {record.get('paper', '?')!r} cannot be read ({e!r})") from None
+        raise BenchError(f"paper record {paper_id!r} cannot be read ({e!r})") from None

@@ -264,14 +264,14 @@ def paper_sections(
 ) -> list[tuple[str, Any, pd.DataFrame | None, str]]:
     """Each paper `bench paper ID` ran on this folder, compared again with the folder's runs, its tables written
     to OUT/paper-ID.* (their paths added to `written`): (paper id, plan, comparison frame, error); a record that
-    cannot be planned any more (a plugin gone) gives its error instead."""
+    cannot be read (an older bench's, or a table papers.toml no longer has) gives its error instead."""
     from bench import paper
 
     found: list[tuple[str, Any, pd.DataFrame | None, str]] = []
     for record in paper.recorded_runs(store):
         paper_id = str(record.get("paper", "?"))
         try:
-            plan = paper.replan(record)
+            plan = paper.recorded_plan(record)
             frame = paper.compare(plan, store)
         except BenchError as e:
             echo(f"warning: paper {paper_id}: {e}")
@@ -295,7 +295,7 @@ def build_report(
     """Print the summary table; with `out`, write every table in `formats` (and the plots) there, the audit
     table when the folder holds audits (bench.audit), each paper `bench paper ID` ran on the folder, and with
     "html" in `formats` the page OUT/index.html (bench.html)."""
-    from bench.audit import audit_table, stored_audits
+    from bench.audit_table import audit_table, stored_audits
 
     formats = tables.check_formats(formats, FORMATS)
     audits = stored_audits(store) if keys is None else []

@@ -15,7 +15,7 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from bench import config, data, estimate, gpubundle, gpucheck, paper, registry
+from bench import config, data, estimate, gpubundle, gpucheck, paper, paper_run, registry
 from bench.contract import NullProgress
 from bench.metrics.protocols import METRIC_PROTOCOL
 from bench.privacy import Budget
@@ -116,7 +116,7 @@ def test_work_counts_the_units_the_fit_announces(method: str, train) -> None:
 
 def _plan(paper_id: str, profile: str = "smoke") -> paper.PaperPlan:
     known = paper.load_papers()
-    return paper.plan_paper(paper.get_paper(known, paper_id), known, paper.load_published(known), profile=profile,
+    return paper_run.plan_paper(paper.get_paper(known, paper_id), known, paper.load_published(known), profile=profile,
                             seeds=[0])  # fmt: skip
 
 

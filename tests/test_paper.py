@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import data, paper, registry, runner
+from bench import data, paper, paper_run, registry, runner
 from bench.contract import ImageDataset
 from bench.data import SyntheticDataset
 from bench.errors import BenchError
@@ -204,7 +204,7 @@ def test_dry_run_plans_only_what_we_can_produce() -> None:
 
 def test_shipped_cells_say_why_they_cannot_be_produced() -> None:
     papers = paper.load_papers()
-    plan = paper.plan_paper(papers["dpdm-tmlr23"], papers, paper.load_published(papers), profile="smoke", seeds=[0])
+    plan = paper_run.plan_paper(papers["dpdm-tmlr23"], papers, paper.load_published(papers), profile="smoke", seeds=[0])
     registered = set(registry.methods())
     for cell in plan.cells:
         if cell.row.method not in registered:
@@ -239,7 +239,7 @@ def test_cells_hold_our_values_the_published_ones_and_their_difference(toy: Path
     results = reproduced["results"]
     papers = paper.load_papers()
     plugins = (str(toy / "partial_plugin.py"), str(TESTS / "plugins" / "overspend.py"))
-    plan = paper.plan_paper(
+    plan = paper_run.plan_paper(
         papers["toy-paper"], papers, paper.load_published(papers), profile=TINY_PROFILE, seeds=[0, 1], plugins=plugins
     )
     table = paper.compare(plan, Store(results))
@@ -299,6 +299,25 @@ def test_cells_hold_our_values_the_published_ones_and_their_difference(toy: Path
     written = pd.read_csv(results / "tables" / "paper-toy-paper.csv", keep_default_na=False)
     assert {"protocol", "ours_protocol", "source_kind", "marks", "shortened"} <= set(written.columns)
     assert paper.SECONDARY_MARK in set("".join(written["marks"]))
+
+
+def test_the_report_compares_from_the_recorded_plan_without_planning(toy: Path, reproduced: dict) -> None:
+    """`bench paper` records its plan (cells, run keys, settings) in results/papers/ID.json; the report rebuilds
+    the plan from it (bench.paper never plans: no runner) and gets the comparison planning would give."""
+    results = reproduced["results"]
+    (record,) = [r for r in paper.recorded_runs(Store(results)) if r["paper"] == "toy-paper"]
+    recorded = paper.recorded_plan(record)
+    papers = paper.load_papers()
+    planned = paper_run.plan_paper(
+        papers["toy-paper"], papers, paper.load_published(papers), profile=record["profile"], seeds=record["seeds"],
+        accountant=record["accountant"], sets=record["sets"], plugins=tuple(record["plugins"]),
+        data_root=record["data_root"], sweeps=record["sweeps"],
+    )  # fmt: skip
+    assert recorded.specs == () and planned.specs and recorded.cells == planned.cells
+    assert recorded.settings == planned.settings and recorded.metrics == planned.metrics
+    pd.testing.assert_frame_equal(paper.compare(recorded, Store(results)), paper.compare(planned, Store(results)))
+    with pytest.raises(BenchError, match="holds no plan .* run `bench paper toy-paper` again"):
+        paper.recorded_plan({k: v for k, v in record.items() if k != "plan"})
 
 
 def test_without_run_the_table_comes_from_finished_runs(toy: Path, reproduced: dict) -> None:
@@ -373,4 +392,4 @@ def test_empty_or_missing_results_folder_is_one_line(tmp_path: Path) -> None:
 
 def _dpdm_plan() -> paper.PaperPlan:
     papers = paper.load_papers()
-    return paper.plan_paper(papers["dpdm-tmlr23"], papers, paper.load_published(papers), profile="smoke", seeds=[0])
+    return paper_run.plan_paper(papers["dpdm-tmlr23"], papers, paper.load_published(papers), profile="smoke", seeds=[0])

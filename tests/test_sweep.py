@@ -18,7 +18,7 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bench import data, paper, plots, runner
+from bench import data, paper, paper_run, plots, runner
 from bench.errors import BenchError
 from bench.frame import NO_VALUE, load_frame
 from bench.report import best_cells, build_report, metric_table
@@ -305,7 +305,9 @@ def test_a_report_without_swept_runs_has_no_sweep_column(swept: dict[str, Any]) 
 
 def test_the_dpsad_lambda_ablation_plans_one_cell_per_lambda() -> None:
     papers = paper.load_papers()
-    plan = paper.plan_paper(papers["dpsad-eccv24"], papers, paper.load_published(papers), profile="smoke", seeds=[0])
+    plan = paper_run.plan_paper(
+        papers["dpsad-eccv24"], papers, paper.load_published(papers), profile="smoke", seeds=[0]
+    )
     cells = [c for c in plan.cells if c.table.name == "lambda-ablation"]
     published = {c.sweep["lambda_adv"]: c.row.value for c in cells if c.row.value is not None}
     assert published == {0: 14.63, 0.2: 13.41, 0.5: 12.38, 1: 11.68, 2: 12.11, 4: 13.55}
@@ -343,7 +345,7 @@ def test_bench_paper_lists_and_dry_runs_the_ablation() -> None:
 def test_the_toy_ablation_places_published_values_by_swept_value(swept: dict[str, Any]) -> None:
     with toy_reference(swept["ref"]):
         papers = paper.load_papers()
-        plan = paper.plan_paper(papers["toy-sweep"], papers, paper.load_published(papers), profile=TINY_PROFILE,
+        plan = paper_run.plan_paper(papers["toy-sweep"], papers, paper.load_published(papers), profile=TINY_PROFILE,
                                 seeds=[0], plugins=(GOOD,))  # fmt: skip
     table = paper.compare(plan, Store(swept["results"]))
     frame = load_frame(Store(swept["results"]))
@@ -375,7 +377,7 @@ def test_bench_paper_sweep_multiplies_cells_and_a_clash_with_the_table_is_said(s
     with toy_reference(swept["ref"]):
         papers = paper.load_papers()
         rows = paper.load_published(papers)
-        plan = paper.plan_paper(papers["toy-sweep"], papers, rows, profile=TINY_PROFILE, seeds=[0], plugins=(GOOD,),
+        plan = paper_run.plan_paper(papers["toy-sweep"], papers, rows, profile=TINY_PROFILE, seeds=[0], plugins=(GOOD,),
                                 sweeps=["noisy-means.pixel_std=5,6"])  # fmt: skip
         plain = [c for c in plan.cells if c.table.name == "plain"]
         assert [c.sweep for c in plain] == [{"pixel_std": 5.0}, {"pixel_std": 6.0}] and len(
