@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from bench import config
 from bench.errors import BenchError, one_line
 
 if TYPE_CHECKING:
@@ -209,18 +210,18 @@ def run(
 
     with user_errors():
         plugins = tuple(str(p) for p in plugin or ())
-        seed_list = runner.parse_seeds(seeds)
+        seed_list = config.parse_seeds(seeds)
         if delta is not None and not 0 < delta < 1:
             raise BenchError(f"--delta must be in (0, 1), got {delta}")
         ex, dev = _executor(executor, ray_address, gpus_per_run, cpus_per_run, device)
         from bench.metrics import select_metrics
 
-        metric_names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
+        metric_names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
         _check_weights(inception_weights)
         specs = runner.plan(
-            methods=runner.parse_list(methods, "--methods"),
-            epsilons=runner.parse_epsilons(eps),
-            datasets=runner.parse_list(dataset, "--dataset"),
+            methods=config.parse_list(methods, "--methods"),
+            epsilons=config.parse_epsilons(eps),
+            datasets=config.parse_list(dataset, "--dataset"),
             seeds=seed_list,
             delta=delta,
             accountant=accountant,
@@ -297,8 +298,8 @@ def audit(
             raise BenchError(f"--delta must be in (0, 1), got {delta}")
         dev = runner.resolve_device(device)
         specs = audits.plan_audits(
-            methods=runner.parse_list(methods, "--methods"), epsilons=runner.parse_epsilons(eps),
-            datasets=runner.parse_list(dataset, "--dataset"), seeds=runner.parse_seeds(seeds), delta=delta,
+            methods=config.parse_list(methods, "--methods"), epsilons=config.parse_epsilons(eps),
+            datasets=config.parse_list(dataset, "--dataset"), seeds=config.parse_seeds(seeds), delta=delta,
             accountant=accountant, profile=profile, sets=set_ or [], plugins=plugins, data_root=data_root,
             canaries=canaries, samples=samples, positive_epsilon=positive_eps, canary_kind=canary_kind,
         )  # fmt: skip
@@ -330,7 +331,7 @@ def score(
     from bench.store import Store
 
     with user_errors():
-        names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
+        names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
         _check_weights(inception_weights)
         dev = runner.resolve_device(device)
         for run_dir in run_dirs:
@@ -360,15 +361,14 @@ def report(
 ) -> None:
     """Print and write tables method × (dataset, ε), mean ± std over seeds, with the checked ε column,
     a privacy table, a cost table and plots."""
-    from bench import runner
     from bench.metrics import select_metrics
     from bench.report import FORMATS, build_report
     from bench.store import Store
     from bench.tables import check_formats
 
     with user_errors():
-        formats = check_formats(runner.parse_list(format_, "--format"), FORMATS)
-        names = select_metrics(runner.parse_list(metrics, "--metrics")) if metrics else None
+        formats = check_formats(config.parse_list(format_, "--format"), FORMATS)
+        names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
         if not results.is_dir():
             raise BenchError(f"results folder {results} does not exist (run `bench run` first)")
         store = Store(results)
@@ -427,7 +427,7 @@ def paper(
     from bench.ui import print_plan
 
     with user_errors():
-        formats = check_formats(runner.parse_list(format_, "--format"))
+        formats = check_formats(config.parse_list(format_, "--format"))
         known = papers_.load_papers()
         published = papers_.load_published(known)
         if list_tables:
@@ -443,7 +443,7 @@ def paper(
             known,
             published,
             profile=profile,
-            seeds=runner.parse_seeds(seeds),
+            seeds=config.parse_seeds(seeds),
             accountant=accountant,
             sets=set_ or [],
             plugins=plugins,
@@ -482,7 +482,7 @@ def paper(
         with ex:
             frame, failed = paper_run.reproduce(plan, store, r, echo=_err, executor=ex)
         if plan.specs:  # `bench report` shows this paper's table on its HTML page
-            papers_.record_run(store, plan, profile=profile, seeds=runner.parse_seeds(seeds),
+            papers_.record_run(store, plan, profile=profile, seeds=config.parse_seeds(seeds),
                                accountant=accountant, sets=set_ or [], sweeps=sweep or [],
                                plugins=[str(Path(p).resolve()) for p in plugins],
                                data_root=str(Path(data_root).resolve()) if data_root else None)  # fmt: skip
@@ -508,7 +508,7 @@ def _estimate(plan: Any, paper_id: str, throughput: Path | None, device: torch.d
 @app.command("list")
 def list_(plugin: Plugins = None) -> None:
     """Show the registered methods, datasets and profiles."""
-    from bench import config, data, registry
+    from bench import data, registry
 
     with user_errors():
         reg = registry.methods(tuple(str(p) for p in plugin or ()))

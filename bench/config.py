@@ -21,6 +21,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import tomllib
 import types
 import typing
@@ -350,3 +351,39 @@ def _text(value: Any) -> str:
 
 def to_jsonable(config: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+# ---------------------------------------------------------------- the grid's list options (--eps, --seeds, ...)
+
+
+def parse_epsilons(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        part = part.strip()
+        try:
+            value = float(part)
+        except ValueError:
+            raise BenchError(f"--eps: {part!r} is not a number (use e.g. --eps 1,10)") from None
+        if not math.isfinite(value) or value <= 0:
+            raise BenchError(f"--eps: ε must be a finite number > 0, got {part}")
+        values.append(value)
+    return values
+
+
+def parse_seeds(text: str) -> list[int]:
+    """--seeds: comma-separated integers in [0, 2⁶³), each once."""
+    seeds: list[int] = []
+    for s in parse_list(text, "--seeds"):
+        if not re.fullmatch(r"\d+", s) or int(s) >= 2**63:
+            raise BenchError(f"--seeds: {s!r} is not an integer in [0, 2^63) (use e.g. --seeds 0,1,2)")
+        if int(s) in seeds:
+            raise BenchError(f"--seeds: {s} is given twice")
+        seeds.append(int(s))
+    return seeds
+
+
+def parse_list(text: str, what: str) -> list[str]:
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    if not items:
+        raise BenchError(f"{what}: empty list")
+    return items

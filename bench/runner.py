@@ -32,6 +32,7 @@ import torch
 
 from bench import config as cfgmod
 from bench import curve, data, registry
+from bench.config import parse_epsilons, parse_list, parse_seeds  # noqa: F401 - their old home
 from bench.contract import ImageDataset, NullProgress
 from bench.errors import BenchError, one_line
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, default_delta, epsilon, privacy_card, verify
@@ -159,39 +160,6 @@ def spec_from_json(d: dict[str, Any]) -> RunSpec:
         sweep=dict(d.get("sweep") or {}),
         noise_source=d.get("noise_source", "seed"),
     )
-
-
-def parse_epsilons(text: str) -> list[float]:
-    values = []
-    for part in text.split(","):
-        part = part.strip()
-        try:
-            value = float(part)
-        except ValueError:
-            raise BenchError(f"--eps: {part!r} is not a number (use e.g. --eps 1,10)") from None
-        if not math.isfinite(value) or value <= 0:
-            raise BenchError(f"--eps: ε must be a finite number > 0, got {part}")
-        values.append(value)
-    return values
-
-
-def parse_seeds(text: str) -> list[int]:
-    """--seeds: comma-separated integers in [0, 2⁶³), each once."""
-    seeds: list[int] = []
-    for s in parse_list(text, "--seeds"):
-        if not re.fullmatch(r"\d+", s) or int(s) >= 2**63:
-            raise BenchError(f"--seeds: {s!r} is not an integer in [0, 2^63) (use e.g. --seeds 0,1,2)")
-        if int(s) in seeds:
-            raise BenchError(f"--seeds: {s} is given twice")
-        seeds.append(int(s))
-    return seeds
-
-
-def parse_list(text: str, what: str) -> list[str]:
-    items = [p.strip() for p in text.split(",") if p.strip()]
-    if not items:
-        raise BenchError(f"{what}: empty list")
-    return items
 
 
 def check_profile_sections(prof: dict[str, Any], profile: str, known: dict[str, Any]) -> None:
