@@ -782,7 +782,7 @@ class Runner:
     def _sample_and_score(
         self, spec: RunSpec, method: Any, train: ImageDataset, run_dir: Path, costs: dict[str, Any]
     ) -> None:
-        from bench.metrics.grid import save_sample_grid
+        from bench.metrics.sample_grid import save_sample_grid
 
         n = spec.eval.n_gen
         labels = balanced_labels(n, train.num_classes) if method.conditional else None

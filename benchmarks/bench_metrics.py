@@ -24,7 +24,7 @@ from bench.errors import BenchError
 from bench.metrics.downstream import downstream_accuracy
 from bench.metrics.features import domain_extractor, train_epoch
 from bench.metrics.fidelity import domain_fidelity
-from bench.metrics.protocols import dpdm
+from bench.metrics.protocols import dpdm_protocol as dpdm
 
 N_FAKE = 10_000
 

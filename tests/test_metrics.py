@@ -10,7 +10,7 @@ from bench.errors import BenchError
 from bench.metrics import METRICS, EvalSettings, evaluate, features
 from bench.metrics.features import EXTRACTOR_NAME, DomainFeatureExtractor, domain_extractor, extract_features
 from bench.metrics.fidelity import frechet_distance, reference_cache_name
-from bench.metrics.grid import LABEL_WIDTH, PAD, grid_scale, save_sample_grid
+from bench.metrics.sample_grid import LABEL_WIDTH, PAD, grid_scale, save_sample_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 EXTRACTOR_EPOCHS = 2

@@ -11,7 +11,10 @@ import torch
 from bench.errors import BenchError
 from bench.metrics import downstream, features, protocols
 from bench.metrics.downstream import downstream_accuracy, real_reference
-from bench.metrics.protocols import PROTOCOLS, base, datalens, dpdm, sklearn_merf
+from bench.metrics.protocols import PROTOCOLS, base
+from bench.metrics.protocols import datalens_protocol as datalens
+from bench.metrics.protocols import dpdm_protocol as dpdm
+from bench.metrics.protocols import sklearn_protocol as sklearn_merf
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 E = 6  # epochs

@@ -25,8 +25,11 @@ from bench.contract import ImageDataset, NullProgress
 from bench.errors import BenchError
 from bench.metrics import features
 from bench.metrics.downstream import downstream_accuracy
-from bench.metrics.grid import PAD, grid_scale, save_sample_grid
-from bench.metrics.protocols import METRIC_PROTOCOL, datalens, dpdm, sklearn_merf
+from bench.metrics.protocols import METRIC_PROTOCOL
+from bench.metrics.protocols import datalens_protocol as datalens
+from bench.metrics.protocols import dpdm_protocol as dpdm
+from bench.metrics.protocols import sklearn_protocol as sklearn_merf
+from bench.metrics.sample_grid import PAD, grid_scale, save_sample_grid
 from bench.privacy import Budget, epsilon
 from tests.conftest import TINY_PROFILE
 

@@ -23,12 +23,14 @@ from torch import Tensor
 from bench import config as cfgmod
 from bench.contract import ImageDataset
 from bench.errors import BenchError
-from bench.metrics.protocols import datalens, dpdm, sklearn_merf
+from bench.metrics.protocols import datalens_protocol, dpdm_protocol, sklearn_protocol
 from bench.metrics.protocols.base import Protocol, Record, resolve_settings
 
 __all__ = ["METRIC_PROTOCOL", "PROTOCOLS", "Protocol", "default_settings", "evaluate", "parse_settings"]
 
-PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (dpdm.PROTOCOL, datalens.PROTOCOL, sklearn_merf.PROTOCOL)}
+PROTOCOLS: dict[str, Protocol] = {
+    p.name: p for p in (dpdm_protocol.PROTOCOL, datalens_protocol.PROTOCOL, sklearn_protocol.PROTOCOL)
+}
 # our metric -> (protocol, classifier)
 METRIC_PROTOCOL: dict[str, tuple[str, str]] = {
     metric: (p.name, classifier) for p in PROTOCOLS.values() for classifier, metric in p.metrics.items()
