@@ -2,7 +2,7 @@
 
 Reproduces nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3: runners/train_dpdm_base.py (the training
 loop), configs/{mnist,fmnist}_28/train_eps_{0.2,1.0,10.0}.yaml (the settings, our defaults and the paper profile),
-denoiser.py, score_losses.py and samplers.py (bench.edm), model/ncsnpp.py (bench.nets.ncsnpp), model/ema.py
+denoiser.py, score_losses.py and samplers.py (bench.diffusion.edm), model/ncsnpp.py (bench.nets.ncsnpp), model/ema.py
 (bench.diffusion.EMA with warm-up).
 
 A class-conditional denoiser D(x; σ, y) with EDM preconditioning (σ_d = √(1/3); "v" for the ε = 0.2 configs, "eps"

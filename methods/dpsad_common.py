@@ -270,7 +270,7 @@ class DPSADBase(ConditionalDenoiser):
 
     def assemble(self, out: Tensor, d: Draw) -> Tensor:
         """The denoiser's output D [B, K, C, H, W] from the network's raw output F: ddpm D = F (ε̂); edm
-        D = c_skip·x + c_out·F (bench.edm.Preconditioning)."""
+        D = c_skip·x + c_out·F (bench.diffusion.edm.Preconditioning)."""
         if self.parameterization == "eps":
             return out
         c_skip, c_out, _, _ = self.pre.coefficients(d.level)

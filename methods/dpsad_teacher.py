@@ -6,18 +6,18 @@ is "partial"), with shuffled minibatches, one draw of (noise level, noise) per e
 as the non-private reference `ddpm`. Two denoisers (field `denoiser`):
 
 - "ddpm": the paper's DDPM ε-prediction (linear β, T = 500) on our UNet; the paper profile keeps it.
-- "edm": DPDM's σ-space denoiser, the same as `dpdm`'s (bench.edm: EDM preconditioning, ln σ ~ N(p_mean, p_std²),
-  the EDM-weighted loss, label dropout for classifier-free guidance) on its NCSN++ network (bench.nets.ncsnpp),
-  sampled with dpdm's σ-space samplers. Not the paper's (a deviation, recorded in every run's config through this
-  field): the DDPM path does not learn within a CPU budget, and on dpdm's denoiser `dpsad` and `dpdm` differ only in
-  how the released network is trained.
+- "edm": DPDM's σ-space denoiser, the same as `dpdm`'s (bench.diffusion.edm: EDM preconditioning, ln σ ~ N(p_mean,
+  p_std²), the EDM-weighted loss, label dropout for classifier-free guidance) on its NCSN++ network
+  (bench.nets.ncsnpp), sampled with dpdm's σ-space samplers. Not the paper's (a deviation, recorded in every run's
+  config through this field): the DDPM path does not learn within a CPU budget, and on dpdm's denoiser `dpsad` and
+  `dpdm` differ only in how the released network is trained.
 
 Trained once per (dataset, training fields, seed, code version) and stored in the results folder
 (`shared/dpsad-teacher-*`, see bench.shared): every `dpsad` cell at every ε and every value of a student field reuses
 it, and the `dpsad-teacher` row scores its samples. Its random draws come from a generator of its own, seeded from
 the run's seed (`teacher_seed`), so a student does not depend on whether its teacher was trained or reused.
 No public code of DP-SAD exists, so no repository is cited; the σ-space parts reproduce
-nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3 as bench.edm says.
+nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3 as bench.diffusion.edm says.
 """
 
 from __future__ import annotations

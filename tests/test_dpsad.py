@@ -13,7 +13,7 @@ from bench.methods.dpsad_common import DISC_NOT_DP, OUTPUT_CLIP_NOT_DP, TEACHER_
 
 from bench import config, registry
 from bench.contract import NullProgress
-from bench.edm import loss as edm_loss
+from bench.diffusion.edm import loss as edm_loss
 from bench.frame import FOOTNOTES, PARTIAL_MARK
 from bench.pixels import to_model_range
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, epsilon, privacy_card, verify
@@ -130,7 +130,7 @@ def test_edm_distillation_loss_equals_a_hand_computation(train, one_thread) -> N
             expected[i] += (w * ((d_s - d_t) ** 2).mean() + w * ((d_s - x0[i]) ** 2).mean() + lam * adv) / 2
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert (got - expected).abs().max() < 1e-3 * expected.abs().max()
-    # the data term alone is dpdm's loss (bench.edm.loss) of the student at the same draws
+    # the data term alone is dpdm's loss (bench.diffusion.edm.loss) of the student at the same draws
     plain = build("dpsad", train, lambda_adv=0.0, timesteps_per_example=2, **EDM)
     plain.net.load_state_dict(method.net.state_dict())
     plain.teacher.load_state_dict(method.net.state_dict())  # teacher = student: the distillation term is 0

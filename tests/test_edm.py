@@ -1,4 +1,4 @@
-"""σ-space diffusion as DPDM runs it (bench.edm): preconditioning, training noise levels, loss, label dropout,
+"""σ-space diffusion as DPDM runs it (bench.diffusion.edm): preconditioning, training noise levels, loss, label dropout,
 guidance, samplers on a Gaussian whose exact denoiser is known, the EMA warm-up and the sampler presets."""
 
 from __future__ import annotations
@@ -9,9 +9,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from bench import edm
 from bench.config import resolve
-from bench.diffusion import EMA
+from bench.diffusion import EMA, edm
 from bench.errors import BenchError
 
 SD = math.sqrt(1.0 / 3.0)

@@ -114,7 +114,7 @@ def upward_arrows(graph: dict[str, set[str]]) -> list[tuple[str, str]]:
                 arrows.append((module, dep))
             if _in(module, REPORTING) and _in(dep, EXECUTION):
                 arrows.append((module, dep))
-            if _in(module, ("bench.nets", "bench.pixels")) and _in(dep, ("bench.diffusion", "bench.edm")):
+            if _in(module, ("bench.nets", "bench.pixels")) and _in(dep, ("bench.diffusion",)):
                 arrows.append((module, dep))  # the networks and pixel ranges sit below the diffusion code
     return sorted(arrows)
 
