@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import data, imagedata, runner
+from bench import data, runner
+from bench.data import imagedata
 from bench.errors import BenchError
 
 # ------------------------------------------------------------------------------------------- CIFAR-10

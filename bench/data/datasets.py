@@ -18,8 +18,8 @@ import torch
 
 from bench.cache import cache_root
 from bench.contract import DataSpec, ImageDataset
+from bench.data.imagedata import CelebADataset, Cifar10Dataset, FolderDataset, search_roots
 from bench.errors import BenchError
-from bench.imagedata import CelebADataset, Cifar10Dataset, FolderDataset, search_roots
 
 Split = Literal["train", "test"]
 
@@ -238,7 +238,7 @@ DATASETS: dict[str, DatasetLoader] = {
     "celeba32-hair": CelebADataset(32, "hair", "celeba32-hair", ("black", "blonde", "brown"), 0),
     "celeba64-hair": CelebADataset(64, "hair", "celeba64-hair", ("black", "blonde", "brown"), 0),
 }
-FOLDER = "folder:"  # folder:PATH[?size=..&channels=..&test=..&seed=..], a user's ImageFolder (bench.imagedata)
+FOLDER = "folder:"  # folder:PATH[?size=..&channels=..&test=..&seed=..], a user's ImageFolder (bench.data.imagedata)
 
 
 def _loader(name: str) -> DatasetLoader:
