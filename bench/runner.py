@@ -77,6 +77,14 @@ class RunSpec:
     noise_source: str = "seed"
 
     @property
+    def budget(self) -> Budget:
+        """The cell's typed budget: the grid's (ε, δ, accountant) that `plan` checked, or unlimited (ε = ∞) for a
+        non-private row. The fit is calibrated to it and the card verified against it (one construction rule)."""
+        if math.isfinite(self.epsilon):
+            return Budget(epsilon=self.epsilon, delta=self.delta, accountant=self.accountant)
+        return Budget.unlimited(self.delta)
+
+    @property
     def key(self) -> str:
         ident = {
             "v": RESULT_VERSION,
@@ -599,11 +607,7 @@ class Runner:
             costs = final["costs"]
             self.log(run_dir, "fit already finished: loaded the final checkpoint")
         else:
-            budget = (
-                Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
-                if math.isfinite(spec.epsilon)
-                else Budget.unlimited(spec.delta)
-            )
+            budget = spec.budget
             if spec.noise_source == "os":
                 generator = os_fit_generator()
                 self.log(run_dir, "noise source: OS entropy (the fit's seed is not written; not bit-reproducible)")
@@ -759,7 +763,7 @@ class Runner:
         if cls.guarantee == "none":
             budget, eps, guarantee = Budget.unlimited(spec.delta), math.inf, "none"
         else:
-            budget = Budget(epsilon=spec.epsilon, delta=spec.delta, accountant=spec.accountant)
+            budget = spec.budget
             guarantee = "partial" if ledger.non_private or cls.guarantee == "partial" else "end-to-end"
             try:
                 eps = verify(ledger, budget)
