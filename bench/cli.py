@@ -209,29 +209,16 @@ def run(
     from bench.ui import print_plan
 
     with user_errors():
-        plugins = tuple(str(p) for p in plugin or ())
-        seed_list = config.parse_seeds(seeds)
-        if delta is not None and not 0 < delta < 1:
-            raise BenchError(f"--delta must be in (0, 1), got {delta}")
+        opts = config.GridOptions.parse(methods=methods, eps=eps, dataset=dataset, seeds=seeds, delta=delta,
+                                        accountant=accountant, profile=profile, sets=set_, sweeps=sweep,
+                                        plugins=plugin, data_root=data_root)  # fmt: skip
+        plugins = opts.plugins
         ex, dev = _executor(executor, ray_address, gpus_per_run, cpus_per_run, device)
         from bench.metrics import select_metrics
 
         metric_names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
         _check_weights(inception_weights)
-        specs = runner.plan(
-            methods=config.parse_list(methods, "--methods"),
-            epsilons=config.parse_epsilons(eps),
-            datasets=config.parse_list(dataset, "--dataset"),
-            seeds=seed_list,
-            delta=delta,
-            accountant=accountant,
-            profile=profile,
-            sets=set_ or [],
-            plugins=plugins,
-            data_root=data_root,
-            sweeps=sweep or [],
-            noise_source=noise_source,
-        )
+        specs = runner.plan(**opts.plan_args(), noise_source=noise_source)
         for note in dict.fromkeys(n for spec in specs for n in spec.notes):
             typer.echo(f"warning: {note}", err=True)
         if dry_run:
@@ -293,16 +280,13 @@ def audit(
     from bench.store import Store
 
     with user_errors():
-        plugins = tuple(str(p) for p in plugin or ())
-        if delta is not None and not 0 < delta < 1:
-            raise BenchError(f"--delta must be in (0, 1), got {delta}")
+        opts = config.GridOptions.parse(methods=methods, eps=eps, dataset=dataset, seeds=seeds, delta=delta,
+                                        accountant=accountant, profile=profile, sets=set_, plugins=plugin,
+                                        data_root=data_root)  # fmt: skip
+        plugins = opts.plugins
         dev = runner.resolve_device(device)
-        specs = audits.plan_audits(
-            methods=config.parse_list(methods, "--methods"), epsilons=config.parse_epsilons(eps),
-            datasets=config.parse_list(dataset, "--dataset"), seeds=config.parse_seeds(seeds), delta=delta,
-            accountant=accountant, profile=profile, sets=set_ or [], plugins=plugins, data_root=data_root,
-            canaries=canaries, samples=samples, positive_epsilon=positive_eps, canary_kind=canary_kind,
-        )  # fmt: skip
+        specs = audits.plan_audits(**opts.plan_args(sweeps=False), canaries=canaries, samples=samples,
+                                   positive_epsilon=positive_eps, canary_kind=canary_kind)  # fmt: skip
         store = Store(results)
         r = runner.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins, force=force,
                           debug=debug())  # fmt: skip
@@ -437,19 +421,12 @@ def paper(
             raise BenchError(f"give a paper id or --list; known: {', '.join(known)}")
         chosen = papers_.get_paper(known, paper_id)
         ex, dev = _executor(executor, ray_address, gpus_per_run, cpus_per_run, device)
-        plugins = tuple(str(p) for p in plugin or ())
-        plan = paper_run.plan_paper(
-            chosen,
-            known,
-            published,
-            profile=profile,
-            seeds=config.parse_seeds(seeds),
-            accountant=accountant,
-            sets=set_ or [],
-            plugins=plugins,
-            data_root=data_root,
-            sweeps=sweep or [],
-        )
+        opts = config.GridOptions.parse(seeds=seeds, delta=None, accountant=accountant, profile=profile, sets=set_,
+                                        sweeps=sweep, plugins=plugin, data_root=data_root)  # fmt: skip
+        plugins = opts.plugins
+        plan = paper_run.plan_paper(chosen, known, published, profile=opts.profile, seeds=list(opts.seeds),
+                                    accountant=opts.accountant, sets=list(opts.sets), plugins=plugins,
+                                    data_root=opts.data_root, sweeps=list(opts.sweeps))  # fmt: skip
         for note in dict.fromkeys(n for spec in plan.specs for n in spec.notes):
             typer.echo(f"warning: {note}", err=True)
         if throughput is not None and not estimate:
@@ -482,7 +459,7 @@ def paper(
         with ex:
             frame, failed = paper_run.reproduce(plan, store, r, echo=_err, executor=ex)
         if plan.specs:  # `bench report` shows this paper's table on its HTML page
-            papers_.record_run(store, plan, profile=profile, seeds=config.parse_seeds(seeds),
+            papers_.record_run(store, plan, profile=profile, seeds=list(opts.seeds),
                                accountant=accountant, sets=set_ or [], sweeps=sweep or [],
                                plugins=[str(Path(p).resolve()) for p in plugins],
                                data_root=str(Path(data_root).resolve()) if data_root else None)  # fmt: skip

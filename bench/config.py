@@ -387,3 +387,49 @@ def parse_list(text: str, what: str) -> list[str]:
     if not items:
         raise BenchError(f"{what}: empty list")
     return items
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GridOptions:
+    """The options `bench run`, `bench audit` and `bench paper` share, parsed and checked once (`parse`): what
+    `runner.plan` (and the audit's and the paper's planning) take. `methods`, `epsilons` and `datasets` are empty
+    for `bench paper`, whose table names them."""
+
+    methods: tuple[str, ...] = ()
+    epsilons: tuple[float, ...] = ()
+    datasets: tuple[str, ...] = ()
+    seeds: tuple[int, ...]
+    delta: float | None
+    accountant: str
+    profile: str
+    sets: tuple[str, ...] = ()
+    sweeps: tuple[str, ...] = ()
+    plugins: tuple[str, ...] = ()
+    data_root: str | None = None
+
+    @classmethod
+    def parse(
+        cls, *, seeds: str, delta: float | None, accountant: str, profile: str, sets: list[str] | None,
+        plugins: list[Any] | None, data_root: str | None, sweeps: list[str] | None = None, methods: str | None = None,
+        eps: str | None = None, dataset: str | None = None,
+    ) -> GridOptions:  # fmt: skip
+        """From the command line's text: one-line errors (BenchError) for a bad list, ε, seed or δ."""
+        if delta is not None and not 0 < delta < 1:
+            raise BenchError(f"--delta must be in (0, 1), got {delta}")
+        return cls(
+            methods=tuple(parse_list(methods, "--methods")) if methods is not None else (),
+            epsilons=tuple(parse_epsilons(eps)) if eps is not None else (),
+            datasets=tuple(parse_list(dataset, "--dataset")) if dataset is not None else (),
+            seeds=tuple(parse_seeds(seeds)), delta=delta, accountant=accountant, profile=profile,
+            sets=tuple(sets or ()), sweeps=tuple(sweeps or ()), plugins=tuple(str(p) for p in plugins or ()),
+            data_root=data_root,
+        )  # fmt: skip
+
+    def plan_args(self, *, sweeps: bool = True) -> dict[str, Any]:
+        """The keyword arguments of `runner.plan` (and of `audit.plan_audits`, without `sweeps`)."""
+        args: dict[str, Any] = {
+            "methods": list(self.methods), "epsilons": list(self.epsilons), "datasets": list(self.datasets),
+            "seeds": list(self.seeds), "delta": self.delta, "accountant": self.accountant, "profile": self.profile,
+            "sets": list(self.sets), "plugins": self.plugins, "data_root": self.data_root,
+        }  # fmt: skip
+        return args | ({"sweeps": list(self.sweeps)} if sweeps else {})

@@ -364,8 +364,8 @@ def test_an_internal_error_is_one_line_without_debug() -> None:
     import sys
 
     script = (
-        "import sys, bench.cli, bench.runner\n"
-        "bench.runner.parse_seeds = lambda text: 1 / 0\n"
+        "import sys, bench.cli, bench.config\n"
+        "bench.config.parse_seeds = lambda text: 1 / 0\n"
         "sys.argv = ['bench', 'run', '--methods', 'dpdm', '--dry-run']\n"
         "bench.cli.main()\n"
     )
