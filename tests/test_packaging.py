@@ -38,7 +38,8 @@ def test_wheel_maps_method_folders_into_bench(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     for required in (
-        "bench/cli.py",
+        "bench/cli/__init__.py",
+        "bench/cli/privacy.py",
         "bench/baselines/dpdm.py",
         "bench/baselines/ddpm.py",
         "bench/methods/__init__.py",

@@ -7,7 +7,7 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from bench.privacy_cli import app
+from bench.cli.privacy import app
 
 runner = CliRunner()
 ROW0 = ["--sampling-rate", "0.04", "--noise-multiplier", "1.5", "--steps", "2250", "--delta", "1e-5"]

@@ -69,7 +69,7 @@ def user_errors() -> Iterator[None]:
 
 
 def _mount_privacy() -> None:
-    from bench import privacy_cli
+    from bench.cli import privacy as privacy_cli
 
     app.add_typer(privacy_cli.app, name="privacy", help="Privacy calculator: ε for a σ, or σ for an ε.")
 
@@ -552,7 +552,3 @@ def main(argv: list[str] | None = None) -> None:
     if status == 130:
         typer.echo(INTERRUPTED, err=True)
     sys.exit(status if isinstance(status, int) else 0)
-
-
-if __name__ == "__main__":
-    main()
