@@ -86,10 +86,10 @@ from sklearn.metrics import roc_auc_score
 
 from bench import config as cfgmod
 from bench import data, registry
-from bench.audit_table import audit_table, stored_audits  # noqa: F401 - the reporting side, re-exported
 from bench.contract import ImageDataset
 from bench.errors import BenchError
 from bench.privacy import Budget, verify
+from bench.report.audit_table import audit_table, stored_audits  # noqa: F401 - the reporting side, re-exported
 from bench.runner import Runner, RunProgress, _bar_callbacks, balanced_labels, fit_generator, plan
 from bench.store import read_json, write_json
 

@@ -232,7 +232,7 @@ def estimate(
 
 
 def hours_unit(device: str) -> str:
-    """GPU-h on a CUDA device, CPU-h on a CPU (as the cost table: bench.plots)."""
+    """GPU-h on a CUDA device, CPU-h on a CPU (as the cost table: bench.report.plots)."""
     return "GPU-h" if device.startswith("cuda") else "CPU-h" if device.startswith("cpu") else "device-h"
 
 

@@ -1,7 +1,7 @@
 """The grid side of `bench paper ID`: plan a paper's cells as the RunSpecs `bench run` would make, run the ones
 not finished, score reused runs on the metrics the tables need, and record the plan for `bench report`.
 
-bench.paper (the published data and the comparison) never imports this module: reporting reads the recorded plan
+bench.report.paper (the published data and the comparison) never imports this module: reporting reads the recorded plan
 and the folder, and never plans or runs.
 """
 
@@ -15,9 +15,9 @@ import pandas as pd
 from bench import data, registry, runner
 from bench.config import value_text
 from bench.errors import BenchError
-from bench.frame import sweep_text
 from bench.metrics import select_metrics
-from bench.paper import (
+from bench.report.frame import sweep_text
+from bench.report.paper import (
     NO_DATASET,
     NOT_IMPLEMENTED,
     SWEEP_CONFLICT,

@@ -19,8 +19,8 @@ from typing import Any
 
 import pytest
 
-from bench.frame import load_frame
 from bench.report import build_report, cost_table, metric_table, summary_table
+from bench.report.frame import load_frame
 from bench.store import Store
 from tests.many_runs import write_runs
 

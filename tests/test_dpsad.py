@@ -14,10 +14,10 @@ from bench.methods.dpsad_common import DISC_NOT_DP, OUTPUT_CLIP_NOT_DP, TEACHER_
 from bench import config, registry
 from bench.contract import NullProgress
 from bench.diffusion.edm import loss as edm_loss
-from bench.frame import FOOTNOTES, PARTIAL_MARK
 from bench.pixels import to_model_range
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, epsilon, privacy_card, verify
 from bench.privacy.dpsgd import DPSGD
+from bench.report.frame import FOOTNOTES, PARTIAL_MARK
 from tests.conftest import TINY_PROFILE, bench
 
 CPU = torch.device("cpu")

@@ -15,10 +15,11 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from bench import config, data, estimate, gpubundle, gpucheck, paper, paper_run, registry
+from bench import config, data, estimate, gpubundle, gpucheck, paper_run, registry
 from bench.contract import NullProgress
 from bench.metrics.protocols import METRIC_PROTOCOL
 from bench.privacy import Budget
+from bench.report import paper
 from bench.throughput import Enough, cost_key
 from bench.training import poisson_rate, steps_for
 from tests.conftest import TINY_PROFILE, bench

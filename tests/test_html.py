@@ -1,4 +1,4 @@
-"""`bench report`'s HTML page (bench.html) on a results folder of tiny real runs, an audit and a toy paper: valid
+"""`bench report`'s HTML page (bench.report.html) on a results folder of tiny real runs, an audit and a toy paper: valid
 HTML, every number equal to the CSV's, links and images that resolve; then in headless Chromium (Debian's, driven
 by Playwright; skipped where it is absent): no failed request, every image loads, sorting, folding, filtering,
 a screenshot; and a page of 1,000 runs."""
@@ -20,11 +20,10 @@ import html5lib
 import pandas as pd
 import pytest
 
-from bench import html
-from bench.frame import load_frame
-from bench.report import build_report
+from bench.report import build_report, html
+from bench.report.frame import load_frame
+from bench.report.tables import stats
 from bench.store import Store
-from bench.tables import stats
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.many_runs import write_runs
 from tests.test_paper import toy_reference

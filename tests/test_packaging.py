@@ -48,9 +48,9 @@ def test_wheel_maps_method_folders_into_bench(tmp_path: Path) -> None:
         "bench/reference/published_results.csv",
         "bench/reference/papers.toml",
         "bench/nets/unet.py",
-        "bench/templates/report.html.j2",  # the HTML report's template, CSS and JS
-        "bench/templates/report.css",
-        "bench/templates/report.js",
+        "bench/report/templates/report.html.j2",  # the HTML report's template, CSS and JS
+        "bench/report/templates/report.css",
+        "bench/report/templates/report.js",
     ):
         assert required in names, required
     # every module of the source tree is in the wheel (a sub-package missing from pyproject's list is not)

@@ -16,13 +16,14 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import data, paper, paper_run, registry, runner
+from bench import data, paper_run, registry, runner
 from bench.contract import ImageDataset
 from bench.data import SyntheticDataset
 from bench.errors import BenchError
-from bench.frame import PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
+from bench.report import paper
+from bench.report.frame import PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
+from bench.report.tables import tex_escape
 from bench.store import Store
-from bench.tables import tex_escape
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.test_cli import assert_one_line_error
 
@@ -303,7 +304,7 @@ def test_cells_hold_our_values_the_published_ones_and_their_difference(toy: Path
 
 def test_the_report_compares_from_the_recorded_plan_without_planning(toy: Path, reproduced: dict) -> None:
     """`bench paper` records its plan (cells, run keys, settings) in results/papers/ID.json; the report rebuilds
-    the plan from it (bench.paper never plans: no runner) and gets the comparison planning would give."""
+    the plan from it (bench.report.paper never plans: no runner) and gets the comparison planning would give."""
     results = reproduced["results"]
     (record,) = [r for r in paper.recorded_runs(Store(results)) if r["paper"] == "toy-paper"]
     recorded = paper.recorded_plan(record)

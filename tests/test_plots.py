@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench import plots
 from bench.errors import BenchError
-from bench.frame import REAL_LABEL, load_frame
+from bench.report import plots
+from bench.report.frame import REAL_LABEL, load_frame
 from bench.store import Store
 from tests.conftest import TINY_PROFILE, bench
 

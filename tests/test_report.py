@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from bench.frame import REAL_LABEL, load_frame
 from bench.report import best_cells, metric_table
+from bench.report.frame import REAL_LABEL, load_frame
+from bench.report.tables import to_latex
 from bench.store import Store
-from bench.tables import to_latex
 from tests.conftest import TESTS, TINY_PROFILE, bench
 
 PLUGINS = [
@@ -196,7 +196,7 @@ def test_report_of_many_runs_takes_seconds(results: Path, tmp_path: Path) -> Non
 
 
 def test_stage_labels_name_the_noise_parameter() -> None:
-    from bench.report import _stage
+    from bench.report.summary import _stage
 
     assert _stage({"name": "votes", "mechanism": "laplace", "noise_multiplier": 2.0, "count": 3}) == (
         "votes (laplace: b=2, count=3)"

@@ -18,12 +18,12 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bench import data, paper, paper_run, plots, runner
+from bench import data, paper_run, runner
 from bench.errors import BenchError
-from bench.frame import NO_VALUE, load_frame
-from bench.report import best_cells, build_report, metric_table
+from bench.report import best_cells, build_report, metric_table, paper, plots
+from bench.report.frame import NO_VALUE, load_frame
+from bench.report.tables import tex_escape
 from bench.store import Store
-from bench.tables import tex_escape
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.test_cli import assert_one_line_error
 from tests.test_html import cell_texts, parse

@@ -276,7 +276,8 @@ def audit(
     empirical ε lower bound at 95%, AUCs, a negative and a positive control, and a verdict (exit 1 on a
     VIOLATION: the lower bound exceeds the ledger's ε)."""
     from bench import audit as audits
-    from bench import runner, tables
+    from bench import runner
+    from bench.report import tables
     from bench.store import Store
 
     with user_errors():
@@ -347,8 +348,8 @@ def report(
     a privacy table, a cost table and plots."""
     from bench.metrics import select_metrics
     from bench.report import FORMATS, build_report
+    from bench.report.tables import check_formats
     from bench.store import Store
-    from bench.tables import check_formats
 
     with user_errors():
         formats = check_formats(config.parse_list(format_, "--format"), FORMATS)
@@ -404,10 +405,10 @@ def paper(
     ] = None,
 ) -> None:
     """A paper's table: published values beside ours (mean ± std over seeds) and the difference per cell."""
-    from bench import paper as papers_
     from bench import paper_run, runner
+    from bench.report import paper as papers_
+    from bench.report.tables import check_formats
     from bench.store import Store
-    from bench.tables import check_formats
     from bench.ui import print_plan
 
     with user_errors():

@@ -37,10 +37,12 @@ from typing import Any
 
 import pandas as pd
 
-from bench import tables
 from bench.config import coerce, parse_value, value_text
 from bench.errors import BenchError
-from bench.frame import (
+from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
+from bench.metrics.protocols import PROTOCOLS
+from bench.report import tables
+from bench.report.frame import (
     FOOTNOTES,
     PARTIAL_MARK,
     SHORTENED_MARK,
@@ -50,8 +52,6 @@ from bench.frame import (
     sweep_header,
     sweep_text,
 )
-from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
-from bench.metrics.protocols import PROTOCOLS
 from bench.store import Store, read_json, write_json
 
 COLUMNS = (

@@ -27,10 +27,10 @@ from matplotlib.ticker import NullFormatter
 
 from bench import data
 from bench.errors import BenchError
-from bench.frame import NO_VALUE, REAL_LABEL, load_frame, sweep_columns, sweep_header, sweep_order
 from bench.metrics import select_metrics
+from bench.report.frame import NO_VALUE, REAL_LABEL, load_frame, sweep_columns, sweep_header, sweep_order
+from bench.report.tables import stats
 from bench.store import Store
-from bench.tables import stats
 
 INF = "∞"
 FORMATS = ("png", "pdf")

@@ -1,10 +1,10 @@
 """The HTML report (`bench report --format html`): OUT/index.html, one page a researcher opens in a browser.
 
-The page is built with Jinja2 (bench/templates/report.html.j2, autoescaped) from the very DataFrames that
+The page is built with Jinja2 (bench/report/templates/report.html.j2, autoescaped) from the very DataFrames that
 bench.report writes as Markdown, CSV and LaTeX (summary, one table per metric, cost), bench.audit's audit
-table and bench.paper's shown tables, so every number on the page is the text of the CSV beside it. It is
+table and bench.report.paper's shown tables, so every number on the page is the text of the CSV beside it. It is
 self-contained and works offline: its CSS and JS are inline, no request leaves the file system, and its
-figures are bench.plots' PNG files beside it (OUT/plots/). A run's key links to its folder by a relative
+figures are bench.report.plots' PNG files beside it (OUT/plots/). A run's key links to its folder by a relative
 path, so the page keeps working when the results folder and the reports folder are copied together.
 
 On the page: the summary table (each column sortable, a filter box, the marks' footnotes) with each row's
@@ -37,11 +37,11 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
-from bench import tables
-from bench.frame import REAL_LABEL, sweep_columns, sweep_header
+from bench.report import tables
+from bench.report.frame import REAL_LABEL, sweep_columns, sweep_header
 from bench.store import Store, read_json
 
-TEMPLATES = resources.files("bench").joinpath("templates")
+TEMPLATES = resources.files("bench.report").joinpath("templates")
 RUN_FILES = ("config.json", "privacy.json", "metrics.json", "log.txt", "samples.png", "curve.json")  # when present
 CLOSE, NEAR = 0.05, 0.20  # |ours − published| / |published|: green up to 5%, amber up to 20%, red above
 _NUMBER = re.compile(r"^[-+−]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -126,7 +126,7 @@ def frame_table(
     df: pd.DataFrame, *, id: str, caption: str, notes: Iterable[str] = (), csv: str = "", index: bool = False,
     bold: set[tuple[Any, str]] | None = None,
 ) -> Table:  # fmt: skip
-    """A table of the page from a DataFrame as bench.tables writes it (`index`: the index is the first column, or
+    """A table of the page from a DataFrame as bench.report.tables writes it (`index`: the index is the first column, or
     the first columns for a MultiIndex; a bold cell names its row as tables.row_label does)."""
     t = df.reset_index() if index else df
     levels = df.index.nlevels if index else 1
@@ -227,7 +227,7 @@ def diff_cell(text: str, row: pd.Series) -> Cell:
 
 
 def paper_tables(shown: list[Any], frame: pd.DataFrame, csv: str, prefix: str) -> list[Table]:
-    """bench.paper's shown tables as tables of the page, the difference column coloured."""
+    """bench.report.paper's shown tables as tables of the page, the difference column coloured."""
     out = []
     for i, s in enumerate(shown):
         sub = frame[frame["table"] == s.table.name]
@@ -249,7 +249,7 @@ def paper_tables(shown: list[Any], frame: pd.DataFrame, csv: str, prefix: str) -
 
 def _env() -> Environment:
     return Environment(
-        loader=PackageLoader("bench", "templates"),
+        loader=PackageLoader("bench.report", "templates"),
         autoescape=select_autoescape(["html", "j2"]),
         undefined=StrictUndefined,
         trim_blocks=True,
@@ -289,10 +289,10 @@ def build_page(
     files: list[Path], curves_csv: str = "",
 ) -> Path:  # fmt: skip
     """OUT/index.html from bench.report's tables: `per_metric` is (label, name, table, best cells) per metric,
-    `papers` (id, plan, comparison frame, error) per paper record, `plots` the files bench.plots wrote (None:
+    `papers` (id, plan, comparison frame, error) per paper record, `plots` the files bench.report.plots wrote (None:
     none were), `files` every file the report wrote (listed at the end), `curves_csv` the CSV of the
     quality-against-compute points beside the page ("" when no run has a curve); returns the page's path."""
-    from bench import paper
+    from bench.report import paper
 
     metric_tables = []
     for label, name, table, bold in per_metric:
@@ -324,7 +324,7 @@ def write_page(
 ) -> Path:  # fmt: skip
     """Render OUT/index.html; returns its path. `notes`: the footnotes of the marks, shown once above the metric
     tables (the summary table carries them too). `curves_csv`: the quality-against-compute points' CSV beside
-    the page; with it, a section shows their figures (bench.plots' curve_* files) and links it."""
+    the page; with it, a section shows their figures (bench.report.plots' curve_* files) and links it."""
     page = out / "index.html"
     samples = figures(plots or [], out, "samples_")
     curves = {"csv": curves_csv, "figures": figures(plots or [], out, "curve_")} if curves_csv else None

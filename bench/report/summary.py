@@ -1,4 +1,4 @@
-"""Tables from the results frame (bench.frame): method × (dataset, ε), mean ± std over seeds, with the checked ε.
+"""Tables from the results frame (bench.report.frame): method × (dataset, ε), mean ± std over seeds, with the checked ε.
 
 The ε column is the harness's recomputation from each run's ledger (never the method's claim); a row
 whose guarantee is partial carries a mark and a footnote; the non-private reference shows ε = ∞; each
@@ -20,9 +20,9 @@ from typing import Any
 
 import pandas as pd
 
-from bench import tables
 from bench.errors import BenchError
-from bench.frame import (
+from bench.report import tables
+from bench.report.frame import (
     REAL_LABEL,
     SHORTENED_MARK,
     TEST_SELECTED_MARK,
@@ -34,7 +34,7 @@ from bench.frame import (
     sweep_header,
     sweep_order,
 )
-from bench.plots import lines, write_curve_plots, write_plots
+from bench.report.plots import lines, write_curve_plots, write_plots
 from bench.store import Store, read_json
 
 
@@ -265,7 +265,7 @@ def paper_sections(
     """Each paper `bench paper ID` ran on this folder, compared again with the folder's runs, its tables written
     to OUT/paper-ID.* (their paths added to `written`): (paper id, plan, comparison frame, error); a record that
     cannot be read (an older bench's, or a table papers.toml no longer has) gives its error instead."""
-    from bench import paper
+    from bench.report import paper
 
     found: list[tuple[str, Any, pd.DataFrame | None, str]] = []
     for record in paper.recorded_runs(store):
@@ -294,8 +294,8 @@ def build_report(
 ) -> pd.DataFrame:
     """Print the summary table; with `out`, write every table in `formats` (and the plots) there, the audit
     table when the folder holds audits (bench.audit), each paper `bench paper ID` ran on the folder, and with
-    "html" in `formats` the page OUT/index.html (bench.html)."""
-    from bench.audit_table import audit_table, stored_audits
+    "html" in `formats` the page OUT/index.html (bench.report.html)."""
+    from bench.report.audit_table import audit_table, stored_audits
 
     formats = tables.check_formats(formats, FORMATS)
     audits = stored_audits(store) if keys is None else []
@@ -354,7 +354,7 @@ def build_report(
         if files is not None:
             files += write_curve_plots(curves, out / "plots")
     if HTML in formats:
-        from bench import html
+        from bench.report import html
 
         page = html.build_page(out, store=store, df=df, summary=summary, notes=notes, per_metric=per_metric,
                                cost=cost, audits=audit if audits else None, papers=papers, plots=files,

@@ -1,9 +1,9 @@
 """Tables: how `bench report` and `bench paper` pool, format and write what they show.
 
 - Pooling: a cell pools every value behind it (generator seeds × classifier seeds, the `values` of
-  bench.frame.load_frame's rows): `pooled`, `stats` (mean, std with ddof 1, n) and `mean_std`, the cell text
+  bench.report.frame.load_frame's rows): `pooled`, `stats` (mean, std with ddof 1, n) and `mean_std`, the cell text
   "mean ± std (n=N)" with the marks of the cell after the mean.
-- Marks: `footnotes` gives the footnote of every mark (bench.frame.FOOTNOTES, or a caller's superset) that
+- Marks: `footnotes` gives the footnote of every mark (bench.report.frame.FOOTNOTES, or a caller's superset) that
   some text of the table carries.
 - Writing: one table as Markdown (`markdown`), CSV (pandas) and LaTeX (`to_latex`: booktabs, chosen cells in
   bold, footnotes under it), through `write`.
@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.frame import FOOTNOTES
+from bench.report.frame import FOOTNOTES
 
 FORMATS = ("md", "csv", "tex")
 LOWER_IS_BETTER = ("fd_", "fid_", "kid_")  # metric name prefixes; every other metric: higher is better
