@@ -21,6 +21,11 @@ softplus(−D(G(z))). "wgan-gp": ℓ_D = D(fake_i) − D(x_i) + λ_gp (‖∇_x�
 (1 − a_i) fake_i, ℓ_G = −D(G(z)); the penalty needs a double backward inside the per-example loss, which
 only the "functorch" per-example-gradient mode of bench.privacy.dpsgd can do ("folded" replaces the model's
 outputs and cannot differentiate through an input gradient). "ns" runs in the faster "folded" mode.
+
+Provenance: written from the papers (Xie et al. 2018, Alg. 1; Torkzadehmahani et al. 2019 for the conditional
+variant), not from a repository, so no repository@commit is cited. Deviations: the whole per-example pair loss is
+clipped once (opacus' DCGAN example charged the real and fake passes separately: issue 418), GroupNorm instead of
+BatchNorm (docs/privacy.md rule 8), Poisson sampling with the accountant's expected batch size.
 """
 
 from __future__ import annotations

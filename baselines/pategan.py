@@ -30,6 +30,12 @@ set, training stops after the largest number of iterations whose queries still f
 function of the config only. No data-dependent ε (PATE's smooth-sensitivity analysis) is computed,
 used for stopping, or reported. Images are scaled with fixed constants; no statistic of the private
 data is computed outside the mechanism.
+
+Provenance: written from the paper's algorithm, not from a repository, so no repository@commit is cited. The
+public PATE-GAN codes were not reproduced on purpose: Ganev et al. (2024) found privacy violations in six of them
+(among them noise on the labels instead of the counts, and data-dependent accounting), which the choices above
+avoid. Deviations from the paper: data-independent accounting instead of its moments-accountant bound, a
+partition by i.i.d. teacher indices, image networks (bench.nets.gan) instead of its tabular MLPs.
 """
 
 from __future__ import annotations

@@ -169,7 +169,7 @@ def run(
     dataset: Annotated[str, typer.Option("--dataset", "--datasets", help="Comma-separated datasets.")] = "fmnist",
     seeds: Seeds = "0",
     delta: Annotated[
-        float | None, typer.Option("--delta", help="δ (default: 1e-5 below 100k records, else 1e-6).")
+        float | None, typer.Option("--delta", help="δ (default: 1e-5 below 100k records, else 10^-(floor(log10 N)+1)).")
     ] = None,
     accountant: Accountant = "rdp",
     profile: Profile = "smoke",

@@ -1,4 +1,6 @@
-"""A labelled grid of samples as a PNG: one row per class, the class name on the left."""
+"""A labelled grid of samples as a PNG: one row per class, the class name on the left.
+
+Our own figure (no paper's code is reproduced here, so none is cited)."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ GUARANTEES: tuple[str, ...] = ("end-to-end", "partial", "none")
 ASSUMPTIONS = (
     "adjacency: data sets that differ by adding or removing one record (the accountants' add/remove model)",
     "the record count N is public (the usual convention): the sampling rate q = B/N, the expected batch size "
-    "q·N that divides each noisy gradient sum, and δ's default (1e-5 below 100,000 records, else 1e-6) use it",
+    "q·N that divides each noisy gradient sum, and δ's default (1e-5 below 100,000 records, else "
+    "10^−(⌊log10 N⌋+1), always below 1/N) use it",
 )
 
 # where the DP noise comes from (`bench run --noise-source`): the card states the one that ran
