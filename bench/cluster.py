@@ -50,7 +50,7 @@ import torch
 from bench import registry
 from bench.contract import ImageDataset
 from bench.errors import BenchError, one_line
-from bench.runner import Executor, Job, LocalExecutor, Runner, resolve_device, wait_for_busy
+from bench.runner import Executor, Job, LocalExecutor, Runner, resolve_device, take_lock, wait_for_busy
 from bench.store import Store
 
 EXECUTORS = ("local", "ray")
@@ -266,9 +266,7 @@ def lock_problem(path: Path) -> str | None:
     """None when this process is refused the exclusive flock on `path` (held by the driver), else what is wrong."""
     try:
         with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
+            if not take_lock(f):
                 return None
             fcntl.flock(f, fcntl.LOCK_UN)
     except OSError as e:
@@ -367,7 +365,8 @@ class RayExecutor:
         lock_path.parent.mkdir(exist_ok=True)
         task = ray.remote(num_cpus=0, max_retries=0)(probe_node)
         with open(lock_path, "a+") as held:
-            fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a fresh file: no one else holds it
+            if not take_lock(held):  # a fresh file: no one else can hold it
+                raise RuntimeError(f"the probe's lock {lock_path} is held by another process")
             try:
                 failures = self._probe(ray, task, nodes, settings, probe, token)
             finally:

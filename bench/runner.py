@@ -72,7 +72,7 @@ class RunSpec:
     # unswept one is the same run)
     sweep: dict[str, Any] = field(default_factory=dict)
     # where the fit's randomness (DP noise, batch sampling, initial weights) comes from: "seed" (the run's seed,
-    # bit-reproducible) or "os" (`--noise-source os`: 64 bits of OS entropy a fit, never written); part of the key
+    # bit-reproducible) or "os" (`--noise-source os`: 63 bits of OS entropy a fit, never written); part of the key
     # only when "os", so that a seeded run keeps its key
     noise_source: str = "seed"
 
@@ -324,6 +324,16 @@ def _index_fields(job: Job) -> dict[str, Any]:
 NOISE_SOURCES = ("seed", "os")
 
 
+def take_lock(f: Any, *, wait: bool = False) -> bool:
+    """An exclusive fcntl.flock on the open file `f` (a cell's lock, the Ray probe's): True when taken, False when
+    another process holds it (with `wait`: blocks until it is free)."""
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    return True
+
+
 def fit_generator(seed: int) -> torch.Generator:
     """The contract's generator of a fit: on the CPU, seeded by the run's seed (a resumed fit restores its state
     from the checkpoint)."""
@@ -536,9 +546,7 @@ class Runner:
         path = self.lock_path(key)
         path.parent.mkdir(exist_ok=True)
         with open(path, "a+") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
+            if not take_lock(f, wait=wait):
                 yield False
                 return
             try:
