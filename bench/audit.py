@@ -85,13 +85,15 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from bench import config as cfgmod
-from bench import data, registry
+from bench import data
 from bench.contract import ImageDataset
 from bench.errors import BenchError
+from bench.grid import registry
+from bench.grid.planning import plan
+from bench.grid.runner import Runner, RunProgress, balanced_labels, bar_callbacks, fit_generator
+from bench.grid.store import read_json, write_json
 from bench.privacy import Budget, verify
 from bench.report.audit_table import audit_table, stored_audits  # noqa: F401 - the reporting side, re-exported
-from bench.runner import Runner, RunProgress, _bar_callbacks, balanced_labels, fit_generator, plan
-from bench.store import read_json, write_json
 
 BETA = 0.05  # 1 − confidence of the lower bound
 GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -330,7 +332,7 @@ class Auditor:
         config = cfgmod.build_dataclass(cls.Config, spec.config, spec.method)
         method = cls(config, spec=trainset.spec, device=self.r.device)
         progress = RunProgress(run_dir / f"checkpoint-{part}.pt", self.r.checkpoint_every_s,
-                               *_bar_callbacks(ui, spec))  # fmt: skip
+                               *bar_callbacks(ui, spec))  # fmt: skip
         fit_seed, sample_seed = part_seeds(spec.seed, part)
         t0 = time.perf_counter()
         ledger = method.fit(trainset, budget=budget, generator=fit_generator(fit_seed), progress=progress)

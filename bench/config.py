@@ -1,6 +1,6 @@
 """Profiles and configuration: dataclass defaults < profile < profile per dataset < per ε < --set.
 
-A profile is a TOML file of overrides per method and dataset (bench/profiles/<name>.toml, or a path), optionally
+A profile is a TOML file of overrides per method and dataset (bench/grid/profiles/<name>.toml, or a path), optionally
 over another profile (`extends = "smoke"`: its tables merged key by key):
 
     [eval]                    # evaluation settings (bench.metrics.EvalSettings)
@@ -86,7 +86,7 @@ def env_seconds(name: str, default: float) -> float:
 
 
 def load_profile(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    """The TOML table of a named profile (bench/profiles/NAME.toml) or of a path to a .toml file. A profile with
+    """The TOML table of a named profile (bench/grid/profiles/NAME.toml) or of a path to a .toml file. A profile with
     `extends = "NAME"` (a named profile or a path) is that profile with this one's tables merged over it, key by
     key: `[dpdm]` here changes only the fields it names."""
     if profile.endswith(".toml"):
@@ -95,7 +95,7 @@ def load_profile(profile: str, _seen: tuple[str, ...] = ()) -> dict[str, Any]:
             raise BenchError(f"profile file {profile} does not exist")
         text = path.read_text()
     elif profile in PROFILES:
-        text = resources.files("bench").joinpath(f"profiles/{profile}.toml").read_text()
+        text = resources.files("bench").joinpath(f"grid/profiles/{profile}.toml").read_text()
     else:
         raise BenchError(f"unknown profile {profile!r}; available: {', '.join(PROFILES)} (or a path to a .toml file)")
     try:
@@ -300,7 +300,7 @@ def method_sets(sets: dict[str, Any], methods: dict[str, Any], option: str = "--
 def parse_sweeps(items: list[str]) -> dict[str, list[Any]]:
     """`--sweep key=v1,v2,...` items: key (a field, or METHOD.field; see method_sets) -> its values, each parsed as
     a `--set` value (commas inside [...] or quotes do not split). Checked against the methods' Configs when the
-    grid is planned (bench.runner.plan)."""
+    grid is planned (bench.grid.plan)."""
     out: dict[str, list[Any]] = {}
     for item in items:
         key, sep, text = item.partition("=")

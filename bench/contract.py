@@ -98,7 +98,7 @@ SharedBuild = Callable[[Progress], dict[str, Any]]
 def shared_stage(progress: Progress, name: str, ident: dict[str, Any], build: SharedBuild) -> dict[str, Any]:
     """A stage that several runs share (DP-SAD's non-private teacher): `build(progress)` trains it (checkpointing and
     resuming through the Progress it is given, as a fit does) and returns its state; the harness (the optional
-    Progress member `shared`, bench.shared) keys it by `name`, `ident` (everything that determines it: config,
+    Progress member `shared`, bench.grid.shared) keys it by `name`, `ident` (everything that determines it: config,
     seed, code version) and the dataset, builds it once per results folder under a lock and gives every later
     caller the stored state. A Progress without `shared` (a plugin's own) builds it each time."""
     member = getattr(progress, "shared", None)
@@ -114,7 +114,7 @@ class Method(Protocol):
 
     A method may declare `version: ClassVar[int]` (built-ins must): it is part of every run key, so bumping it
     when a change alters the method's results makes the harness recompute instead of reusing old cells. A
-    plugin's run keys also hash its source file (bench.registry.method_version)."""
+    plugin's run keys also hash its source file (bench.grid.registry.method_version)."""
 
     name: ClassVar[str]  # registry key, lowercase-kebab
     Config: ClassVar[type]  # frozen keyword-only dataclass: the single source of defaults

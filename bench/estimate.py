@@ -25,12 +25,13 @@ from typing import Any
 import pandas as pd
 import torch
 
-from bench import config, data, registry
+from bench import config, data
 from bench.errors import BenchError
+from bench.grid import registry
+from bench.grid.planning import RunSpec
 from bench.metrics import EvalSettings
 from bench.metrics.protocols import METRIC_PROTOCOL
 from bench.privacy import Budget
-from bench.runner import RunSpec
 from bench.throughput import FORMAT, Measurement, cost_key, measure, measure_classifiers, protocol_work
 
 NOT_ESTIMATED = (

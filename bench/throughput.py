@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 
-from bench import config, data, registry
+from bench import config, data
 from bench.contract import DataSpec, ImageDataset, config_fields
+from bench.grid import registry
 from bench.metrics.protocols import METRIC_PROTOCOL, PROTOCOLS
 from bench.metrics.protocols.base import resolve_settings
 from bench.privacy import Budget

@@ -30,7 +30,8 @@ import pytest
 import torch
 from bench.methods.dpsad_common import OutputClipStep
 
-from bench import config, data, registry
+from bench import config, data
+from bench.grid import registry
 from bench.privacy import Budget
 from bench.privacy.dpsgd import DPSGD
 

@@ -20,9 +20,9 @@ import pytest
 import ray
 import torch
 
-from bench import runner
-from bench.cluster import RayExecutor
-from bench.store import Store
+from bench import grid as harness
+from bench.grid.executors.ray import RayExecutor
+from bench.grid.store import Store
 
 TINY = str(Path(__file__).parents[1] / "tests" / "profiles" / "tiny.toml")
 CASE = "grid of 4 dpdm cells"
@@ -40,17 +40,17 @@ def test_grid_wall_time(
     benchmark: Any, ratios: dict[str, dict[str, Any]], tmp_path_factory: pytest.TempPathFactory, local_ray: None,
     executor: str,
 ) -> None:  # fmt: skip
-    specs = runner.plan(methods=["dpdm"], epsilons=[1.0, 10.0], datasets=["synthetic"], seeds=[0, 1], delta=None,
+    specs = harness.plan(methods=["dpdm"], epsilons=[1.0, 10.0], datasets=["synthetic"], seeds=[0, 1], delta=None,
                         accountant="rdp", profile=TINY, sets=["dpdm.epochs=2"])  # fmt: skip
 
-    def fresh() -> tuple[tuple[runner.Runner], dict[str, Any]]:
+    def fresh() -> tuple[tuple[harness.Runner], dict[str, Any]]:
         store = Store(tmp_path_factory.mktemp(executor))
-        return (runner.Runner(store, device=torch.device("cpu"), metrics=("fd_domain",)),), {}
+        return (harness.Runner(store, device=torch.device("cpu"), metrics=("fd_domain",)),), {}
 
-    def grid(r: runner.Runner) -> None:
-        ex = RayExecutor(cpus_per_run=1, device="cpu") if executor == "ray" else runner.LocalExecutor()
+    def grid(r: harness.Runner) -> None:
+        ex = RayExecutor(cpus_per_run=1, device="cpu") if executor == "ray" else harness.LocalExecutor()
         with ex:
-            outcome = runner.run_grid(r, specs, real=False, executor=ex)
+            outcome = harness.run_grid(r, specs, real=False, executor=ex)
         assert outcome.count("done") == 4, outcome.errors
 
     threads = torch.get_num_threads()

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
+from bench.grid.store import Store
 from bench.report import build_report, cost_table, metric_table, summary_table
 from bench.report.frame import load_frame
-from bench.store import Store
 from tests.many_runs import write_runs
 
 CASE = "report of 1,000 runs"

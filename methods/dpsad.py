@@ -6,7 +6,7 @@ the teacher methods/dpsad_teacher.py, and what both variants share (networks, th
 step, sampling) methods/dpsad_common.py.
 
 A class-conditional teacher is trained on the private data WITHOUT DP (trained once per seed and shared by every
-cell, bench.shared). A student of the same kind is distilled from it: each Poisson-sampled example draws one noise
+cell, bench.grid.shared). A student of the same kind is distilled from it: each Poisson-sampled example draws one noise
 level and noise, and its loss (methods/dpsad_common.py, for both denoisers) is
 
     ℓ_i(θ) = w·‖D_ψ(x) − D_θ(x)‖² + w·‖D_θ(x) − target‖² + λ · L_adv(φ(x, D_θ(x), y))
@@ -103,8 +103,8 @@ class DPSAD(DPSADBase):
 
     @classmethod
     def reference_rows(cls, config: dict[str, Any], sweep: dict[str, Any]) -> dict[str, tuple[dict, dict]]:
-        """The harness's hook (bench.runner.with_reference_rows): the teacher's own row beside the cells, with the
-        swept values of the fields that determine the teacher."""
+        """The harness's hook (bench.grid.planning.with_reference_rows): the teacher's own row beside the cells, with
+        the swept values of the fields that determine the teacher."""
         teacher = to_jsonable(build_dataclass(Config, config, cls.name).teacher_config())
         return {"dpsad-teacher": (teacher, {f: v for f, v in sweep.items() if f in TEACHER_FIELDS})}
 

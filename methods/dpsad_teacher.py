@@ -13,9 +13,9 @@ as the non-private reference `ddpm`. Two denoisers (field `denoiser`):
   `dpdm` differ only in how the released network is trained.
 
 Trained once per (dataset, training fields, seed, code version) and stored in the results folder
-(`shared/dpsad-teacher-*`, see bench.shared): every `dpsad` cell at every ε and every value of a student field reuses
-it, and the `dpsad-teacher` row scores its samples. Its random draws come from a generator of its own, seeded from
-the run's seed (`teacher_seed`), so a student does not depend on whether its teacher was trained or reused.
+(`shared/dpsad-teacher-*`, see bench.grid.shared): every `dpsad` cell at every ε and every value of a student field
+reuses it, and the `dpsad-teacher` row scores its samples. Its random draws come from a generator of its own, seeded
+from the run's seed (`teacher_seed`), so a student does not depend on whether its teacher was trained or reused.
 No public code of DP-SAD exists, so no repository is cited; the σ-space parts reproduce
 nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3 as bench.diffusion.edm says.
 """
@@ -165,7 +165,7 @@ class DPSADTeacher(ConditionalDenoiser):
         return ledger
 
     def fit_shared(self, train: ImageDataset, seed: int, progress: Progress) -> None:
-        """The teacher of run seed `seed`: trained once and shared through the harness (bench.shared), or trained
+        """The teacher of run seed `seed`: trained once and shared through the harness (bench.grid.shared), or trained
         here when the Progress offers no sharing (library use)."""
         ident = {"teacher": self.config.training_fields(), "seed": teacher_seed(seed), "version": TEACHER_VERSION}
         state = shared_stage(progress, self.name, ident, lambda p: self.train_teacher(train, teacher_seed(seed), p))

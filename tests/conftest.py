@@ -8,9 +8,10 @@ import pytest
 import torch
 from typer.testing import CliRunner, Result
 
-from bench import data, registry
+from bench import data
 from bench.cli import app
 from bench.contract import ImageDataset, NullProgress
+from bench.grid import registry
 
 TESTS = Path(__file__).parent
 TINY_PROFILE = str(TESTS / "profiles" / "tiny.toml")

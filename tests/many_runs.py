@@ -1,5 +1,5 @@
 """A results folder of many finished runs written straight to disk (no training), for the report's scale tests
-and benchmark: run folders in the layout bench.store documents, then `Store.rebuild` indexes them.
+and benchmark: run folders in the layout bench.grid.store documents, then `Store.rebuild` indexes them.
 
 The values are drawn at random (seeded); what is checked with them is the report's rendering and speed, never
 the numbers themselves.
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.store import Store, write_json
+from bench.grid.store import Store, write_json
 
 METRIC = {"extractor": "bench-domain-cnn", "n_gen": 1000, "note": ""}
 

@@ -14,9 +14,10 @@ import scipy.optimize
 import scipy.stats
 import torch
 
-from bench import audit, registry
+from bench import audit
 from bench.audit import epsilon_lower_bound, p_value
 from bench.contract import ImageDataset
+from bench.grid import registry
 from tests.conftest import TESTS, TINY_PROFILE, bench
 
 COPIES = str(TESTS / "plugins" / "copies.py")
@@ -207,7 +208,7 @@ def test_inverted_canaries_are_stronger_than_mislabelled_ones(tmp_path: Path) ->
 
 
 def audit_store(root: Path):  # noqa: ANN201 - a Store
-    from bench.store import Store
+    from bench.grid.store import Store
 
     return Store(root)
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import cli, registry
-from bench.store import Store
+from bench import cli
+from bench.grid import registry
+from bench.grid.store import Store
 from tests.conftest import TESTS, TINY_PROFILE
 
 GOOD = str(TESTS / "plugins" / "good_plugin.py")

@@ -1,5 +1,5 @@
-"""The Ray executor (bench.cluster) on a local Ray instance of 2 CPUs (2 workers), and concurrent local `bench run`
-processes on one results folder."""
+"""The Ray executor (bench.grid.executors.ray) on a local Ray instance of 2 CPUs (2 workers), and concurrent local
+`bench run` processes on one results folder."""
 
 from __future__ import annotations
 
@@ -18,10 +18,11 @@ import pytest
 import ray  # in the dev extra, as in the ray extra: a missing install fails here, not skipped
 import torch
 
-from bench import runner
-from bench.cluster import RayExecutor, WorkerSettings, make_executor, probe_node
+from bench import grid as harness
 from bench.errors import BenchError
-from bench.store import Store
+from bench.grid.executors import make_executor
+from bench.grid.executors.ray import RayExecutor, WorkerSettings, probe_node
+from bench.grid.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 
 DIE_ONCE = str(TESTS / "plugins" / "die_once.py")
@@ -50,13 +51,13 @@ def index_rows(root: Path) -> dict[str, tuple]:
     return {"runs": runs, "metrics": metrics}  # type: ignore[dict-item]
 
 
-def four_cells() -> list[runner.RunSpec]:
-    return runner.plan(methods=["dpmerf"], epsilons=[1.0, 10.0], datasets=["synthetic"], seeds=[0, 1], delta=None,
+def four_cells() -> list[harness.RunSpec]:
+    return harness.plan(methods=["dpmerf"], epsilons=[1.0, 10.0], datasets=["synthetic"], seeds=[0, 1], delta=None,
                        accountant="rdp", profile=TINY_PROFILE, sets=[])  # fmt: skip
 
 
-def make_runner(root: Path, **kw: object) -> runner.Runner:
-    return runner.Runner(Store(root), device=torch.device("cpu"), metrics=("fd_domain",), **kw)  # type: ignore[arg-type]
+def make_runner(root: Path, **kw: object) -> harness.Runner:
+    return harness.Runner(Store(root), device=torch.device("cpu"), metrics=("fd_domain",), **kw)  # type: ignore[arg-type]
 
 
 def test_a_grid_on_ray_equals_the_local_grid(tmp_path: Path, local_ray: None, one_thread: None) -> None:
@@ -65,8 +66,8 @@ def test_a_grid_on_ray_equals_the_local_grid(tmp_path: Path, local_ray: None, on
     specs = four_cells()
     lines: list[str] = []
     with RayExecutor(cpus_per_run=1, device="cpu") as ex:
-        on_ray = runner.run_grid(make_runner(tmp_path / "ray"), specs, executor=ex, echo=lines.append)
-    local = runner.run_grid(make_runner(tmp_path / "local"), specs)
+        on_ray = harness.run_grid(make_runner(tmp_path / "ray"), specs, executor=ex, echo=lines.append)
+    local = harness.run_grid(make_runner(tmp_path / "local"), specs)
     assert [o for _, o in on_ray.outcomes] == ["done"] * 4 == [o for _, o in local.outcomes]
     assert on_ray.real_keys == local.real_keys and len(on_ray.real_keys) == 1
     keys = sorted(p.name for p in (tmp_path / "ray" / "runs").iterdir())
@@ -105,14 +106,14 @@ def test_a_killed_worker_fails_its_cell_and_the_rerun_resumes_it(tmp_path: Path,
         + f"die_marker = {json.dumps(str(marker))}\n"
     )
     plugins = (DIE_ONCE, EXPLODE)
-    specs = runner.plan(methods=["die-once", "explode"], epsilons=[10.0], datasets=["synthetic"], seeds=[0],
+    specs = harness.plan(methods=["die-once", "explode"], epsilons=[10.0], datasets=["synthetic"], seeds=[0],
                         delta=None, accountant="rdp", profile=str(profile), sets=[], plugins=plugins)  # fmt: skip
     dying = specs[0]
 
-    def grid(root: Path) -> runner.GridOutcome:
+    def grid(root: Path) -> harness.GridOutcome:
         r = make_runner(root, plugins=plugins, checkpoint_every_s=0.0)
         with RayExecutor(cpus_per_run=1, device="cpu") as ex:
-            return runner.run_grid(r, specs, real=False, executor=ex)
+            return harness.run_grid(r, specs, real=False, executor=ex)
 
     marker.touch()
     first = grid(tmp_path / "results")
@@ -209,7 +210,7 @@ def test_without_ray_the_ray_executor_says_how_to_install_it(monkeypatch: pytest
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
     with pytest.raises(BenchError, match=r"needs Ray, which is not installed: pip install 'bench-dp-gen\[ray\]'"):
         make_executor("ray")
-    assert isinstance(make_executor("local"), runner.LocalExecutor)
+    assert isinstance(make_executor("local"), harness.LocalExecutor)
 
 
 def test_two_bench_run_processes_compute_each_cell_once(tmp_path: Path) -> None:

@@ -2,8 +2,9 @@ from __future__ import annotations
 
 import pytest
 
-from bench import config, registry, runner
+from bench import config, grid
 from bench.errors import BenchError
+from bench.grid import registry
 from tests.conftest import TINY_PROFILE
 
 DPDMConfig = registry.get("dpdm").Config
@@ -72,18 +73,18 @@ def test_unknown_profile() -> None:
 
 def test_protocol_settings_from_profile_and_set(tmp_path) -> None:
     """[eval.dpdm] in a profile and --set eval.dpdm.<field> merge field by field into the run's settings."""
-    from bench import runner
+    from bench import grid
 
     profile = tmp_path / "p.toml"
     profile.write_text("[eval]\nn_gen = 40\n[eval.dpdm]\nepochs = 3\nbatch_size = 64\n")
     _, ev = config.parse_sets(["eval.dpdm.epochs=5", "eval.datalens.lr=0.1", "eval.n_gen=30"])
     assert ev == {"dpdm": {"epochs": 5}, "datalens": {"lr": 0.1}, "n_gen": 30}
-    (spec,) = runner.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
+    (spec,) = grid.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
                           accountant="rdp", profile=str(profile), sets=["eval.dpdm.epochs=5"])  # fmt: skip
     protocols = spec.eval.settings["protocols"]
     assert protocols["dpdm"] == {"epochs": 5, "batch_size": 64, "lr": None, "n_train": None, "n_eval": None}
     assert protocols["datalens"]["epochs"] is None  # untouched: the reference's value
-    other = runner.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
+    other = grid.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
                         accountant="rdp", profile=str(profile), sets=[])  # fmt: skip
     assert other[0].key != spec.key  # protocol settings are part of the run key
     with pytest.raises(BenchError, match="--set eval.n_gen.x: eval.n_gen is a setting, not a table"):
@@ -91,7 +92,7 @@ def test_protocol_settings_from_profile_and_set(tmp_path) -> None:
 
 
 def test_set_scoped_to_one_method_and_a_bare_field_some_methods_lack() -> None:
-    from bench import registry
+    from bench.grid import registry
 
     classes = {m: registry.get(m) for m in ("dpdm", "dpgan")}
     sets, _ = config.parse_sets(["dpdm.lr=1e-3", "epochs=0.5", "dpgan.epochs=2"])
@@ -101,7 +102,7 @@ def test_set_scoped_to_one_method_and_a_bare_field_some_methods_lack() -> None:
         config.method_sets({"lr": 1e-3}, classes)
     with pytest.raises(BenchError, match=r"--set ddpm.lr: 'ddpm' is not a method of this grid \(dpdm, dpgan\)"):
         config.method_sets({"ddpm.lr": 1e-3}, classes)
-    specs = runner.plan(methods=["dpdm", "dpgan"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
+    specs = grid.plan(methods=["dpdm", "dpgan"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
                         accountant="rdp", profile="smoke", sets=["dpdm.lr=0.002"])  # fmt: skip
     assert [s.config.get("lr") for s in specs] == [0.002, None]
 
@@ -129,8 +130,8 @@ def test_a_profile_extends_another_key_by_key(tmp_path) -> None:
         config.load_profile(str(child))
 
 
-def _plan(methods: list[str], epsilons: list[float], profile: str) -> list[runner.RunSpec]:
-    return runner.plan(methods=methods, epsilons=epsilons, datasets=["fmnist"], seeds=[0], delta=None,
+def _plan(methods: list[str], epsilons: list[float], profile: str) -> list[grid.RunSpec]:
+    return grid.plan(methods=methods, epsilons=epsilons, datasets=["fmnist"], seeds=[0], delta=None,
                        accountant="rdp", profile=profile, sets=[])  # fmt: skip
 
 

@@ -13,10 +13,11 @@ import math
 import pytest
 import torch
 
-from bench import config, curve, data, registry
+from bench import config, data
 from bench.contract import ImageDataset, NullProgress
+from bench.grid import curve, registry
+from bench.grid.store import load_torch
 from bench.privacy import Budget, PrivacyLedger, dpsgd, epsilon
-from bench.store import load_torch
 from tests.conftest import TINY_PROFILE, InterruptAt
 
 METHODS = sorted(registry.methods())
@@ -203,7 +204,8 @@ def test_same_fit_seed_same_model_and_a_resumed_fit_ends_where_it_would_have(fit
 
 
 class Recording(NullProgress):
-    """A Progress that snapshots the fit as the harness does for `--set eval.curve=N` (bench.curve.CurveRecorder)."""
+    """A Progress that snapshots the fit as the harness does for `--set eval.curve=N`
+    (bench.grid.curve.CurveRecorder)."""
 
     def __init__(self, recorder: curve.CurveRecorder) -> None:
         self.recorder, self.stages = recorder, []

@@ -1,4 +1,4 @@
-"""Quality against compute (`--set eval.curve=N`, bench.curve): snapshots along each fit, scored after the privacy
+"""Quality against compute (`--set eval.curve=N`, bench.grid.curve): snapshots along each fit, scored after the privacy
 check, each from its own snapshot; curve.json, the index and its rebuild; a resumed fit's points and seconds; the
 report's figures, curves.csv and page section; the settings' checks and the run keys of plans without a curve."""
 
@@ -15,10 +15,11 @@ import pytest
 import torch
 
 import bench.metrics as bench_metrics
-from bench import curve, runner
+from bench import grid
+from bench.grid import curve, runner
+from bench.grid.store import Store, load_torch
 from bench.privacy import BudgetExceeded
 from bench.report import build_report
-from bench.store import Store, load_torch
 from tests.conftest import TESTS, TINY_PROFILE, bench
 
 STAMP = str(TESTS / "plugins" / "step_stamp.py")
@@ -27,14 +28,14 @@ CPU = torch.device("cpu")
 CURVE = ["eval.curve=4", "eval.curve_n=20", "eval.curve_metrics=['fd_domain']"]
 
 
-def stamp_spec(*sets: str) -> runner.RunSpec:
-    (spec,) = runner.plan(methods=["step-stamp"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
+def stamp_spec(*sets: str) -> grid.RunSpec:
+    (spec,) = grid.plan(methods=["step-stamp"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
                           accountant="rdp", profile=TINY_PROFILE, sets=[*CURVE, *sets], plugins=(STAMP,))  # fmt: skip
     return spec
 
 
-def stamp_runner(results: Path) -> runner.Runner:
-    return runner.Runner(Store(results), device=CPU, plugins=(STAMP,), metrics=("fd_domain",), checkpoint_every_s=0)
+def stamp_runner(results: Path) -> grid.Runner:
+    return grid.Runner(Store(results), device=CPU, plugins=(STAMP,), metrics=("fd_domain",), checkpoint_every_s=0)
 
 
 @pytest.fixture(scope="module")
@@ -264,19 +265,19 @@ def test_bad_curve_settings_fail_at_plan_time_in_one_line(sets: list[str], messa
 def test_a_plan_without_a_curve_keeps_its_run_keys() -> None:
     """The keys of results folders written before curves existed (pinned), and no curve field in the settings."""
 
-    def plan(*sets: str) -> runner.RunSpec:
-        (spec,) = runner.plan(methods=["noisy-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0],
+    def plan(*sets: str) -> grid.RunSpec:
+        (spec,) = grid.plan(methods=["noisy-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0],
                               delta=None, accountant="rdp", profile=TINY_PROFILE, sets=list(sets),
                               plugins=(GOOD,))  # fmt: skip
         return spec
 
     spec = plan()
     assert spec.key == "noisy-means-synthetic-1d362115c0a2"
-    assert runner.real_key("synthetic", spec.eval) == "real-synthetic-80c590289645"
+    assert grid.real_key("synthetic", spec.eval) == "real-synthetic-80c590289645"
     assert not set(curve.SETTINGS) & set(spec.eval.settings)
     assert plan("eval.curve=0").key == spec.key
     with_curve = plan("eval.curve=8")
     assert with_curve.key != spec.key  # a run asked for a curve is not the cell without one
-    assert runner.real_key("synthetic", with_curve.eval) == runner.real_key("synthetic", spec.eval)  # the same row
+    assert grid.real_key("synthetic", with_curve.eval) == grid.real_key("synthetic", spec.eval)  # the same row
     assert {k: with_curve.eval.settings[k] for k in curve.SETTINGS} == {
         "curve": 8, "curve_n": 40, "curve_metrics": ["fd_domain", "acc_logreg"]}  # fmt: skip

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench import config, registry
+from bench import config
 from bench.contract import NullProgress
 from bench.errors import BenchError
+from bench.grid import registry
 from bench.privacy import Budget, calibrate_sigma, epsilon
 from bench.privacy.dpsgd import DPSGD
 from tests.conftest import TINY_PROFILE

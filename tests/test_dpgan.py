@@ -11,9 +11,10 @@ import torch
 from torch import Tensor
 
 import bench.privacy.dpsgd as dpsgd
-from bench import config, registry
+from bench import config
 from bench.contract import NullProgress
 from bench.errors import BenchError
+from bench.grid import registry
 from bench.nets.gan import Discriminator, Generator
 from bench.privacy import Budget, calibrate_sigma, epsilon
 from bench.privacy.dpsgd import DPSGD

@@ -9,9 +9,10 @@ import pytest
 import torch
 from bench.baselines import dpmerf
 
-from bench import config, registry
+from bench import config
 from bench.contract import ImageDataset, NullProgress
 from bench.errors import BenchError
+from bench.grid import registry
 from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, epsilon
 from tests.conftest import TINY_PROFILE, InterruptAt
 

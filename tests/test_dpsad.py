@@ -11,9 +11,10 @@ import pytest
 import torch
 from bench.methods.dpsad_common import DISC_NOT_DP, OUTPUT_CLIP_NOT_DP, TEACHER_NOT_DP, OutputClipStep
 
-from bench import config, registry
+from bench import config
 from bench.contract import NullProgress
 from bench.diffusion.edm import loss as edm_loss
+from bench.grid import registry
 from bench.pixels import to_model_range
 from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, epsilon, privacy_card, verify
 from bench.privacy.dpsgd import DPSGD

@@ -15,8 +15,9 @@ import pytest
 import torch
 from packaging.requirements import Requirement
 
-from bench import config, data, estimate, gpubundle, gpucheck, paper_run, registry
+from bench import config, data, estimate, gpubundle, gpucheck
 from bench.contract import NullProgress
+from bench.grid import paper_plan, registry
 from bench.metrics.protocols import METRIC_PROTOCOL
 from bench.privacy import Budget
 from bench.report import paper
@@ -117,7 +118,7 @@ def test_work_counts_the_units_the_fit_announces(method: str, train) -> None:
 
 def _plan(paper_id: str, profile: str = "smoke") -> paper.PaperPlan:
     known = paper.load_papers()
-    return paper_run.plan_paper(paper.get_paper(known, paper_id), known, paper.load_published(known), profile=profile,
+    return paper_plan.plan_paper(paper.get_paper(known, paper_id), known, paper.load_published(known), profile=profile,
                             seeds=[0])  # fmt: skip
 
 

@@ -20,10 +20,10 @@ import html5lib
 import pandas as pd
 import pytest
 
+from bench.grid.store import Store
 from bench.report import build_report, html
 from bench.report.frame import load_frame
 from bench.report.tables import stats
-from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.many_runs import write_runs
 from tests.test_paper import toy_reference

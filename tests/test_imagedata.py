@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bench import data, runner
+from bench import data, grid
 from bench.data import imagedata
 from bench.errors import BenchError
 
@@ -133,7 +133,7 @@ def test_celeba_gender_and_hair_labels_splits_and_centre_crop(tmp_path: Path, ca
 
 
 def test_celeba_delta_follows_the_record_count(tmp_path: Path, cache: Path) -> None:
-    (spec,) = runner.plan(methods=["dpmerf"], epsilons=[1.0], datasets=["celeba64-gender"], seeds=[0], delta=None,
+    (spec,) = grid.plan(methods=["dpmerf"], epsilons=[1.0], datasets=["celeba64-gender"], seeds=[0], delta=None,
                           accountant="rdp", profile="smoke", sets=[])  # fmt: skip
     assert spec.delta == 1e-6  # 162,770 training records ≥ 100,000
 

@@ -16,14 +16,15 @@ import pandas as pd
 import pytest
 import torch
 
-from bench import data, paper_run, registry, runner
+from bench import data, grid
 from bench.contract import ImageDataset
 from bench.data import SyntheticDataset
 from bench.errors import BenchError
+from bench.grid import paper_plan, registry
+from bench.grid.store import Store
 from bench.report import paper
 from bench.report.frame import PARTIAL_MARK, SHORTENED_MARK, TEST_SELECTED_MARK, load_frame
 from bench.report.tables import tex_escape
-from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.test_cli import assert_one_line_error
 
@@ -121,11 +122,11 @@ def _args(toy: Path, results: Path, *extra: str) -> list[str]:
 def reproduced(toy_dir: Path, tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> dict:
     """A dpdm ε=10 run scored with acc_cnn only, then `bench paper toy-paper --run` over seeds 0 and 1."""
     results = tmp_path_factory.mktemp("paper-results")
-    (spec,) = runner.plan(
+    (spec,) = grid.plan(
         methods=["dpdm"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None, accountant="rdp",
         profile=TINY_PROFILE, sets=[],
     )  # fmt: skip
-    assert runner.Runner(Store(results), device=torch.device("cpu"), metrics=("acc_cnn",)).run(spec) == "done"
+    assert grid.Runner(Store(results), device=torch.device("cpu"), metrics=("acc_cnn",)).run(spec) == "done"
     (reused,) = (results / "runs").iterdir()
     with toy_reference(toy_dir):
         out = bench(*_args(toy_dir, results, "--run", "--seeds", "0,1", "--out", str(results / "tables")))
@@ -205,7 +206,9 @@ def test_dry_run_plans_only_what_we_can_produce() -> None:
 
 def test_shipped_cells_say_why_they_cannot_be_produced() -> None:
     papers = paper.load_papers()
-    plan = paper_run.plan_paper(papers["dpdm-tmlr23"], papers, paper.load_published(papers), profile="smoke", seeds=[0])
+    plan = paper_plan.plan_paper(
+        papers["dpdm-tmlr23"], papers, paper.load_published(papers), profile="smoke", seeds=[0]
+    )
     registered = set(registry.methods())
     for cell in plan.cells:
         if cell.row.method not in registered:
@@ -240,7 +243,7 @@ def test_cells_hold_our_values_the_published_ones_and_their_difference(toy: Path
     results = reproduced["results"]
     papers = paper.load_papers()
     plugins = (str(toy / "partial_plugin.py"), str(TESTS / "plugins" / "overspend.py"))
-    plan = paper_run.plan_paper(
+    plan = paper_plan.plan_paper(
         papers["toy-paper"], papers, paper.load_published(papers), profile=TINY_PROFILE, seeds=[0, 1], plugins=plugins
     )
     table = paper.compare(plan, Store(results))
@@ -309,7 +312,7 @@ def test_the_report_compares_from_the_recorded_plan_without_planning(toy: Path, 
     (record,) = [r for r in paper.recorded_runs(Store(results)) if r["paper"] == "toy-paper"]
     recorded = paper.recorded_plan(record)
     papers = paper.load_papers()
-    planned = paper_run.plan_paper(
+    planned = paper_plan.plan_paper(
         papers["toy-paper"], papers, paper.load_published(papers), profile=record["profile"], seeds=record["seeds"],
         accountant=record["accountant"], sets=record["sets"], plugins=tuple(record["plugins"]),
         data_root=record["data_root"], sweeps=record["sweeps"],
@@ -393,4 +396,6 @@ def test_empty_or_missing_results_folder_is_one_line(tmp_path: Path) -> None:
 
 def _dpdm_plan() -> paper.PaperPlan:
     papers = paper.load_papers()
-    return paper_run.plan_paper(papers["dpdm-tmlr23"], papers, paper.load_published(papers), profile="smoke", seeds=[0])
+    return paper_plan.plan_paper(
+        papers["dpdm-tmlr23"], papers, paper.load_published(papers), profile="smoke", seeds=[0]
+    )

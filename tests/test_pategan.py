@@ -11,9 +11,10 @@ import torch
 from scipy import stats
 from torch import Tensor
 
-from bench import config, registry
+from bench import config
 from bench.contract import NullProgress
 from bench.errors import BenchError
+from bench.grid import registry
 from bench.nets.gan import Discriminator, TeacherBank, TeacherList
 from bench.pixels import to_uint8
 from bench.privacy import Budget, calibrate, epsilon

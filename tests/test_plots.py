@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from bench.errors import BenchError
+from bench.grid.store import Store
 from bench.report import plots
 from bench.report.frame import REAL_LABEL, load_frame
-from bench.store import Store
 from tests.conftest import TINY_PROFILE, bench
 
 METRICS = ("fd_domain", "fid_inception", "acc_cnn")  # fid_inception: no weights in tests, all n/a

@@ -6,8 +6,8 @@ from importlib.metadata import EntryPoint
 
 import pytest
 
-from bench import registry
 from bench.errors import BenchError
+from bench.grid import registry
 from tests.conftest import TESTS
 
 PLUGINS = TESTS / "plugins"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from bench.grid.store import Store
 from bench.report import best_cells, metric_table
 from bench.report.frame import REAL_LABEL, load_frame
 from bench.report.tables import to_latex
-from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 
 PLUGINS = [

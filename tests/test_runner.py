@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 
-from bench import runner
+from bench import grid as harness
+from bench.grid.store import Store
 from bench.privacy import Stage, epsilon
-from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 
 RUN = ["run", "--dataset", "synthetic", "--profile", TINY_PROFILE, "--device", "cpu"]
@@ -245,7 +245,7 @@ def test_sigkill_mid_training_resumes_with_the_same_dp_steps(tmp_path: Path) -> 
     # the rerun's fit generator gets ANOTHER seed: only a resume that restores the checkpoint's state (weights,
     # optimiser, DP-SGD step count and both generators) can end with the uninterrupted run's samples
     reseeded = (
-        "import sys, bench.runner as r; from bench.cli import main; "
+        "import sys, bench.grid.runner as r; from bench.cli import main; "
         "seeded = r.fit_generator; r.fit_generator = lambda seed: seeded(seed + 99); "
         f"sys.argv = ['bench', *{[*args[3:], '--results', str(killed)]!r}]; main()"
     )
@@ -288,35 +288,35 @@ def test_a_resumed_fit_counts_the_seconds_of_every_attempt(tmp_path: Path) -> No
     """cost.fit_s of a resumed fit is the sum of the attempts (each up to its last checkpoint), and their number is
     kept: a first attempt that ran 5 s, checkpointed, then died; the second resumes and adds its own time."""
     path = tmp_path / "checkpoint.pt"
-    first = runner.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
+    first = harness.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
     first._t0 -= 5.0  # it has been running for 5 s
     first.checkpoint(lambda: {"step": 3})
-    second = runner.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
+    second = harness.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
     assert second.resume() == {"step": 3}
     assert second.attempts == 2 and 5.0 <= second.before_s < 6.0
     assert 5.0 <= second.fit_seconds() < 6.0
     second._t0 -= 2.0
     second.checkpoint(lambda: {"step": 4})  # a third attempt would start from 7 s
-    third = runner.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
+    third = harness.RunProgress(path, 0.0, lambda total, d: None, lambda n: None)
     third.resume()
     assert third.attempts == 3 and 7.0 <= third.before_s < 8.0
 
 
 def test_a_grid_runs_from_the_library_without_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """runner.run_grid is what `bench run` calls: a notebook gets the same cells, real-data rows and messages;
+    """harness.run_grid is what `bench run` calls: a notebook gets the same cells, real-data rows and messages;
     a dataset whose data is missing is skipped (with its reason) only when asked to."""
-    from bench import runner
+    from bench import grid as harness
     from bench.errors import BenchError
 
-    specs = runner.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
+    specs = harness.plan(methods=["ddpm"], epsilons=[1.0], datasets=["synthetic"], seeds=[0], delta=None,
                         accountant="rdp", profile=str(TINY_PROFILE), sets=["eval.n_gen=20"])  # fmt: skip
-    r = runner.Runner(Store(tmp_path), device=torch.device("cpu"), metrics=("fd_domain",))
+    r = harness.Runner(Store(tmp_path), device=torch.device("cpu"), metrics=("fd_domain",))
     lines: list[str] = []
-    grid = runner.run_grid(r, specs, echo=lines.append)
+    grid = harness.run_grid(r, specs, echo=lines.append)
     assert [o for _, o in grid.outcomes] == ["done"] and len(grid.real_keys) == 1 and not grid.failed
     assert lines[0].startswith("1 run(s) done, 0 already finished, 0 failed")
     assert lines[1] == "real-data row of synthetic: done"
-    again = runner.run_grid(r, specs, echo=lines.append)
+    again = harness.run_grid(r, specs, echo=lines.append)
     assert [o for _, o in again.outcomes] == ["skipped"] and again.real_keys == grid.real_keys
 
     def no_data(name: str, split: str) -> None:
@@ -324,8 +324,8 @@ def test_a_grid_runs_from_the_library_without_the_cli(tmp_path: Path, monkeypatc
 
     monkeypatch.setattr(r, "dataset", no_data)
     with pytest.raises(BenchError, match="synthetic: not found"):
-        runner.run_grid(r, specs)
-    skipped = runner.run_grid(r, specs, skip_missing_data=True, echo=lines.append)
+        harness.run_grid(r, specs)
+    skipped = harness.run_grid(r, specs, skip_missing_data=True, echo=lines.append)
     assert skipped.outcomes == [] and skipped.missing_data == {"synthetic": "synthetic: not found"}
     assert lines[-1].startswith("0 run(s) done") and "dataset not available" in lines[-2]
 
@@ -384,11 +384,11 @@ def test_an_internal_error_is_one_line_without_debug() -> None:
 def test_the_run_key_holds_the_method_version_and_a_plugins_source(tmp_path: Path, monkeypatch) -> None:
     from bench.baselines.dpdm import DPDM
 
-    from bench import registry
+    from bench.grid import registry
 
     def key(method: str, plugins: tuple[str, ...] = ()) -> str:
         registry._cache.clear()
-        (spec,) = runner.plan(methods=[method], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
+        (spec,) = harness.plan(methods=[method], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
                               accountant="rdp", profile=TINY_PROFILE, sets=[], plugins=plugins)  # fmt: skip
         return spec.key
 
@@ -429,11 +429,11 @@ def test_a_cell_another_process_runs_is_waited_for(tmp_path: Path) -> None:
     not touched (not resumed, not cleared by --force, not written). A grid waits for it (saying who holds it),
     then runs it here when the other process let it go unfinished."""
     good = str(TESTS / "plugins" / "good_plugin.py")
-    (spec,) = runner.plan(methods=["noisy-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
+    (spec,) = harness.plan(methods=["noisy-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
                           accountant="rdp", profile=TINY_PROFILE, sets=[], plugins=(good,))  # fmt: skip
 
-    def make(force: bool = False) -> runner.Runner:
-        return runner.Runner(Store(tmp_path), device=torch.device("cpu"), plugins=(good,), metrics=("fd_domain",),
+    def make(force: bool = False) -> harness.Runner:
+        return harness.Runner(Store(tmp_path), device=torch.device("cpu"), plugins=(good,), metrics=("fd_domain",),
                              force=force)  # fmt: skip
 
     other, mine = make(), make()
@@ -446,7 +446,7 @@ def test_a_cell_another_process_runs_is_waited_for(tmp_path: Path) -> None:
         release.start()
         lines: list[str] = []
         t0 = time.monotonic()
-        grid = runner.run_grid(mine, [spec], real=False, echo=lines.append)
+        grid = harness.run_grid(mine, [spec], real=False, echo=lines.append)
         release.join()
     assert time.monotonic() - t0 >= 1.0 and grid.count("done") == 1
     assert lines[0].startswith("waiting for 1 cell(s) that another process is running (")
@@ -479,19 +479,19 @@ def test_noise_source_os_draws_unwritten_noise_and_a_resume_keeps_the_accounting
     assert not any(torch.equal(a["net"][k], b["net"][k]) for k in names if a["net"][k].is_floating_point())
 
     calls = {"n": 0}
-    save = runner.RunProgress.checkpoint
+    save = harness.RunProgress.checkpoint
 
-    def interrupted(self: runner.RunProgress, state_fn):  # noqa: ANN001, ANN202
+    def interrupted(self: harness.RunProgress, state_fn):  # noqa: ANN001, ANN202
         save(self, state_fn)
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("interrupted after the 3rd checkpoint")
 
-    monkeypatch.setattr(runner.RunProgress, "checkpoint", interrupted)
+    monkeypatch.setattr(harness.RunProgress, "checkpoint", interrupted)
     assert bench(*dpdm, "--noise-source", "os", "--results", str(tmp_path / "resumed")).exit_code == 1
     (run_dir,) = run_dirs(tmp_path / "resumed")
     steps_at_stop = torch.load(run_dir / "checkpoint.pt", weights_only=False)["state"]["dpsgd"]["steps"]
-    monkeypatch.setattr(runner.RunProgress, "checkpoint", save)
+    monkeypatch.setattr(harness.RunProgress, "checkpoint", save)
     assert bench(*dpdm, "--noise-source", "os", "--results", str(tmp_path / "resumed")).exit_code == 0
     assert 0 < steps_at_stop < _dp_steps(tmp_path / "seeded") == _dp_steps(tmp_path / "resumed")
     assert json.loads((run_dir / "metrics.json").read_text())["cost"]["fit_attempts"] == 2

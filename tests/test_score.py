@@ -102,8 +102,8 @@ def test_unknown_metric_and_non_run_folder(finished_run: Path, tmp_path: Path) -
 def test_profile_metric_set_and_inception_weights_reach_the_metrics(tmp_path: Path, monkeypatch) -> None:
     """A profile's eval.metrics is the default set; --inception-weights reaches the Inception metrics."""
     import bench.metrics as metrics_mod
-    from bench.runner import Runner
-    from bench.store import Store
+    from bench.grid.runner import Runner
+    from bench.grid.store import Store
 
     profile = tmp_path / "p.toml"
     profile.write_text(Path(TINY_PROFILE).read_text().replace("[eval]\n", '[eval]\nmetrics = ["fd_domain"]\n', 1))

@@ -20,9 +20,10 @@ import torch
 from PIL import Image
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from bench import config, data, registry
+from bench import config, data
 from bench.contract import ImageDataset, NullProgress
 from bench.errors import BenchError
+from bench.grid import registry
 from bench.metrics import features
 from bench.metrics.downstream import downstream_accuracy
 from bench.metrics.protocols import METRIC_PROTOCOL

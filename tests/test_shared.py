@@ -1,4 +1,4 @@
-"""Shared stages (bench.shared): DP-SAD's non-private teacher is trained once per (dataset, config, seed, code) and
+"""Shared stages (bench.grid.shared): DP-SAD's non-private teacher is trained once per (dataset, config, seed, code) and
 reused by every cell, every process and every Ray worker; resume and --force work as for runs."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from bench.methods.dpsad_teacher import DPSADTeacher
 
 from bench.contract import NullProgress, Progress
-from bench.shared import SharedStages, stage_key
-from bench.store import read_json
+from bench.grid.shared import SharedStages, stage_key
+from bench.grid.store import read_json
 from tests.conftest import TINY_PROFILE, bench
 
 RUN = ("--dataset", "synthetic", "--profile", TINY_PROFILE, "--device", "cpu", "--set", 'eval.metrics=["acc_logreg"]')

@@ -18,12 +18,13 @@ from typing import Any
 import pandas as pd
 import pytest
 
-from bench import data, paper_run, runner
+from bench import data, grid
 from bench.errors import BenchError
+from bench.grid import paper_plan
+from bench.grid.store import Store
 from bench.report import best_cells, build_report, metric_table, paper, plots
 from bench.report.frame import NO_VALUE, load_frame
 from bench.report.tables import tex_escape
-from bench.store import Store
 from tests.conftest import TESTS, TINY_PROFILE, bench
 from tests.test_cli import assert_one_line_error
 from tests.test_html import cell_texts, parse
@@ -69,12 +70,12 @@ toy-sweep,noisy-means,,synthetic,1,1e-5,acc_logreg,dpdm,primary,33.0,"toy plain 
 
 
 def _plan(methods: list[str], sweeps: list[str] = (), sets: list[str] = (), seeds: list[int] = (0,)) -> list:
-    return runner.plan(methods=methods, epsilons=[10.0], datasets=["synthetic"], seeds=list(seeds), delta=None,
+    return grid.plan(methods=methods, epsilons=[10.0], datasets=["synthetic"], seeds=list(seeds), delta=None,
                        accountant="rdp", profile=TINY_PROFILE, sets=list(sets), plugins=(GOOD,),
                        sweeps=list(sweeps))  # fmt: skip
 
 
-def key_before_sweeps(spec: runner.RunSpec) -> str:
+def key_before_sweeps(spec: grid.RunSpec) -> str:
     """A run's key as bench computed it before sweeps existed (RESULT_VERSION 3): what every existing results folder
     is keyed by, so a grid without --sweep must keep it."""
     ident = {
@@ -115,7 +116,7 @@ def test_two_sweeps_multiply_and_a_bare_field_sweeps_every_method() -> None:
     assert got == [(lam, t, seed) for lam in (0.0, 1.0, 4.0) for t in (20, 30) for seed in (0, 1)]
     assert all(s.config["lambda_adv"] == s.sweep["lambda_adv"] and s.config["T"] == s.sweep["T"] for s in specs)
     assert len({s.key for s in specs}) == 12
-    bare = runner.plan(methods=["noisy-means", "partial-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0],
+    bare = grid.plan(methods=["noisy-means", "partial-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0],
                        delta=None, accountant="rdp", profile=TINY_PROFILE, sets=[], plugins=(GOOD, PARTIAL),
                        sweeps=["pixel_std=5,7"])  # fmt: skip
     assert [(s.method, s.sweep) for s in bare] == [
@@ -183,7 +184,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterato
     with toy_reference(ref):
         paper_run = bench("paper", "toy-sweep", "--run", "--profile", TINY_PROFILE, "--device", "cpu", "--results",
                           str(results), "--out", str(base / "paper"), *PLUGINS)  # fmt: skip
-        assert paper_run.exit_code == 0, paper_run.output
+        assert paper_plan.exit_code == 0, paper_plan.output
         rep = bench("report", "--results", str(results), "--out", str(out))
         assert rep.exit_code == 0, rep.output
     yield {"results": results, "out": out, "plain": plain, "run": r, "paper": paper_run, "ref": ref, "base": base}
@@ -305,7 +306,7 @@ def test_a_report_without_swept_runs_has_no_sweep_column(swept: dict[str, Any]) 
 
 def test_the_dpsad_lambda_ablation_plans_one_cell_per_lambda() -> None:
     papers = paper.load_papers()
-    plan = paper_run.plan_paper(
+    plan = paper_plan.plan_paper(
         papers["dpsad-eccv24"], papers, paper.load_published(papers), profile="smoke", seeds=[0]
     )
     cells = [c for c in plan.cells if c.table.name == "lambda-ablation"]
@@ -345,7 +346,7 @@ def test_bench_paper_lists_and_dry_runs_the_ablation() -> None:
 def test_the_toy_ablation_places_published_values_by_swept_value(swept: dict[str, Any]) -> None:
     with toy_reference(swept["ref"]):
         papers = paper.load_papers()
-        plan = paper_run.plan_paper(papers["toy-sweep"], papers, paper.load_published(papers), profile=TINY_PROFILE,
+        plan = paper_plan.plan_paper(papers["toy-sweep"], papers, paper.load_published(papers), profile=TINY_PROFILE,
                                 seeds=[0], plugins=(GOOD,))  # fmt: skip
     table = paper.compare(plan, Store(swept["results"]))
     frame = load_frame(Store(swept["results"]))
@@ -377,8 +378,8 @@ def test_bench_paper_sweep_multiplies_cells_and_a_clash_with_the_table_is_said(s
     with toy_reference(swept["ref"]):
         papers = paper.load_papers()
         rows = paper.load_published(papers)
-        plan = paper_run.plan_paper(papers["toy-sweep"], papers, rows, profile=TINY_PROFILE, seeds=[0], plugins=(GOOD,),
-                                sweeps=["noisy-means.pixel_std=5,6"])  # fmt: skip
+        plan = paper_plan.plan_paper(papers["toy-sweep"], papers, rows, profile=TINY_PROFILE, seeds=[0],
+                                     plugins=(GOOD,), sweeps=["noisy-means.pixel_std=5,6"])  # fmt: skip
         plain = [c for c in plan.cells if c.table.name == "plain"]
         assert [c.sweep for c in plain] == [{"pixel_std": 5.0}, {"pixel_std": 6.0}] and len(
             {c.keys for c in plain}

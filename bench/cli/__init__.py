@@ -21,7 +21,7 @@ from bench.errors import BenchError, one_line
 if TYPE_CHECKING:
     import torch
 
-    from bench import runner as runner_
+    from bench import grid
 
 app = typer.Typer(
     help="Benchmark differentially private generative models of images at matched (ε, δ).",
@@ -150,16 +150,16 @@ def _err(line: str) -> None:
 
 def _executor(
     kind: str, ray_address: str | None, gpus_per_run: float | None, cpus_per_run: int, device: str
-) -> tuple[runner_.Executor, torch.device]:
+) -> tuple[grid.Executor, torch.device]:
     """The executor the options ask for, and the device of this (the driver's) process: --device itself for the
     local executor; under Ray the workers resolve --device, and the driver only loads data (and, for `bench
     paper`, scores reused runs) on what it has."""
-    from bench import runner
-    from bench.cluster import make_executor
+    from bench import grid
+    from bench.grid.executors import make_executor
 
     ex = make_executor(kind, ray_address=ray_address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run,
                        device=device)  # fmt: skip
-    return ex, runner.resolve_device(device if kind == "local" else "auto")
+    return ex, grid.resolve_device(device if kind == "local" else "auto")
 
 
 @app.command()
@@ -204,8 +204,8 @@ def run(
 ) -> None:
     """Train and score every (method, dataset, ε, seed) cell of a grid, then each dataset's real-data row
     (the same metrics on real data); finished cells are skipped."""
-    from bench import runner
-    from bench.store import Store
+    from bench import grid
+    from bench.grid.store import Store
     from bench.ui import print_plan
 
     with user_errors():
@@ -218,14 +218,14 @@ def run(
 
         metric_names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
         _check_weights(inception_weights)
-        specs = runner.plan(**opts.plan_args(), noise_source=noise_source)
+        specs = grid.plan(**opts.plan_args(), noise_source=noise_source)
         for note in dict.fromkeys(n for spec in specs for n in spec.notes):
             typer.echo(f"warning: {note}", err=True)
         if dry_run:
             print_plan(specs)
             return
         store = Store(results)
-        r = runner.Runner(
+        r = grid.Runner(
             store,
             device=dev,
             data_root=data_root,
@@ -237,12 +237,12 @@ def run(
             debug=debug(),
         )
         with ex:
-            grid = runner.run_grid(r, specs, real=not no_real, executor=ex, echo=_err)
-        if grid.count("done") + grid.count("skipped"):
+            outcome = grid.run_grid(r, specs, real=not no_real, executor=ex, echo=_err)
+        if outcome.count("done") + outcome.count("skipped"):
             from bench.report import build_report
 
-            build_report(store, out=None, keys={spec.key for spec in specs} | grid.real_keys, echo=typer.echo)
-        if grid.errors:
+            build_report(store, out=None, keys={spec.key for spec in specs} | outcome.real_keys, echo=typer.echo)
+        if outcome.errors:
             raise typer.Exit(1)
 
 
@@ -276,20 +276,20 @@ def audit(
     empirical ε lower bound at 95%, AUCs, a negative and a positive control, and a verdict (exit 1 on a
     VIOLATION: the lower bound exceeds the ledger's ε)."""
     from bench import audit as audits
-    from bench import runner
+    from bench import grid
+    from bench.grid.store import Store
     from bench.report import tables
-    from bench.store import Store
 
     with user_errors():
         opts = config.GridOptions.parse(methods=methods, eps=eps, dataset=dataset, seeds=seeds, delta=delta,
                                         accountant=accountant, profile=profile, sets=set_, plugins=plugin,
                                         data_root=data_root)  # fmt: skip
         plugins = opts.plugins
-        dev = runner.resolve_device(device)
+        dev = grid.resolve_device(device)
         specs = audits.plan_audits(**opts.plan_args(sweeps=False), canaries=canaries, samples=samples,
                                    positive_epsilon=positive_eps, canary_kind=canary_kind)  # fmt: skip
         store = Store(results)
-        r = runner.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins, force=force,
+        r = grid.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins, force=force,
                           debug=debug())  # fmt: skip
         for ds in dict.fromkeys(s.dataset for s in specs):
             r.dataset(ds, "train"), r.dataset(ds, "test")
@@ -311,21 +311,19 @@ def score(
     inception_weights: InceptionWeights = None,
 ) -> None:
     """Re-score saved samples.npz of finished runs without retraining (e.g. after new metrics or weights)."""
-    from bench import runner
+    from bench import grid
+    from bench.grid.store import Store
     from bench.metrics import select_metrics
-    from bench.store import Store
 
     with user_errors():
         names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
         _check_weights(inception_weights)
-        dev = runner.resolve_device(device)
+        dev = grid.resolve_device(device)
         for run_dir in run_dirs:
             if not run_dir.is_dir():
                 raise BenchError(f"{run_dir} is not a folder")
             store = Store(run_dir.resolve().parent.parent)
-            r = runner.Runner(
-                store, device=dev, data_root=data_root, metrics=names, inception_weights=inception_weights
-            )
+            r = grid.Runner(store, device=dev, data_root=data_root, metrics=names, inception_weights=inception_weights)
             scored = r.score(run_dir)
             shown = ", ".join(f"{k}={v.get('value')}" for k, v in scored.items() if names is None or k in names)
             typer.echo(f"{run_dir.name}: {shown}")
@@ -346,10 +344,10 @@ def report(
 ) -> None:
     """Print and write tables method × (dataset, ε), mean ± std over seeds, with the checked ε column,
     a privacy table, a cost table and plots."""
+    from bench.grid.store import Store
     from bench.metrics import select_metrics
     from bench.report import FORMATS, build_report
     from bench.report.tables import check_formats
-    from bench.store import Store
 
     with user_errors():
         formats = check_formats(config.parse_list(format_, "--format"), FORMATS)
@@ -405,10 +403,11 @@ def paper(
     ] = None,
 ) -> None:
     """A paper's table: published values beside ours (mean ± std over seeds) and the difference per cell."""
-    from bench import paper_run, runner
+    from bench import grid
+    from bench.grid import paper_plan
+    from bench.grid.store import Store
     from bench.report import paper as papers_
     from bench.report.tables import check_formats
-    from bench.store import Store
     from bench.ui import print_plan
 
     with user_errors():
@@ -425,7 +424,7 @@ def paper(
         opts = config.GridOptions.parse(seeds=seeds, delta=None, accountant=accountant, profile=profile, sets=set_,
                                         sweeps=sweep, plugins=plugin, data_root=data_root)  # fmt: skip
         plugins = opts.plugins
-        plan = paper_run.plan_paper(chosen, known, published, profile=opts.profile, seeds=list(opts.seeds),
+        plan = paper_plan.plan_paper(chosen, known, published, profile=opts.profile, seeds=list(opts.seeds),
                                     accountant=opts.accountant, sets=list(opts.sets), plugins=plugins,
                                     data_root=opts.data_root, sweeps=list(opts.sweeps))  # fmt: skip
         for note in dict.fromkeys(n for spec in plan.specs for n in spec.notes):
@@ -438,7 +437,7 @@ def paper(
             _estimate(plan, chosen.id, throughput, dev, out or Path("reports"))
             return
         if dry_run:
-            typer.echo(paper_run.plan_text(plan))
+            typer.echo(paper_plan.plan_text(plan))
             print_plan(list(plan.specs))
             return
         if not run_cells and not results.is_dir():
@@ -447,7 +446,7 @@ def paper(
         r = None
         if run_cells and plan.specs:
             _check_weights(inception_weights)
-            r = runner.Runner(
+            r = grid.Runner(
                 store,
                 device=dev,
                 data_root=data_root,
@@ -458,7 +457,7 @@ def paper(
                 debug=debug(),
             )
         with ex:
-            frame, failed = paper_run.reproduce(plan, store, r, echo=_err, executor=ex)
+            frame, failed = paper_plan.reproduce(plan, store, r, echo=_err, executor=ex)
         if plan.specs:  # `bench report` shows this paper's table on its HTML page
             papers_.record_run(store, plan, profile=profile, seeds=list(opts.seeds),
                                accountant=accountant, sets=set_ or [], sweeps=sweep or [],
@@ -486,7 +485,8 @@ def _estimate(plan: Any, paper_id: str, throughput: Path | None, device: torch.d
 @app.command("list")
 def list_(plugin: Plugins = None) -> None:
     """Show the registered methods, datasets and profiles."""
-    from bench import data, registry
+    from bench import data
+    from bench.grid import registry
 
     with user_errors():
         reg = registry.methods(tuple(str(p) for p in plugin or ()))

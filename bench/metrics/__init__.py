@@ -110,9 +110,10 @@ class EvalSettings:
     # per downstream protocol, its Settings (None fields: the reference's values); a profile's [eval.dpdm]
     # table or `--set eval.dpdm.epochs=10` shortens one, and its records say so
     protocols: dict[str, Any] = field(default_factory=default_settings)
-    # the quality-against-compute curve (bench.curve): `curve` checkpoints evenly spaced over each fit's units of
-    # progress (0: none), each scored on `curve_n` samples with `curve_metrics`; None: bench.curve's defaults,
-    # resolved when the grid is planned (bench.curve.eval_json, which also keeps them out of a plan without a curve)
+    # the quality-against-compute curve (bench.grid.curve): `curve` checkpoints evenly spaced over each fit's units of
+    # progress (0: none), each scored on `curve_n` samples with `curve_metrics`; None: bench.grid.curve's defaults,
+    # resolved when the grid is planned (bench.grid.curve.eval_json, which also keeps them out of a plan without a
+    # curve)
     curve: int = 0
     curve_n: int | None = None
     curve_metrics: tuple[str, ...] | None = None

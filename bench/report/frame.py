@@ -15,7 +15,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
-from bench.store import Store
+from bench.grid.store import Store
 
 PARTIAL_MARK = "†"
 TEST_SELECTED_MARK = "‡"

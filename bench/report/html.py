@@ -37,9 +37,9 @@ import pandas as pd
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
+from bench.grid.store import Store, read_json
 from bench.report import tables
 from bench.report.frame import REAL_LABEL, sweep_columns, sweep_header
-from bench.store import Store, read_json
 
 TEMPLATES = resources.files("bench.report").joinpath("templates")
 RUN_FILES = ("config.json", "privacy.json", "metrics.json", "log.txt", "samples.png", "curve.json")  # when present

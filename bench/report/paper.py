@@ -7,7 +7,7 @@ setting it was published with where a paper published several (DPDM's "(FID)" an
 its source is primary or secondary, and the exact source (repository@commit:path, table, row).
 
 A paper's cells are its published rows (plus, per table, our extra methods beside them). A cell we can
-produce becomes RunSpecs through `runner.plan` (bench.paper_run, the grid side of a paper), so its runs are the
+produce becomes RunSpecs through `runner.plan` (bench.grid.paper_plan, the grid side of a paper), so its runs are the
 very runs `bench run` makes with the same profile and seeds (same keys: finished runs are reused). This module
 is the reporting side: the published data, the comparison and its tables; it never plans or runs. Ours is set
 beside a published value only when both were computed by the same protocol; otherwise the cell says "protocol
@@ -39,6 +39,7 @@ import pandas as pd
 
 from bench.config import coerce, parse_value, value_text
 from bench.errors import BenchError
+from bench.grid.store import Store, read_json, write_json
 from bench.metrics import METRICS, metric_protocol, published_metric, select_metrics
 from bench.metrics.protocols import PROTOCOLS
 from bench.report import tables
@@ -52,7 +53,6 @@ from bench.report.frame import (
     sweep_header,
     sweep_text,
 )
-from bench.store import Store, read_json, write_json
 
 COLUMNS = (
     "paper", "method", "setting", "dataset", "epsilon", "delta", "metric", "protocol", "source_kind", "value", "source",
@@ -160,13 +160,13 @@ class Cell:
 
 @dataclass(frozen=True, kw_only=True)
 class PaperPlan:
-    """A paper's cells and the runs that produce them. Planned by bench.paper_run (the grid side: `specs` are its
+    """A paper's cells and the runs that produce them. Planned by bench.grid.paper_plan (the grid side: `specs` are its
     RunSpecs); rebuilt from the folder's record by `recorded_plan` for `bench report` (no specs: reporting never
     plans or runs)."""
 
     paper: Paper
     cells: tuple[Cell, ...]
-    specs: tuple[Any, ...]  # bench.runner.RunSpec, unique by key, in cell order; () for a recorded plan
+    specs: tuple[Any, ...]  # bench.grid.RunSpec, unique by key, in cell order; () for a recorded plan
     metrics: tuple[str, ...]  # our metrics the cells need
     settings: dict[str, str] = field(default_factory=dict)  # run key -> the published setting its config names
 

@@ -27,10 +27,10 @@ from matplotlib.ticker import NullFormatter
 
 from bench import data
 from bench.errors import BenchError
+from bench.grid.store import Store
 from bench.metrics import select_metrics
 from bench.report.frame import NO_VALUE, REAL_LABEL, load_frame, sweep_columns, sweep_header, sweep_order
 from bench.report.tables import stats
-from bench.store import Store
 
 INF = "∞"
 FORMATS = ("png", "pdf")
@@ -249,7 +249,7 @@ def write_plots(
 
 
 # ---------------------------------------------------------------------------------------------------
-# Quality against compute (`eval.curve`, bench.curve): report.curve_frame's points
+# Quality against compute (`eval.curve`, bench.grid.curve): report.curve_frame's points
 # ---------------------------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import pandas as pd
 
 from bench.errors import BenchError
+from bench.grid.store import Store, read_json
 from bench.report import tables
 from bench.report.frame import (
     REAL_LABEL,
@@ -35,7 +36,6 @@ from bench.report.frame import (
     sweep_order,
 )
 from bench.report.plots import lines, write_curve_plots, write_plots
-from bench.store import Store, read_json
 
 
 def _costs(runs: pd.DataFrame) -> list[dict[str, Any]]:
@@ -184,7 +184,7 @@ def _hours(c: dict[str, Any]) -> float:
 
 
 def _shared_s(cost: dict[str, Any]) -> dict[str, Any]:
-    """The fit seconds of the shared stages a run used (bench.shared: trained once, reused by many runs)."""
+    """The fit seconds of the shared stages a run used (bench.grid.shared: trained once, reused by many runs)."""
     used = cost.get("shared")
     return {"s": sum(float(u["fit_s"]) for u in used.values())} if used else {}
 
@@ -223,7 +223,7 @@ CURVE_COLUMNS = ["method", "dataset", "ε", "seed", "units", "total", "seconds",
 
 
 def curve_frame(store: Store, df: pd.DataFrame, metrics: Collection[str] | None = None) -> pd.DataFrame:
-    """The quality-against-compute points (bench.curve) of the frame's finished runs: one row per (run, point,
+    """The quality-against-compute points (bench.grid.curve) of the frame's finished runs: one row per (run, point,
     metric) with the columns of `df`'s runs that name a line (label, swept values), the dataset, ε and seed; the
     units of training and their total; `seconds` = the fit's own seconds + `offset_s` (the single place a time spent
     before the fit, e.g. a shared pre-trained stage, enters); the value, its metric label and the samples it was

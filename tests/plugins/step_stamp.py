@@ -1,6 +1,6 @@
 """A method whose every sample carries the training step of the model that drew it: pixel (0, 0, 0) of each image
 is the number of steps taken (0..255), so a test can tell which state a sample came from (the quality-against-
-compute curve scores each point from its own snapshot, bench.curve).
+compute curve scores each point from its own snapshot, bench.grid.curve).
 
 A real, crude DP generator otherwise: one Gaussian release of per-class pixel sums and counts (as good_plugin.py),
 then `steps` post-processing steps moving the model's class means a fraction towards the released ones, each

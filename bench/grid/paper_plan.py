@@ -12,9 +12,12 @@ from typing import Any
 
 import pandas as pd
 
-from bench import data, registry, runner
+from bench import data, grid
 from bench.config import value_text
 from bench.errors import BenchError
+from bench.grid import registry
+from bench.grid.planning import RunSpec
+from bench.grid.store import Store, read_json
 from bench.metrics import select_metrics
 from bench.report.frame import sweep_text
 from bench.report.paper import (
@@ -30,8 +33,6 @@ from bench.report.paper import (
     our_metric,
     paper_cells,
 )
-from bench.runner import RunSpec
-from bench.store import Store, read_json
 
 
 def plan_paper(
@@ -47,7 +48,7 @@ def plan_paper(
     data_root: str | None = None,
     sweeps: Iterable[str] = (),
 ) -> PaperPlan:
-    """Every cell of the paper with its status, and the RunSpecs (via runner.plan) of those we can produce. A row
+    """Every cell of the paper with its status, and the RunSpecs (via grid.plan) of those we can produce. A row
     of a sweep table runs our method at the row's swept value; `sweeps` (`--sweep`) turn each row we can produce
     into one cell per combination of the values swept for its method. An item of `sets` or `sweeps` scoped to
     one method of the paper (METHOD.field) applies to that method's cells only."""
@@ -68,7 +69,7 @@ def plan_paper(
             continue
         group = (row.method, row.dataset, row.epsilon, table.delta, *row.sweep.items())
         if group not in planned:
-            grid = runner.plan(
+            planned_specs = grid.plan(
                 methods=[row.method],
                 epsilons=[row.epsilon],
                 datasets=[row.dataset],
@@ -81,9 +82,9 @@ def plan_paper(
                 data_root=data_root,
                 sweeps=[*mine_sweeps, *(f"{row.method}.{k}={value_text(v)}" for k, v in row.sweep.items())],
             )
-            specs.update((s.key, s) for s in grid if s.key not in specs)
+            specs.update((s.key, s) for s in planned_specs if s.key not in specs)
             by_sweep: dict[tuple[tuple[str, Any], ...], list[str]] = {}
-            for s in grid:  # one cell per swept combination, its seeds together; not the reference rows it needs
+            for s in planned_specs:  # one cell per swept combination, its seeds together; not the reference rows it needs
                 if s.method == row.method:
                     by_sweep.setdefault(tuple(s.sweep.items()), []).append(s.key)
             planned[group] = {sweep: tuple(keys) for sweep, keys in by_sweep.items()}
@@ -115,7 +116,7 @@ def _status(
 
 def _for_method(items: Iterable[str], method: str, in_paper: set[str]) -> list[str]:
     """The `--set`/`--sweep` items for the cells of `method`: all but those scoped to another method of the paper
-    (an item scoped to a method the paper lacks is kept, so that runner.plan names it as an error)."""
+    (an item scoped to a method the paper lacks is kept, so that grid.plan names it as an error)."""
     out = []
     for item in items:
         key = item.partition("=")[0].strip()
@@ -144,8 +145,8 @@ def plan_text(plan: PaperPlan) -> str:
 
 
 def reproduce(
-    plan: PaperPlan, store: Store, r: runner.Runner | None, *, echo: Callable[[str], None],
-    executor: runner.Executor | None = None,
+    plan: PaperPlan, store: Store, r: grid.Runner | None, *, echo: Callable[[str], None],
+    executor: grid.Executor | None = None,
 ) -> tuple[pd.DataFrame, list[RunSpec]]:  # fmt: skip
     """The comparison frame of a planned paper (see `compare`), and the cells that failed. With a runner `r`,
     first run the cells not finished yet through `executor` (a dataset that cannot be loaded leaves its cells
@@ -153,14 +154,14 @@ def reproduce(
     missing_data: dict[str, str] = {}
     failed: list[RunSpec] = []
     if r is not None and plan.specs:
-        grid = runner.run_grid(r, list(plan.specs), real=False, skip_missing_data=True, executor=executor, echo=echo)
-        missing_data, failed = grid.missing_data, grid.failed
-        score_reused(r, [s for s, _ in grid.outcomes], plan.metrics, echo=echo)
+        outcome = grid.run_grid(r, list(plan.specs), real=False, skip_missing_data=True, executor=executor, echo=echo)
+        missing_data, failed = outcome.missing_data, outcome.failed
+        score_reused(r, [s for s, _ in outcome.outcomes], plan.metrics, echo=echo)
     return compare(plan, store, missing_data=missing_data), failed
 
 
 def score_reused(
-    r: runner.Runner, specs: Iterable[RunSpec], metrics: Iterable[str], *, echo: Callable[[str], None]
+    r: grid.Runner, specs: Iterable[RunSpec], metrics: Iterable[str], *, echo: Callable[[str], None]
 ) -> None:
     """Score the metrics a table needs on finished runs that were scored with another set (reused runs)."""
     for key, missing in unscored(r.store, specs, metrics).items():

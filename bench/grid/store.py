@@ -7,11 +7,11 @@
                        samples.png    labelled grid
                        metrics.json   written last: its presence means the run is finished
                        log.txt
-                       curve.json     with `eval.curve`: the scored points along the fit (bench.curve);
+                       curve.json     with `eval.curve`: the scored points along the fit (bench.grid.curve);
                        curve/         their snapshots while they are not scored yet
     results/bench.sqlite              runs(key, ...), metrics(key, metric, value, info) and
                                       curve(key, units, metric, ...): one row per curve point and metric
-    results/locks/<key>.lock          held (fcntl.flock) by the process running that cell (bench.runner)
+    results/locks/<key>.lock          held (fcntl.flock) by the process running that cell (bench.grid)
 
 Every file is written to a temporary name and renamed, so a killed process never leaves a truncated
 file that a later run would trust. SQLite runs in WAL mode with a busy timeout, so concurrent runs of
@@ -179,7 +179,7 @@ def _curve_rows(key: str, points: list[dict[str, Any]]) -> list[tuple[Any, ...]]
 
 class Store:
     """A results folder: run directories plus the SQLite index. `index=False`: the folder only, for a subclass
-    that sends its index writes elsewhere (a Ray worker sends them to the driver: bench.cluster)."""
+    that sends its index writes elsewhere (a Ray worker sends them to the driver: bench.grid.executors.ray)."""
 
     def __init__(self, root: str | Path, *, index: bool = True) -> None:
         self.root = Path(root)
@@ -284,7 +284,7 @@ class Store:
         db.executemany("INSERT INTO metrics (key, metric, value, info) VALUES (?, ?, ?, ?)", rows)
 
     def record_curve(self, key: str, points: list[dict[str, Any]]) -> None:
-        """The quality-against-compute points of run `key` (bench.curve's curve.json points), replacing its earlier
+        """The quality-against-compute points of run `key` (bench.grid.curve's curve.json points), replacing its earlier
         ones: one row per (point, metric)."""
         with self._connect() as db:
             self._put_curve(db, key, points)

@@ -1,6 +1,6 @@
 """Quality against compute: a fit's model scored at checkpoints along its training (`--set eval.curve=N`).
 
-While a method fits, the harness's Progress (bench.runner.RunProgress) counts the method's units of progress
+While a method fits, the harness's Progress (bench.grid.RunProgress) counts the method's units of progress
 (dpdm, dpgan, dpsad: DP-SGD steps, dpsad's teacher steps first; ddpm: plain steps; pategan: iterations;
 dpmerf, dphp: generator steps after the noisy release) and, at N points evenly spaced over them
 (round(total · k / N), k = 1..N, the last one the end of the fit), a CurveRecorder saves the method's
@@ -36,7 +36,7 @@ import torch
 
 from bench import config as cfgmod
 from bench.errors import BenchError
-from bench.store import load_torch, read_json, save_torch, write_json
+from bench.grid.store import load_torch, read_json, save_torch, write_json
 
 FOLDER = "curve"  # RUN/curve/<units>.pt: the snapshots not yet scored
 FILE = "curve.json"
@@ -102,7 +102,7 @@ class CurveRecorder:
         self._t0, self._before, self._saving = clock(), 0.0, 0.0
         # seconds spent before this fit that its points build on (a shared pre-trained stage): the one place such a
         # time enters the curve (each point's `offset_s`; the report's time axis is seconds + offset_s): the shared
-        # stages' fit seconds (bench.runner.RunProgress.shared)
+        # stages' fit seconds (bench.grid.RunProgress.shared)
         self.offset_s = 0.0
 
     def elapsed(self) -> float:

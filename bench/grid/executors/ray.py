@@ -8,7 +8,7 @@ Ray instance is started (with every core of this machine) and shut down at the e
 that cluster (`ray start --head` / `ray start --address` on each node first).
 
 What stays as with the local executor: the keys, the run folders, the checkpoints and the per-cell locks
-(bench.runner.Runner.cell_lock: fcntl.flock on the shared results folder), so a cell interrupted on any worker
+(bench.grid.runner.Runner.cell_lock: fcntl.flock on the shared results folder), so a cell interrupted on any worker
 resumes from its checkpoint on any other, with its privacy ledger restored from that checkpoint: no step is
 charged twice.
 
@@ -33,9 +33,7 @@ Ray is an optional dependency (`pip install 'bench-dp-gen[ray]'`, part of the de
 from __future__ import annotations
 
 import fcntl
-import math
 import os
-import re
 import socket
 import time
 import uuid
@@ -47,13 +45,14 @@ from typing import Any
 
 import torch
 
-from bench import registry
 from bench.contract import ImageDataset
 from bench.errors import BenchError, one_line
-from bench.runner import Executor, Job, LocalExecutor, Runner, resolve_device, take_lock, wait_for_busy
-from bench.store import Store
+from bench.grid import registry
+from bench.grid.executors.base import wait_for_busy
+from bench.grid.planning import Job
+from bench.grid.runner import Runner, resolve_device, take_lock
+from bench.grid.store import Store
 
-EXECUTORS = ("local", "ray")
 INSTALL = "pip install 'bench-dp-gen[ray]'"
 _INDEX_OPS = ("record_run", "record_metrics", "record_curve", "clear_index", "reindex")
 _ADVANCE_EVERY_S = 0.5  # a worker sends its bar's progress at most this often
@@ -65,40 +64,6 @@ def require_ray() -> ModuleType:
     except ImportError:
         raise BenchError(f"--executor ray needs Ray, which is not installed: {INSTALL}") from None
     return ray
-
-
-def make_executor(
-    kind: str,
-    *,
-    ray_address: str | None = None,
-    gpus_per_run: float | None = None,
-    cpus_per_run: int = 1,
-    device: str = "auto",
-) -> Executor:
-    """The executor the command-line options ask for (checked here: a bad option fails before anything runs)."""
-    if kind not in EXECUTORS:
-        raise BenchError(f"--executor must be one of {', '.join(EXECUTORS)}, got {kind!r}")
-    if kind == "local":
-        for given, option in ((ray_address, "--ray-address"), (gpus_per_run, "--gpus-per-run")):
-            if given is not None:
-                raise BenchError(f"{option} needs --executor ray")
-        if cpus_per_run != 1:
-            raise BenchError("--cpus-per-run needs --executor ray")
-        return LocalExecutor()
-    if cpus_per_run < 1:
-        raise BenchError(f"--cpus-per-run must be an integer ≥ 1, got {cpus_per_run}")
-    if gpus_per_run is not None and (
-        not math.isfinite(gpus_per_run) or gpus_per_run < 0 or (gpus_per_run > 1 and not gpus_per_run.is_integer())
-    ):
-        raise BenchError(f"--gpus-per-run must be a fraction in [0, 1] or a whole number, got {gpus_per_run:g}")
-    if not re.fullmatch(r"auto|cpu|cuda", device):
-        raise BenchError(f"with --executor ray, --device is auto, cpu or cuda (Ray assigns the GPU), got {device!r}")
-    if device == "cpu" and gpus_per_run:
-        raise BenchError("--device cpu with --gpus-per-run > 0: the GPUs would be reserved and left idle")
-    if device == "cuda" and gpus_per_run == 0:
-        raise BenchError("--device cuda with --gpus-per-run 0: a task sees no GPU unless it reserves one")
-    require_ray()
-    return RayExecutor(address=ray_address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, device=device)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """Stages several runs share, trained once per results folder: DP-SAD's non-private teacher is the first.
 
 A method asks for one through `bench.contract.shared_stage(progress, name, ident, build)`; the harness's Progress
-(bench.runner.RunProgress) answers through `SharedStages.get`. A stage is keyed by its name, the method's `ident`
+(bench.grid.RunProgress) answers through `SharedStages.get`. A stage is keyed by its name, the method's `ident`
 (everything that determines it: its config, its seed, its code version), the dataset and the dataset's fingerprint,
 and lives in
 
@@ -34,7 +34,7 @@ from typing import Any
 from bench import data
 from bench.contract import Progress
 from bench.errors import BenchError
-from bench.store import load_torch, read_json, save_torch, write_json
+from bench.grid.store import load_torch, read_json, save_torch, write_json
 
 ProgressFactory = Callable[[Path], Progress]  # the checkpoint path of a stage -> the Progress its build runs under
 
