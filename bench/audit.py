@@ -225,7 +225,7 @@ def plan_audits(
                  accountant=accountant, profile=profile, sets=sets, plugins=plugins, data_root=data_root)  # fmt: skip
     return [
         AuditSpec(method=s.method, dataset=s.dataset, epsilon=s.epsilon, delta=s.delta, accountant=s.accountant,
-                  seed=s.seed, profile=s.profile, config=s.config, canaries=canaries, samples=samples,
+                  seed=s.seed, profile=s.profile, config=s.config_json, canaries=canaries, samples=samples,
                   positive_epsilon=positive_epsilon, canary_kind=canary_kind, method_version=s.method_version,
                   data_version=s.data_version)
         for s in specs

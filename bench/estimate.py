@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from bench import config, data
+from bench import data
 from bench.errors import BenchError
 from bench.grid import registry
 from bench.grid.planning import RunSpec
@@ -122,7 +122,7 @@ def work_of(spec: RunSpec) -> dict[str, int] | None:
     work = getattr(cls, "work", None)
     if work is None:
         return None
-    cfg = config.build_dataclass(cls.Config, spec.config, spec.method)
+    cfg = spec.config
     budget = (
         Budget.unlimited(spec.delta, spec.accountant)
         if math.isinf(spec.epsilon)
@@ -208,14 +208,13 @@ def estimate(
     if throughput is None:
         measured: dict[tuple[str, tuple[int, ...], str], Measurement] = {}
         for spec in specs:
-            cls = registry.get(spec.method)
-            k = (spec.method, data_shape(spec.dataset), cost_key(spec.config))  # MNIST is timed as FMNIST
+            k = (spec.method, data_shape(spec.dataset), cost_key(spec.config_json))  # MNIST is timed as FMNIST
             if k in measured:
                 continue
             if data.spec_without_files(spec.dataset).num_train == 0:
                 continue  # its record count is unknown: the row says so
             echo(f"timing {spec.method} on {spec.dataset} ({device})")
-            cfg = config.build_dataclass(cls.Config, spec.config, spec.method)
+            cfg = spec.config
             eps = 10.0 if math.isinf(spec.epsilon) else spec.epsilon
             try:
                 measured[k] = measure_fn(spec.method, spec.dataset, cfg, device=device, epsilon=eps, delta=spec.delta)
@@ -228,7 +227,7 @@ def estimate(
                 echo(f"timing the downstream classifiers on {dataset} ({device})")
                 timed += classifiers_fn(wanted, dataset, device=device)
         throughput = Throughput(str(device), tuple(m.to_json() for m in measured.values()), tuple(timed))
-    rows = [cell_row(s, throughput.find(s.method, s.dataset, s.config), throughput, metrics) for s in specs]
+    rows = [cell_row(s, throughput.find(s.method, s.dataset, s.config_json), throughput, metrics) for s in specs]
     return pd.DataFrame(rows), throughput
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+from bench import config as _config
 from bench import grid as _grid
 from bench.grid import runner as _runner
 
@@ -14,7 +15,7 @@ warnings.warn("bench.runner moved to the bench.grid package; import from bench.g
 
 
 def __getattr__(name: str) -> Any:
-    for module in (_grid, _runner):
+    for module in (_grid, _runner, _config):  # parse_epsilons and the like lived here too
         if hasattr(module, name):
             return getattr(module, name)
     raise AttributeError(f"module 'bench.runner' has no attribute {name!r}")

@@ -104,7 +104,7 @@ def test_set_scoped_to_one_method_and_a_bare_field_some_methods_lack() -> None:
         config.method_sets({"ddpm.lr": 1e-3}, classes)
     specs = grid.plan(methods=["dpdm", "dpgan"], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
                         accountant="rdp", profile="smoke", sets=["dpdm.lr=0.002"])  # fmt: skip
-    assert [s.config.get("lr") for s in specs] == [0.002, None]
+    assert [s.config_json.get("lr") for s in specs] == [0.002, None]
 
 
 def test_a_profile_extends_another_key_by_key(tmp_path) -> None:
@@ -140,7 +140,7 @@ CPU_GRID = ["dpsad", "dpsad-e2e", "dpdm", "dpgan", "dpmerf", "pategan"]
 
 def _steps(spec) -> float:
     """The training length a cell's config asks for, in the method's own units."""
-    cfg = spec.config
+    cfg = spec.config_json
     if spec.method == "pategan":
         return cfg["iterations"]
     return cfg["epochs"] * (1 + cfg.get("teacher_epochs", 0.0))
@@ -157,15 +157,15 @@ def test_the_cpu_profile_plans_every_method_at_both_eps_with_curves_and_more_ste
     for s in plan["cpu"]:
         ref = smoke[(s.method, s.epsilon)]
         assert s.eval.settings["curve"] > 0 and ref.eval.settings.get("curve", 0) == 0
-        same = {k: v for k, v in s.config.items() if k not in ("epochs", "teacher_epochs", "iterations")}
-        assert same == {k: v for k, v in ref.config.items() if k in same}, s.method  # networks etc. are smoke's
+        same = {k: v for k, v in s.config_json.items() if k not in ("epochs", "teacher_epochs", "iterations")}
+        assert same == {k: v for k, v in ref.config_json.items() if k in same}, s.method  # networks etc. are smoke's
         assert _steps(s) >= _steps(ref), s.method
         if _steps(s) > _steps(ref):
             longer.add(s.method)
     assert longer == {*CPU_GRID, "dpsad-teacher"}
     dpsad = next(s for s in plan["cpu"] if s.method == "dpsad")
     dpdm = next(s for s in plan["cpu"] if s.method == "dpdm")
-    assert dpsad.config["epochs"] == dpdm.config["epochs"]  # equal DP steps: they differ in how the student trains
+    assert dpsad.config_json["epochs"] == dpdm.config_json["epochs"]  # equal DP steps: they differ in how the student trains
 
 
 def test_the_demo_profile_is_smoke_with_the_cuts_its_header_lists() -> None:
@@ -177,16 +177,16 @@ def test_the_demo_profile_is_smoke_with_the_cuts_its_header_lists() -> None:
     cuts = {"sample_steps": (8, 12), "pool_sample_steps": (8, 12), "epochs": None, "teacher_epochs": None}
     for name, demo in plans["demo"].items():
         smoke = plans["smoke"][name]
-        assert {k: v for k, v in demo.config.items() if k not in cuts} == {
-            k: v for k, v in smoke.config.items() if k not in cuts
+        assert {k: v for k, v in demo.config_json.items() if k not in cuts} == {
+            k: v for k, v in smoke.config_json.items() if k not in cuts
         }, name
         for k in ("sample_steps", "pool_sample_steps"):
-            if k in demo.config:
-                assert (demo.config[k], smoke.config[k]) == cuts[k], name
+            if k in demo.config_json:
+                assert (demo.config_json[k], smoke.config_json[k]) == cuts[k], name
         for k in ("epochs", "teacher_epochs"):
-            if k in demo.config and name != "dpgan":
-                assert demo.config[k] < smoke.config[k], (name, k)
+            if k in demo.config_json and name != "dpgan":
+                assert demo.config_json[k] < smoke.config_json[k], (name, k)
         assert (demo.eval.n_gen, smoke.eval.n_gen) == (500, 1000)
         assert (demo.eval.settings["extractor_epochs"], smoke.eval.settings["extractor_epochs"]) == (1, 2)
-    assert plans["demo"]["dpsad"].config["epochs"] == plans["demo"]["dpdm"].config["epochs"]
-    assert plans["demo"]["dpsad"].config["teacher_epochs"] == plans["demo"]["dpsad-teacher"].config["epochs"]
+    assert plans["demo"]["dpsad"].config_json["epochs"] == plans["demo"]["dpdm"].config_json["epochs"]
+    assert plans["demo"]["dpsad"].config_json["teacher_epochs"] == plans["demo"]["dpsad-teacher"].config_json["epochs"]

@@ -124,7 +124,7 @@ def _plan(paper_id: str, profile: str = "smoke") -> paper.PaperPlan:
 
 def _measurement(spec: Any, seconds_per_unit: list[float], sample_seconds: float) -> dict[str, Any]:
     return {"method": spec.method, "dataset": "fmnist", "precision": "default", "device": "cuda", "error": "",
-            "config": spec.config, "sample_seconds": sample_seconds, "sample_n": 8, "peak_memory_gib": 1.0,
+            "config": spec.config_json, "sample_seconds": sample_seconds, "sample_n": 8, "peak_memory_gib": 1.0,
             "seconds": 1.0, "stages": [{"description": "x", "units": 1, "timed_units": 2, "seconds_per_unit": s}
                                        for s in seconds_per_unit]}  # fmt: skip
 
@@ -137,7 +137,7 @@ def test_the_estimate_is_units_times_seconds_per_unit_plus_samples_times_seconds
     th = estimate.Throughput("cuda", (_measurement(fm, [0.5], 0.01),))
     frame, _ = estimate.estimate(dpdm, th, device=torch.device("cpu"))
     # by hand: the smoke profile's dpdm (batch 256, 0.5 epochs) on 60,000 records: 0.5 / (256 / 60000) = 117.2
-    assert fm.config["batch_size"] == 256 and fm.config["epochs"] == 0.5
+    assert fm.config_json["batch_size"] == 256 and fm.config_json["epochs"] == 0.5
     steps = 117
     for row in frame.itertuples():  # MNIST has FMNIST's shape and size: the same measurement stands for it
         assert row.train_s == pytest.approx(steps * 0.5)
@@ -151,16 +151,16 @@ def test_the_estimate_adds_the_stages_and_refuses_a_measurement_of_another_confi
     sad = next(s for s in plan.specs if s.method == "dpsad" and s.dataset == "fmnist")
     work = estimate.work_of(sad)
     assert list(work) == ["teacher steps", "student dp steps"]
-    q = poisson_rate("b", sad.config["batch_size"], 60000)
-    assert work["student dp steps"] == steps_for(sad.config["epochs"], q)
+    q = poisson_rate("b", sad.config_json["batch_size"], 60000)
+    assert work["student dp steps"] == steps_for(sad.config_json["epochs"], q)
     th = estimate.Throughput("cuda", (_measurement(sad, [0.1, 2.0], 0.0),))
-    row = estimate.cell_row(sad, th.find(sad.method, sad.dataset, sad.config), th)
+    row = estimate.cell_row(sad, th.find(sad.method, sad.dataset, sad.config_json), th)
     assert row["train_s"] == pytest.approx(work["teacher steps"] * 0.1 + work["student dp steps"] * 2.0)
-    other = {**sad.config, "base_channels": sad.config["base_channels"] * 2}  # another network: another cost
+    other = {**sad.config_json, "base_channels": sad.config_json["base_channels"] * 2}  # another network: another cost
     assert th.find(sad.method, sad.dataset, other) is None
-    longer = {**sad.config, "epochs": sad.config["epochs"] * 3}  # only the count differs: the same cost per unit
+    longer = {**sad.config_json, "epochs": sad.config_json["epochs"] * 3}  # only the count differs: the same cost per unit
     assert th.find(sad.method, sad.dataset, longer) is not None
-    assert cost_key(longer) == cost_key(sad.config)
+    assert cost_key(longer) == cost_key(sad.config_json)
     assert estimate.cell_row(sad, None, th)["status"] == "no measurement of this config"
 
 
@@ -172,7 +172,7 @@ def test_the_estimate_adds_each_downstream_classifier_as_epochs_times_samples_ti
     timing = {"metric": "acc_cnn", "dataset": "fmnist", "device": "cuda", "samples": 4096, "epochs": 1,
               "seconds_per_sample_epoch": 1e-4}  # fmt: skip
     th = estimate.Throughput("cuda", (_measurement(fm, [0.5], 0.01),), (timing,))
-    found = th.find(fm.method, fm.dataset, fm.config)
+    found = th.find(fm.method, fm.dataset, fm.config_json)
     row = estimate.cell_row(fm, found, th, ["fd_domain", "acc_cnn"])
     assert row["score_s"] == pytest.approx(10 * 1000 * 1e-4) and row["status"] == ""
     assert row["gpu_h"] == pytest.approx((117 * 0.5 + 1000 * 0.01 + 1.0) / 3600)
@@ -214,7 +214,7 @@ def test_without_a_throughput_file_each_distinct_config_is_timed_once_on_the_dev
                                     measure_fn=fake_measure, classifiers_fn=fake_classifiers)  # fmt: skip
     assert [c["metric"] for c in used.classifiers] == ["acc_logreg"]  # one data shape: timed once
     assert all(v > 0 for v in frame["score_s"])
-    distinct = {(s.method, estimate.data_shape(s.dataset), cost_key(s.config)) for s in plan.specs}
+    distinct = {(s.method, estimate.data_shape(s.dataset), cost_key(s.config_json)) for s in plan.specs}
     assert len(calls) == len(distinct) == 1  # the ε values share a config, MNIST has FMNIST's shape: timed once
     assert used.device == "cpu" and len(used.measurements) == len(calls)
     for row, spec in zip(frame.itertuples(), plan.specs, strict=True):

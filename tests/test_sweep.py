@@ -81,7 +81,7 @@ def key_before_sweeps(spec: grid.RunSpec) -> str:
     ident = {
         "v": 3, "method": spec.method, "method_version": spec.method_version, "dataset": spec.dataset,
         "epsilon": None if math.isinf(spec.epsilon) else spec.epsilon, "delta": spec.delta,
-        "accountant": spec.accountant, "seed": spec.seed, "config": spec.config,
+        "accountant": spec.accountant, "seed": spec.seed, "config": spec.config_json,
         "eval": {k: v for k, v in dataclasses.asdict(spec.eval).items() if k != "metrics"},
     }  # fmt: skip
     blob = json.dumps(ident, sort_keys=True, default=str)
@@ -102,7 +102,7 @@ def test_sweep_values_give_distinct_keys_and_unswept_keys_do_not_change() -> Non
     swept = _plan(["noisy-means", "dpmerf"], ["noisy-means.pixel_std=10,30,60"])
     means = [s for s in swept if s.method == "noisy-means"]
     assert [s.sweep for s in means] == [{"pixel_std": 10.0}, {"pixel_std": 30.0}, {"pixel_std": 60.0}]
-    assert [s.config["pixel_std"] for s in means] == [10.0, 30.0, 60.0]
+    assert [s.config_json["pixel_std"] for s in means] == [10.0, 30.0, 60.0]
     assert len({s.key for s in means}) == 3  # each value its own run
     # 30 is the default: the same config, so the same run as the unswept cell; dpmerf is not swept at all
     assert means[1].key == plain[0].key and swept[-1].key == plain[1].key and swept[-1].sweep == {}
@@ -114,7 +114,7 @@ def test_two_sweeps_multiply_and_a_bare_field_sweeps_every_method() -> None:
     specs = [s for s in planned if s.method == "dpsad"]  # dpsad's grid also plans its teacher's reference rows
     got = [(s.sweep["lambda_adv"], s.sweep["T"], s.seed) for s in specs]
     assert got == [(lam, t, seed) for lam in (0.0, 1.0, 4.0) for t in (20, 30) for seed in (0, 1)]
-    assert all(s.config["lambda_adv"] == s.sweep["lambda_adv"] and s.config["T"] == s.sweep["T"] for s in specs)
+    assert all(s.config_json["lambda_adv"] == s.sweep["lambda_adv"] and s.config_json["T"] == s.sweep["T"] for s in specs)
     assert len({s.key for s in specs}) == 12
     bare = grid.plan(methods=["noisy-means", "partial-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0],
                        delta=None, accountant="rdp", profile=TINY_PROFILE, sets=[], plugins=(GOOD, PARTIAL),
@@ -184,7 +184,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Iterato
     with toy_reference(ref):
         paper_run = bench("paper", "toy-sweep", "--run", "--profile", TINY_PROFILE, "--device", "cpu", "--results",
                           str(results), "--out", str(base / "paper"), *PLUGINS)  # fmt: skip
-        assert paper_plan.exit_code == 0, paper_plan.output
+        assert paper_run.exit_code == 0, paper_run.output
         rep = bench("report", "--results", str(results), "--out", str(out))
         assert rep.exit_code == 0, rep.output
     yield {"results": results, "out": out, "plain": plain, "run": r, "paper": paper_run, "ref": ref, "base": base}
@@ -323,7 +323,7 @@ def test_the_dpsad_lambda_ablation_plans_one_cell_per_lambda() -> None:
     for c in ours:
         (key,) = c.keys
         assert c.status is None and specs[key].method == "dpsad" and specs[key].dataset == "celeba64-gender"
-        assert specs[key].epsilon == 10 and specs[key].config["lambda_adv"] == c.sweep["lambda_adv"]
+        assert specs[key].epsilon == 10 and specs[key].config_json["lambda_adv"] == c.sweep["lambda_adv"]
     assert len({c.keys for c in ours}) == 6
     # each λ's published row sits beside our cell of the same λ
     order = [(c.sweep["lambda_adv"], c.row.value is None) for c in cells]

@@ -84,14 +84,14 @@ def plan_paper(
             )
             specs.update((s.key, s) for s in planned_specs if s.key not in specs)
             by_sweep: dict[tuple[tuple[str, Any], ...], list[str]] = {}
-            for s in planned_specs:  # one cell per swept combination, its seeds together; not the reference rows it needs
+            for s in planned_specs:  # one cell per swept combination, its seeds together (not the reference rows)
                 if s.method == row.method:
                     by_sweep.setdefault(tuple(s.sweep.items()), []).append(s.key)
             planned[group] = {sweep: tuple(keys) for sweep, keys in by_sweep.items()}
         cells += [Cell(table=table, row=row, ours=ours, status=None, keys=keys, sweep=dict(sweep))
                   for sweep, keys in planned[group].items()]  # fmt: skip
     needed = select_metrics({c.ours for c in cells if c.status is None}) if specs else ()
-    settings = {key: config_setting(s.config) for key, s in specs.items()}
+    settings = {key: config_setting(s.config_json) for key, s in specs.items()}
     return PaperPlan(paper=paper, cells=tuple(cells), specs=tuple(specs.values()), metrics=needed, settings=settings)
 
 

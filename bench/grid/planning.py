@@ -17,7 +17,6 @@ from typing import Any
 
 from bench import config as cfgmod
 from bench import data
-from bench.config import parse_epsilons, parse_list, parse_seeds  # noqa: F401 - their old home
 from bench.errors import BenchError
 from bench.grid import curve, registry
 from bench.privacy import Budget, default_delta
@@ -45,7 +44,9 @@ class RunSpec:
     accountant: str
     seed: int
     profile: str
-    config: dict[str, Any]  # the method's resolved Config, as JSON
+    # the method's resolved and checked Config (an instance of its `Config` dataclass): what the fit is built from;
+    # it becomes JSON only at the boundaries (`config_json`: the key, config.json, the index, a Ray task)
+    config: Any
     eval: EvalPlan
     method_version: str = ""  # bench.grid.registry.method_version: the method's declared version (+ a plugin's hash)
     data_version: str = ""  # bench.data.version: a user folder's fingerprint ("" for the published datasets)
@@ -68,6 +69,11 @@ class RunSpec:
         return Budget.unlimited(self.delta)
 
     @property
+    def config_json(self) -> dict[str, Any]:
+        """The config as JSON (what the key hashes and config.json records)."""
+        return cfgmod.to_jsonable(self.config)
+
+    @property
     def key(self) -> str:
         ident = {
             "v": RESULT_VERSION,
@@ -78,7 +84,7 @@ class RunSpec:
             "delta": self.delta,
             "accountant": self.accountant,
             "seed": self.seed,
-            "config": self.config,
+            "config": self.config_json,
             "eval": {k: v for k, v in dataclasses.asdict(self.eval).items() if k != "metrics"},
         }
         if self.data_version:
@@ -90,7 +96,9 @@ class RunSpec:
         return f"{data.file_stem(self.method)}-{data.file_stem(self.dataset)}-{digest}"
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self) | {"key": self.key}
+        """The spec at a boundary: JSON, its config included (`spec_from_json` reads it back)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("config", "eval")}
+        return fields | {"config": self.config_json, "eval": dataclasses.asdict(self.eval), "key": self.key}
 
 
 REAL = "real"  # the method name of the real-data reference rows
@@ -132,8 +140,9 @@ class RealRow:
 Job = RunSpec | RealRow  # what an executor runs: a cell of the grid or a real-data row
 
 
-def spec_from_json(d: dict[str, Any]) -> RunSpec:
-    """The RunSpec a config.json was written from."""
+def spec_from_json(d: dict[str, Any], plugins: tuple[str, ...] = ()) -> RunSpec:
+    """The RunSpec a config.json (or a Ray task's payload) was written from, its config checked again by the method's
+    Config (`plugins`: where a plugin method's class is found)."""
     eps = d["epsilon"]
     return RunSpec(
         method=d["method"],
@@ -143,7 +152,7 @@ def spec_from_json(d: dict[str, Any]) -> RunSpec:
         accountant=d["accountant"],
         seed=d["seed"],
         profile=d["profile"],
-        config=d["config"],
+        config=cfgmod.build_dataclass(registry.get(d["method"], plugins).Config, d["config"], d["method"]),
         eval=EvalPlan(**d["eval"]),
         method_version=d.get("method_version", ""),
         data_version=d.get("data_version", ""),
@@ -251,9 +260,10 @@ def with_reference_rows(specs: list[RunSpec], plugins: tuple[str, ...] = ()) -> 
     rows: dict[str, RunSpec] = {}
     for spec in specs:
         hook = getattr(registry.get(spec.method, plugins), "reference_rows", None)
-        for name, (config, sweep) in (hook(spec.config, spec.sweep) if hook is not None else {}).items():
+        for name, (config, sweep) in (hook(spec.config_json, spec.sweep) if hook is not None else {}).items():
             cls = registry.get(name, plugins)
-            row = dataclasses.replace(spec, method=name, epsilon=math.inf, config=config, notes=(), sweep=sweep,
+            checked = cfgmod.build_dataclass(cls.Config, config, name)  # the hook speaks JSON: checked here
+            row = dataclasses.replace(spec, method=name, epsilon=math.inf, config=checked, notes=(), sweep=sweep,
                                       method_version=registry.method_version(cls))  # fmt: skip
             rows.setdefault(row.key, row)
     return [*rows.values(), *specs]
@@ -275,8 +285,8 @@ def _method_sweeps(
 
 def _swept_configs(
     config_cls: type, name: str, swept: dict[str, list[Any]], sets: dict[str, Any], **where: Any
-) -> Iterator[tuple[dict[str, Any], dict[str, Any], list[str]]]:
-    """(resolved config as JSON, its swept values, notes) at each combination of the swept values (the cartesian
+) -> Iterator[tuple[Any, dict[str, Any], list[str]]]:
+    """(resolved and checked config, its swept values, notes) at each combination of the swept values (the cartesian
     product; one config without sweeps). Two values that resolve to the same config are an error: they would be
     one run."""
     seen: set[str] = set()
@@ -290,7 +300,7 @@ def _swept_configs(
             shown = ", ".join(f"{f}={cfgmod.value_text(v)}" for f, v in sweep.items())
             raise BenchError(f"--sweep: {name} at {shown} is given twice (two values of a sweep are equal)")
         seen.add(ident)
-        yield resolved, sweep, notes
+        yield config, sweep, notes
 
 
 def index_fields(job: Job) -> dict[str, Any]:

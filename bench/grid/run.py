@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from bench.config import parse_epsilons, parse_list, parse_seeds  # noqa: F401 - their old home
 from bench.errors import BenchError
 from bench.grid import registry
 from bench.grid.executors import Executor, LocalExecutor

@@ -28,7 +28,6 @@ import torch
 
 from bench import config as cfgmod
 from bench import data
-from bench.config import parse_epsilons, parse_list, parse_seeds  # noqa: F401 - their old home
 from bench.contract import ImageDataset, NullProgress
 from bench.errors import BenchError, one_line
 from bench.grid import curve, registry
@@ -318,8 +317,7 @@ class Runner:
         for note in spec.notes:
             self.log(run_dir, f"warning: {note}")
         train = self.dataset(spec.dataset, "train")
-        config = cfgmod.build_dataclass(cls.Config, spec.config, spec.method)
-        method = cls(config, spec=train.spec, device=self.device)
+        method = cls(spec.config, spec=train.spec, device=self.device)
         costs: dict[str, Any] = {}
         ckpt_path = run_dir / "checkpoint.pt"
         final = load_torch(ckpt_path) if ckpt_path.is_file() else None
@@ -365,7 +363,7 @@ class Runner:
             return "failed"
         if spec.eval.settings.get("curve"):
             with _timed(costs, "curve"):
-                self._score_curve(spec, cls, config, train, run_dir)
+                self._score_curve(spec, cls, spec.config, train, run_dir)
         self._sample_and_score(spec, method, train, run_dir, costs)
         return "done"
 
@@ -576,7 +574,7 @@ class Runner:
             raise BenchError(f"{run_dir} is a real-data reference row, not samples; `bench run --force` recomputes it")
         if not cfg_path.is_file() or not samples_path.is_file():
             raise BenchError(f"{run_dir} is not a run folder with samples (config.json and samples.npz)")
-        spec = spec_from_json(read_json(cfg_path))
+        spec = spec_from_json(read_json(cfg_path), self.plugins)
         try:
             with np.load(samples_path) as z:
                 images, labels = torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])

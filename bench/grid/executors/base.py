@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from bench.config import parse_epsilons, parse_list, parse_seeds  # noqa: F401 - their old home
 from bench.grid.planning import Job
 from bench.grid.runner import Runner
 

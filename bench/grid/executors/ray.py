@@ -49,7 +49,7 @@ from bench.contract import ImageDataset
 from bench.errors import BenchError, one_line
 from bench.grid import registry
 from bench.grid.executors.base import wait_for_busy
-from bench.grid.planning import Job
+from bench.grid.planning import Job, RunSpec, spec_from_json
 from bench.grid.runner import Runner, resolve_device, take_lock
 from bench.grid.store import Store
 
@@ -167,9 +167,19 @@ class SendingUI:
 _datasets: dict[tuple[str | None, bool], dict[tuple[str, str], ImageDataset]] = {}  # a worker's loaded data
 
 
-def run_job(settings: WorkerSettings, job: Job, wait: bool, mailbox: Any) -> tuple[str, str | None]:
+def to_payload(job: Job) -> Job | dict[str, Any]:
+    """What a task is sent: a cell as its JSON (RunSpec.to_json), a real-data row as it is. The config crosses the
+    process boundary as JSON and is checked again on the worker (a plugin's Config class, loaded from a file, cannot
+    be unpickled on a worker that has not loaded the plugin yet)."""
+    return job.to_json() if isinstance(job, RunSpec) else job
+
+
+def run_job(
+    settings: WorkerSettings, payload: Job | dict[str, Any], wait: bool, mailbox: Any
+) -> tuple[str, str | None]:
     """A Ray task: run one job with a Runner like the driver's; returns (outcome, one-line error or None)."""
     ray = require_ray()
+    job = spec_from_json(payload, settings.plugins) if isinstance(payload, dict) else payload
 
     def send(item: tuple[Any, ...]) -> None:
         # Not waited for: a task blocked in ray.get lends its CPUs back to Ray, which would start another cell on
@@ -404,7 +414,7 @@ class _Pass:
 
     def run(self, task: Any, settings: WorkerSettings, wait: bool) -> list[str]:
         ray = self.ray
-        pending = {task.remote(settings, job, wait, self.mailbox): i for i, job in enumerate(self.batch)}
+        pending = {task.remote(settings, to_payload(job), wait, self.mailbox): i for i, job in enumerate(self.batch)}
         outcomes = [""] * len(self.batch)
         try:
             while pending:
