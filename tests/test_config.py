@@ -165,7 +165,8 @@ def test_the_cpu_profile_plans_every_method_at_both_eps_with_curves_and_more_ste
     assert longer == {*CPU_GRID, "dpsad-teacher"}
     dpsad = next(s for s in plan["cpu"] if s.method == "dpsad")
     dpdm = next(s for s in plan["cpu"] if s.method == "dpdm")
-    assert dpsad.config_json["epochs"] == dpdm.config_json["epochs"]  # equal DP steps: they differ in how the student trains
+    # equal DP steps: they differ in how the student trains
+    assert dpsad.config_json["epochs"] == dpdm.config_json["epochs"]
 
 
 def test_the_demo_profile_is_smoke_with_the_cuts_its_header_lists() -> None:

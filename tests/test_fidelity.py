@@ -3,9 +3,11 @@ import time
 import pytest
 import torch
 
-from bench.metrics import features, fidelity
+from bench.metrics import features, prc
 from bench.metrics.features import EXTRACTOR_NAME, domain_extractor
-from bench.metrics.fidelity import domain_fidelity, frechet_distance, prc_reference_index
+from bench.metrics.fid import frechet_distance
+from bench.metrics.fidelity import domain_fidelity
+from bench.metrics.prc import prc_reference_index
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 ALL = {"fd_domain", "kid_domain", "precision_domain", "recall_domain"}
@@ -71,7 +73,7 @@ def test_fd_kid_do_not_depend_on_batch_size(train, extractor):
 
 
 def test_prc_uses_seeded_subset_of_large_reference(train, test_split, extractor, monkeypatch, seen):
-    monkeypatch.setattr(fidelity, "PRC_MAX_REF", 300)
+    monkeypatch.setattr(prc, "PRC_MAX_REF", 300)
     index = prc_reference_index(len(train))
     assert len(index) == 300 and (index == prc_reference_index(len(train))).all()
     out = domain_fidelity(test_split.images[:100], train, extractor=extractor, metrics=("prc", "kid"))

@@ -158,7 +158,8 @@ def test_the_estimate_adds_the_stages_and_refuses_a_measurement_of_another_confi
     assert row["train_s"] == pytest.approx(work["teacher steps"] * 0.1 + work["student dp steps"] * 2.0)
     other = {**sad.config_json, "base_channels": sad.config_json["base_channels"] * 2}  # another network: another cost
     assert th.find(sad.method, sad.dataset, other) is None
-    longer = {**sad.config_json, "epochs": sad.config_json["epochs"] * 3}  # only the count differs: the same cost per unit
+    # only the count differs: the same cost per unit
+    longer = {**sad.config_json, "epochs": sad.config_json["epochs"] * 3}
     assert th.find(sad.method, sad.dataset, longer) is not None
     assert cost_key(longer) == cost_key(sad.config_json)
     assert estimate.cell_row(sad, None, th)["status"] == "no measurement of this config"

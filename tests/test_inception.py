@@ -156,7 +156,7 @@ def test_unknown_metric_rejected(real):
 
 
 def test_grayscale_is_repeated_to_rgb():
-    from bench.metrics.fidelity import UInt8Images
+    from bench.metrics.features import UInt8Images
 
     x = noise(2)
     item = UInt8Images(x, rgb=True)[1]

@@ -8,8 +8,14 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 from bench import data
 from bench.errors import BenchError
 from bench.metrics import METRICS, EvalSettings, evaluate, features
-from bench.metrics.features import EXTRACTOR_NAME, DomainFeatureExtractor, domain_extractor, extract_features
-from bench.metrics.fidelity import frechet_distance, reference_cache_name
+from bench.metrics.features import (
+    EXTRACTOR_NAME,
+    DomainFeatureExtractor,
+    domain_extractor,
+    extract_features,
+    reference_cache_name,
+)
+from bench.metrics.fid import frechet_distance
 from bench.metrics.sample_grid import LABEL_WIDTH, PAD, grid_scale, save_sample_grid
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -1,4 +1,4 @@
-"""Our cached-real-side estimators against torch-fidelity's on identical features."""
+"""Our cached-real-side estimators (bench.metrics.kid, .prc, .fid) against torch-fidelity's on identical features."""
 
 import numpy as np
 import pytest
@@ -6,8 +6,10 @@ import torch
 from torch_fidelity.metric_kid import kernel_poly, kid_features_to_metric, mmd2
 from torch_fidelity.metric_prc import calculate_precision_recall_full
 
-from bench.metrics import realside
-from bench.metrics.realside import RealSide, RealSideCache, kid_subsets, knn_radii, precision_recall
+from bench.metrics import kid, prc, realside
+from bench.metrics.kid import kid_subsets
+from bench.metrics.prc import knn_radii, precision_recall
+from bench.metrics.realside import RealSide, RealSideCache
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -23,7 +25,7 @@ def side(real, prc_index=None):
 def test_kid_equals_torch_fidelity_on_whole_sets():
     # one subset holding every sample: the unbiased MMD² does not depend on the order of the draw
     fake, real = feats(300, 0.3, seed=1), feats(300)
-    ours, std, changed = realside.kid(fake, side(real), subset_size=300, subsets=1)
+    ours, std, changed = kid.kid(fake, side(real), subset_size=300, subsets=1)
     theirs = kid_features_to_metric(fake, real, kid_subsets=1, kid_subset_size=300, verbose=False, rng_seed=0,
                                     kid_kernel="poly", kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None,
                                     kid_kernel_poly_coef0=1)  # fmt: skip
@@ -34,9 +36,9 @@ def test_kid_equals_torch_fidelity_on_whole_sets():
 def test_kid_subsets_match_torch_fidelity_mmd_and_real_side_is_cached():
     fake, real = feats(400, 0.5, seed=1), feats(700)
     ref = side(real)
-    mean, std, changed = realside.kid(fake, ref, subset_size=50, subsets=20)
+    mean, std, changed = kid.kid(fake, ref, subset_size=50, subsets=20)
     assert changed and set(ref.kid) == {50}
-    fi, ri = kid_subsets(400, 50, 20, realside.KID_SEED + 1), ref.kid[50][0]
+    fi, ri = kid_subsets(400, 50, 20, kid.KID_SEED + 1), ref.kid[50][0]
     kw = dict(kid_kernel_poly_degree=3, kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)
     expected = [
         mmd2(kernel_poly(x, x, **kw), kernel_poly(x, y, **kw), kernel_poly(y, y, **kw))
@@ -45,7 +47,7 @@ def test_kid_subsets_match_torch_fidelity_mmd_and_real_side_is_cached():
     assert mean == pytest.approx(np.mean(expected), rel=1e-5)
     assert std == pytest.approx(np.std(expected), rel=1e-4)
     # the real subsets do not depend on the fake set, so the second scoring reuses their kernel sums
-    again = realside.kid(feats(200, 0.5, seed=2), ref, subset_size=50, subsets=20)
+    again = kid.kid(feats(200, 0.5, seed=2), ref, subset_size=50, subsets=20)
     assert again[2] is False and (ref.kid[50][0] == ri).all()
 
 
@@ -62,7 +64,7 @@ def test_precision_recall_reuses_real_radii_and_chunks(monkeypatch):
     ref = side(real)
     whole = precision_recall(fake, ref, k=3)
     calls = []
-    monkeypatch.setattr(realside, "knn_radii", lambda f, k: calls.append(len(f)) or knn_radii(f, k))
+    monkeypatch.setattr(prc, "knn_radii", lambda f, k: calls.append(len(f)) or knn_radii(f, k))
     monkeypatch.setattr(realside, "CHUNK", 64)  # many chunks: same answer
     chunked = precision_recall(fake, ref, k=3)
     assert chunked[:2] == whole[:2] and chunked[2] is False

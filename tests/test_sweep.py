@@ -114,7 +114,7 @@ def test_two_sweeps_multiply_and_a_bare_field_sweeps_every_method() -> None:
     specs = [s for s in planned if s.method == "dpsad"]  # dpsad's grid also plans its teacher's reference rows
     got = [(s.sweep["lambda_adv"], s.sweep["T"], s.seed) for s in specs]
     assert got == [(lam, t, seed) for lam in (0.0, 1.0, 4.0) for t in (20, 30) for seed in (0, 1)]
-    assert all(s.config_json["lambda_adv"] == s.sweep["lambda_adv"] and s.config_json["T"] == s.sweep["T"] for s in specs)
+    assert all(s.config_json[f] == s.sweep[f] for s in specs for f in ("lambda_adv", "T"))
     assert len({s.key for s in specs}) == 12
     bare = grid.plan(methods=["noisy-means", "partial-means"], epsilons=[10.0], datasets=["synthetic"], seeds=[0],
                        delta=None, accountant="rdp", profile=TINY_PROFILE, sets=[], plugins=(GOOD, PARTIAL),

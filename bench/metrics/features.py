@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import Dataset
 from torch_fidelity import FeatureExtractorBase, register_feature_extractor
 from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
@@ -218,3 +219,33 @@ def extract_features(
 
 if EXTRACTOR_NAME not in FEATURE_EXTRACTORS_REGISTRY:  # torch-fidelity refuses a second registration
     register_feature_extractor(EXTRACTOR_NAME, DomainFeatureExtractor)
+
+
+class UInt8Images(Dataset[Tensor]):
+    """Items are uint8 [C, H, W], what torch-fidelity feeds to feature extractors.
+
+    `rgb`: single-channel images are repeated to 3 channels (Inception expects RGB)."""
+
+    def __init__(self, images: Tensor, *, rgb: bool = False) -> None:
+        if images.dtype != torch.uint8 or images.dim() != 4:
+            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
+        if rgb and images.shape[1] not in (1, 3):
+            raise ValueError(f"cannot make RGB images of {images.shape[1]} channels")
+        self.images = images
+        self.rgb = rgb
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> Tensor:
+        x = self.images[i]
+        return x.expand(3, -1, -1) if self.rgb and x.shape[0] == 1 else x
+
+
+def reference_cache_name(real: ImageDataset, extractor: DomainExtractor) -> str:
+    """The torch-fidelity cache entry of `real`'s statistics.
+
+    torch-fidelity names its files <input cache name>-<extractor registry name>-stat-fid-<layer>; the
+    registry name is the same for every dataset and every set of weights, so the weights' key goes here.
+    """
+    return f"{extractor.key}-ref-{fingerprint(real)}"

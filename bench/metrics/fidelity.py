@@ -1,9 +1,11 @@
-"""Fidelity metrics (FD, KID, precision/recall, IS) computed by torch-fidelity.
+"""The fidelity family's scoring: FD/FID (bench.metrics.fid), KID (.kid), precision/recall (.prc) and IS, on one
+feature extraction per sample set, as the records a run stores.
 
-torch-fidelity extracts the features, computes the statistics and the metrics; we only hand it uint8
-datasets and a registered extractor (the domain CNN here, Inception in `bench.metrics.inception`).
-Reference statistics and features of the real set are cached by torch-fidelity under
-$BENCH_CACHE/fidelity, named after the data fingerprint and the extractor's weights.
+Two paths: `fidelity_scores` hands uint8 images and a registered extractor to torch-fidelity's `calculate_metrics`
+(the standard Inception path, bench.metrics.inception); `domain_fidelity` extracts the domain CNN's features once
+and computes each metric from them against the real set's cached side (bench.metrics.realside). Reference
+statistics and features are cached under $BENCH_CACHE/fidelity, named after the data fingerprint and the
+extractor's weights.
 """
 
 from __future__ import annotations
@@ -14,95 +16,16 @@ from typing import Any
 import torch
 import torch_fidelity
 from torch import Tensor
-from torch.utils.data import Dataset
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from bench.contract import ImageDataset
 from bench.data import cache_root
-from bench.metrics import realside
-from bench.metrics.features import DomainExtractor, extract_features, fingerprint
+from bench.metrics import prc
+from bench.metrics.features import DomainExtractor, UInt8Images, extract_features, reference_cache_name
+from bench.metrics.fid import frechet
+from bench.metrics.kid import KID_SUBSET_SIZE, KID_SUBSETS, kid
+from bench.metrics.prc import PRC_NEIGHBORHOOD, PRC_SEED, prc_note, prc_reference_index, precision_recall
 from bench.metrics.realside import RealSide, RealSideCache
-
-PRC_NEIGHBORHOOD = 3  # k of the k-NN manifolds (Kynkäänniemi et al.; torch-fidelity counts the point itself apart)
-PRC_MAX_REF = 10_000  # more real images than this: precision/recall against a fixed seeded subset
-PRC_SEED = 0
-KID_SUBSET_SIZE = 1000  # torch-fidelity's default, lowered to the sample counts when they are smaller
-KID_SUBSETS = 100
-
-
-class UInt8Images(Dataset[Tensor]):
-    """Items are uint8 [C, H, W], what torch-fidelity feeds to feature extractors.
-
-    `rgb`: single-channel images are repeated to 3 channels (Inception expects RGB)."""
-
-    def __init__(self, images: Tensor, *, rgb: bool = False) -> None:
-        if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 [N, C, H, W], got {images.dtype} {tuple(images.shape)}")
-        if rgb and images.shape[1] not in (1, 3):
-            raise ValueError(f"cannot make RGB images of {images.shape[1]} channels")
-        self.images = images
-        self.rgb = rgb
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def __getitem__(self, i: int) -> Tensor:
-        x = self.images[i]
-        return x.expand(3, -1, -1) if self.rgb and x.shape[0] == 1 else x
-
-
-def reference_cache_name(real: ImageDataset, extractor: DomainExtractor) -> str:
-    """The torch-fidelity cache entry of `real`'s statistics.
-
-    torch-fidelity names its files <input cache name>-<extractor registry name>-stat-fid-<layer>; the
-    registry name is the same for every dataset and every set of weights, so the weights' key goes here.
-    """
-    return f"{extractor.key}-ref-{fingerprint(real)}"
-
-
-def frechet_distance(
-    fake: Tensor,
-    real: ImageDataset,
-    *,
-    extractor: DomainExtractor,
-    cache: bool = True,
-    batch_size: int = 256,
-    cuda: bool | None = None,
-) -> float:
-    """Fréchet distance between uint8 `fake` [N, C, H, W] and `real` in `extractor`'s feature space.
-
-    `cache`: reuse torch-fidelity's cached statistics (and features) of `real`. `cuda`: run the extractor
-    on the GPU; default when one is available. Non-negative; 0 for identical feature distributions.
-    """
-    if tuple(fake.shape[1:]) != tuple(real.images.shape[1:]):
-        raise ValueError(
-            f"fake images {tuple(fake.shape[1:])} differ in shape from real {tuple(real.images.shape[1:])}"
-        )
-    metrics = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(fake),
-        input2=UInt8Images(real.images),
-        input2_cache_name=reference_cache_name(real, extractor),
-        fid=True,
-        feature_extractor=extractor.name,
-        feature_layer_fid=extractor.feature_layer,
-        feature_extractor_weights_path=str(extractor.weights_path),
-        cache=cache,
-        cache_root=str(cache_root() / "fidelity"),
-        batch_size=batch_size,
-        cuda=torch.cuda.is_available() if cuda is None else cuda,
-        save_cpu_ram=True,  # no DataLoader worker processes: the data are already in memory
-        verbose=False,
-    )
-    return float(metrics[torch_fidelity.KEY_METRIC_FID])
-
-
-def prc_reference_index(n_real: int, max_ref: int | None = None, seed: int = PRC_SEED) -> Tensor | None:
-    """Sorted indices of the fixed seeded subset of the real set used for precision/recall; None: all of it."""
-    max_ref = PRC_MAX_REF if max_ref is None else max_ref
-    if n_real <= max_ref:
-        return None
-    perm = torch.randperm(n_real, generator=torch.Generator().manual_seed(seed))
-    return perm[:max_ref].sort().values
 
 
 def fidelity_scores(
@@ -197,12 +120,6 @@ def _pick(res: dict[str, float], metrics: Collection[str]) -> dict[str, float]:
     return {ours: float(res[theirs]) for m in metrics for ours, theirs in keys[m].items()}
 
 
-def prc_note(n_ref_prc: int, n_real: int) -> str:
-    if n_ref_prc == n_real:
-        return ""
-    return f"precision/recall against a fixed seeded subset of {n_ref_prc} of the {n_real} reference images"
-
-
 DOMAIN_METRICS = {"fd": "fid", "kid": "kid", "prc": "prc"}
 
 
@@ -233,7 +150,7 @@ def domain_fidelity(
     device = "cuda" if cuda or (cuda is None and torch.cuda.is_available()) else "cpu"
     n_fake, n_real = len(fake), len(real)
     prc_index = prc_reference_index(n_real)
-    cache = RealSideCache(f"{reference_cache_name(real, extractor)}-prc{PRC_MAX_REF}s{PRC_SEED}")
+    cache = RealSideCache(f"{reference_cache_name(real, extractor)}-prc{prc.PRC_MAX_REF}s{PRC_SEED}")
     side = cache.load()
     changed = side is None
     if side is None:
@@ -242,21 +159,20 @@ def domain_fidelity(
     fake_feats = extract_features(extractor, fake, batch_size=batch_size, device=device)
     scores: dict[str, Any] = {}
     if "fd" in metrics:
-        scores["fid"] = realside.frechet(fake_feats, side)
+        scores["fid"] = frechet(fake_feats, side)
     if "kid" in metrics:
         if min(n_fake, n_real) < 2:
             scores["error_kid"] = "needs at least 2 samples in each set"
         else:
             size = min(KID_SUBSET_SIZE, n_fake, n_real)
-            kid = realside.kid(fake_feats, side, subset_size=size, subsets=KID_SUBSETS)
-            scores["kid"], scores["kid_std"], new = kid
+            scores["kid"], scores["kid_std"], new = kid(fake_feats, side, subset_size=size, subsets=KID_SUBSETS)
             scores["kid_subset_size"] = size
             changed |= new
     if "prc" in metrics:
         if min(n_fake, n_real) < PRC_NEIGHBORHOOD + 1:
             scores["error_prc"] = f"needs at least {PRC_NEIGHBORHOOD + 1} samples in each set"
         else:
-            scores["precision"], scores["recall"], new = realside.precision_recall(fake_feats, side, k=PRC_NEIGHBORHOOD)
+            scores["precision"], scores["recall"], new = precision_recall(fake_feats, side, k=PRC_NEIGHBORHOOD)
             scores["n_ref_prc"] = len(side.prc_features)
             changed |= new
     if changed:
