@@ -11,17 +11,12 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import Annotated, Any
 
 import typer
 
 from bench import config
 from bench.errors import BenchError, one_line
-
-if TYPE_CHECKING:
-    import torch
-
-    from bench import grid
 
 app = typer.Typer(
     help="Benchmark differentially private generative models of images at matched (ε, δ).",
@@ -135,31 +130,8 @@ CpusPerRun = Annotated[
 ]
 
 
-def _check_weights(path: str | None) -> None:
-    """A given Inception weights file must exist and be one, before anything runs."""
-    from bench.metrics.inception import check_inception_weights, resolve_inception_weights
-
-    resolved = resolve_inception_weights(path)
-    if path is not None and resolved is not None:
-        check_inception_weights(resolved)
-
-
 def _err(line: str) -> None:
     typer.echo(line, err=True)
-
-
-def _executor(
-    kind: str, ray_address: str | None, gpus_per_run: float | None, cpus_per_run: int, device: str
-) -> tuple[grid.Executor, torch.device]:
-    """The executor the options ask for, and the device of this (the driver's) process: --device itself for the
-    local executor; under Ray the workers resolve --device, and the driver only loads data (and, for `bench
-    paper`, scores reused runs) on what it has."""
-    from bench import grid
-    from bench.grid.executors import make_executor
-
-    ex = make_executor(kind, ray_address=ray_address, gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run,
-                       device=device)  # fmt: skip
-    return ex, grid.resolve_device(device if kind == "local" else "auto")
 
 
 @app.command()
@@ -204,46 +176,19 @@ def run(
 ) -> None:
     """Train and score every (method, dataset, ε, seed) cell of a grid, then each dataset's real-data row
     (the same metrics on real data); finished cells are skipped."""
-    from bench import grid
-    from bench.grid.store import Store
-    from bench.ui import print_plan
+    from bench.grid import commands
 
     with user_errors():
         opts = config.GridOptions.parse(methods=methods, eps=eps, dataset=dataset, seeds=seeds, delta=delta,
                                         accountant=accountant, profile=profile, sets=set_, sweeps=sweep,
                                         plugins=plugin, data_root=data_root)  # fmt: skip
-        plugins = opts.plugins
-        ex, dev = _executor(executor, ray_address, gpus_per_run, cpus_per_run, device)
-        from bench.metrics import select_metrics
-
-        metric_names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
-        _check_weights(inception_weights)
-        specs = grid.plan(**opts.plan_args(), noise_source=noise_source)
-        for note in dict.fromkeys(n for spec in specs for n in spec.notes):
-            typer.echo(f"warning: {note}", err=True)
-        if dry_run:
-            print_plan(specs)
-            return
-        store = Store(results)
-        r = grid.Runner(
-            store,
-            device=dev,
-            data_root=data_root,
-            download=download,
-            plugins=plugins,
-            force=force,
-            metrics=metric_names,
-            inception_weights=inception_weights,
-            debug=debug(),
-        )
-        with ex:
-            outcome = grid.run_grid(r, specs, real=not no_real, executor=ex, echo=_err)
-        if outcome.count("done") + outcome.count("skipped"):
-            from bench.report import build_report
-
-            build_report(store, out=None, keys={spec.key for spec in specs} | outcome.real_keys, echo=typer.echo)
-        if outcome.errors:
-            raise typer.Exit(1)
+        execution = commands.Execution(results=results, device=device, executor=executor, ray_address=ray_address,
+                                       gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, download=download,
+                                       inception_weights=inception_weights, force=force, debug=debug())  # fmt: skip
+        status = commands.run(opts, execution, metrics=metrics, noise_source=noise_source, real=not no_real,
+                              dry_run=dry_run, out=typer.echo, err=_err)  # fmt: skip
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()
@@ -275,31 +220,18 @@ def audit(
     """Audit each (method, dataset, ε, seed) with one training run and m canaries (Steinke et al. 2023): an
     empirical ε lower bound at 95%, AUCs, a negative and a positive control, and a verdict (exit 1 on a
     VIOLATION: the lower bound exceeds the ledger's ε)."""
-    from bench import audit as audits
-    from bench import grid
-    from bench.grid.store import Store
-    from bench.report import tables
+    from bench.grid import commands
 
     with user_errors():
         opts = config.GridOptions.parse(methods=methods, eps=eps, dataset=dataset, seeds=seeds, delta=delta,
                                         accountant=accountant, profile=profile, sets=set_, plugins=plugin,
                                         data_root=data_root)  # fmt: skip
-        plugins = opts.plugins
-        dev = grid.resolve_device(device)
-        specs = audits.plan_audits(**opts.plan_args(sweeps=False), canaries=canaries, samples=samples,
-                                   positive_epsilon=positive_eps, canary_kind=canary_kind)  # fmt: skip
-        store = Store(results)
-        r = grid.Runner(store, device=dev, data_root=data_root, download=download, plugins=plugins, force=force,
-                          debug=debug())  # fmt: skip
-        for ds in dict.fromkeys(s.dataset for s in specs):
-            r.dataset(ds, "train"), r.dataset(ds, "test")
-        audits.run_audits(r, specs, echo=_err)
-        keys = {s.key for s in specs}
-        found = [a for a in audits.stored_audits(store) if a["key"] in keys]
-        if found:
-            typer.echo(tables.markdown(audits.audit_table(found)))
-        if r.errors or any(a["verdict"] == "VIOLATION" for a in found):
-            raise typer.Exit(1)
+        execution = commands.Execution(results=results, device=device, download=download, force=force,
+                                       debug=debug())  # fmt: skip
+        status = commands.audit(opts, execution, canaries=canaries, samples=samples, positive_epsilon=positive_eps,
+                                canary_kind=canary_kind, out=typer.echo, err=_err)  # fmt: skip
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command()
@@ -311,22 +243,11 @@ def score(
     inception_weights: InceptionWeights = None,
 ) -> None:
     """Re-score saved samples.npz of finished runs without retraining (e.g. after new metrics or weights)."""
-    from bench import grid
-    from bench.grid.store import Store
-    from bench.metrics import select_metrics
+    from bench.grid import commands
 
     with user_errors():
-        names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
-        _check_weights(inception_weights)
-        dev = grid.resolve_device(device)
-        for run_dir in run_dirs:
-            if not run_dir.is_dir():
-                raise BenchError(f"{run_dir} is not a folder")
-            store = Store(run_dir.resolve().parent.parent)
-            r = grid.Runner(store, device=dev, data_root=data_root, metrics=names, inception_weights=inception_weights)
-            scored = r.score(run_dir)
-            shown = ", ".join(f"{k}={v.get('value')}" for k, v in scored.items() if names is None or k in names)
-            typer.echo(f"{run_dir.name}: {shown}")
+        commands.score(run_dirs, metrics=metrics, device=device, data_root=data_root,
+                       inception_weights=inception_weights, out=typer.echo)  # fmt: skip
 
 
 @app.command()
@@ -344,20 +265,11 @@ def report(
 ) -> None:
     """Print and write tables method × (dataset, ε), mean ± std over seeds, with the checked ε column,
     a privacy table, a cost table and plots."""
-    from bench.grid.store import Store
-    from bench.metrics import select_metrics
-    from bench.report import FORMATS, build_report
-    from bench.report.tables import check_formats
+    from bench.grid import commands
 
     with user_errors():
-        formats = check_formats(config.parse_list(format_, "--format"), FORMATS)
-        names = select_metrics(config.parse_list(metrics, "--metrics")) if metrics else None
-        if not results.is_dir():
-            raise BenchError(f"results folder {results} does not exist (run `bench run` first)")
-        store = Store(results)
-        if rebuild:
-            store.rebuild()
-        build_report(store, out=out, keys=None, echo=typer.echo, formats=formats, metrics=names, plots=plots)
+        commands.report(results, out_dir=out, formats=format_, metrics=metrics, plots=plots, rebuild=rebuild,
+                        out=typer.echo)  # fmt: skip
 
 
 @app.command()
@@ -403,122 +315,29 @@ def paper(
     ] = None,
 ) -> None:
     """A paper's table: published values beside ours (mean ± std over seeds) and the difference per cell."""
-    from bench import grid
-    from bench.grid import paper_plan
-    from bench.grid.store import Store
-    from bench.report import paper as papers_
-    from bench.report.tables import check_formats
-    from bench.ui import print_plan
+    from bench.grid import commands
 
     with user_errors():
-        formats = check_formats(config.parse_list(format_, "--format"))
-        known = papers_.load_papers()
-        published = papers_.load_published(known)
-        if list_tables:
-            typer.echo(papers_.list_text(known, published))
-            return
-        if paper_id is None:
-            raise BenchError(f"give a paper id or --list; known: {', '.join(known)}")
-        chosen = papers_.get_paper(known, paper_id)
-        ex, dev = _executor(executor, ray_address, gpus_per_run, cpus_per_run, device)
+        request = commands.PaperRequest(paper_id=paper_id, list_tables=list_tables, run_cells=run_cells,
+                                        dry_run=dry_run, out_dir=out, formats=format_, estimate=estimate,
+                                        throughput=throughput)  # fmt: skip
         opts = config.GridOptions.parse(seeds=seeds, delta=None, accountant=accountant, profile=profile, sets=set_,
                                         sweeps=sweep, plugins=plugin, data_root=data_root)  # fmt: skip
-        plugins = opts.plugins
-        plan = paper_plan.plan_paper(chosen, known, published, profile=opts.profile, seeds=list(opts.seeds),
-                                    accountant=opts.accountant, sets=list(opts.sets), plugins=plugins,
-                                    data_root=opts.data_root, sweeps=list(opts.sweeps))  # fmt: skip
-        for note in dict.fromkeys(n for spec in plan.specs for n in spec.notes):
-            typer.echo(f"warning: {note}", err=True)
-        if throughput is not None and not estimate:
-            raise BenchError("--throughput goes with --estimate")
-        if estimate:
-            if run_cells or dry_run:
-                raise BenchError("--estimate runs nothing: drop --run / --dry-run")
-            _estimate(plan, chosen.id, throughput, dev, out or Path("reports"))
-            return
-        if dry_run:
-            typer.echo(paper_plan.plan_text(plan))
-            print_plan(list(plan.specs))
-            return
-        if not run_cells and not results.is_dir():
-            raise BenchError(f"results folder {results} does not exist (run `bench paper {paper_id} --run` first)")
-        store = Store(results)
-        r = None
-        if run_cells and plan.specs:
-            _check_weights(inception_weights)
-            r = grid.Runner(
-                store,
-                device=dev,
-                data_root=data_root,
-                download=download,
-                plugins=plugins,
-                metrics=plan.run_metrics(),
-                inception_weights=inception_weights,
-                debug=debug(),
-            )
-        with ex:
-            frame, failed = paper_plan.reproduce(plan, store, r, echo=_err, executor=ex)
-        if plan.specs:  # `bench report` shows this paper's table on its HTML page
-            papers_.record_run(store, plan, profile=profile, seeds=list(opts.seeds),
-                               accountant=accountant, sets=set_ or [], sweeps=sweep or [],
-                               plugins=[str(Path(p).resolve()) for p in plugins],
-                               data_root=str(Path(data_root).resolve()) if data_root else None)  # fmt: skip
-        typer.echo(papers_.to_markdown(plan, frame))
-        if out is not None:
-            paths = papers_.write_tables(plan, frame, out, formats)
-            typer.echo(f"table written to {', '.join(map(str, paths))}", err=True)
-        if failed:
-            raise typer.Exit(1)
-
-
-def _estimate(plan: Any, paper_id: str, throughput: Path | None, device: torch.device, out: Path) -> None:
-    from bench import estimate as est
-
-    measured = est.load_throughput(throughput) if throughput is not None else None
-    frame, used = est.estimate(plan.specs, measured, device=device, metrics=plan.run_metrics(), echo=_err)
-    text = est.to_markdown(frame, f"{paper_id}", used.device)
-    typer.echo(text)
-    paths = est.write(frame, text, out, paper_id)
-    typer.echo(f"estimate written to {', '.join(map(str, paths))}", err=True)
+        execution = commands.Execution(results=results, device=device, executor=executor, ray_address=ray_address,
+                                       gpus_per_run=gpus_per_run, cpus_per_run=cpus_per_run, download=download,
+                                       inception_weights=inception_weights, debug=debug())  # fmt: skip
+        status = commands.paper(request, opts, execution, out=typer.echo, err=_err)
+    if status:
+        raise typer.Exit(status)
 
 
 @app.command("list")
 def list_(plugin: Plugins = None) -> None:
     """Show the registered methods, datasets and profiles."""
-    from bench import data
-    from bench.grid import registry
+    from bench.grid import commands
 
     with user_errors():
-        reg = registry.methods(tuple(str(p) for p in plugin or ()))
-        typer.echo("methods:")
-        for name, cls in sorted(reg.items()):
-            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-            caps = (
-                f"guarantee={cls.guarantee}, conditional={cls.conditional}, needs_public_data={cls.needs_public_data}"
-            )
-            typer.echo(f"  {name:<12} {doc[0] if doc else ''}\n  {'':<12} [{caps}]")
-        typer.echo("datasets (C×H×W, classes, training records; --data-root DIR or BENCH_DATA for the files):")
-        for name in data.DATASETS:
-            try:
-                d = data.spec(name)
-                count = f"{d.num_train:,} train records"
-            except BenchError:  # a count read from the dataset's files, which are not here
-                d, count = data.spec_without_files(name), "train records counted from its files (not found)"
-            typer.echo(f"  {name:<16} {d.channels}×{d.height}×{d.width}, {d.num_classes} classes, {count}")
-        typer.echo(f"  {'folder:PATH':<16} your images, one sub-folder per class (options: ?size=32&channels=3&"
-                   "test=0.1&seed=0)")  # fmt: skip
-        from bench.metrics import METRICS
-        from bench.metrics.protocols import PROTOCOLS
-
-        typer.echo("metrics:")
-        for name, what in METRICS.items():
-            typer.echo(f"  {name:<20} {what}")
-        typer.echo("downstream protocols (set one with --set eval.<protocol>.<field>=value; records say `shortened`):")
-        for name, p in PROTOCOLS.items():
-            typer.echo(f"  {name:<12} {p.title}\n  {'':<12} {p.reference}")
-        typer.echo("profiles:")
-        for name in config.PROFILES:
-            typer.echo(f"  {name}")
+        commands.list_all(tuple(str(p) for p in plugin or ()), out=typer.echo)
 
 
 INTERRUPTED = "interrupted: rerun the same command to resume from the last checkpoint"
