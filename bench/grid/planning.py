@@ -7,6 +7,7 @@ accountant, seed, evaluation settings). A finished key is skipped unless forced 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -60,18 +61,20 @@ class RunSpec:
     # only when "os", so that a seeded run keeps its key
     noise_source: str = "seed"
 
-    @property
+    @functools.cached_property
     def budget(self) -> Budget:
         """The cell's typed budget: the grid's (ε, δ, accountant) that `plan` checked, or unlimited (ε = ∞) for a
-        non-private row. The fit is calibrated to it and the card verified against it (one construction rule)."""
+        non-private row, built once per spec. The fit is calibrated to it and the card verified against it."""
         if math.isfinite(self.epsilon):
             return Budget(epsilon=self.epsilon, delta=self.delta, accountant=self.accountant)
         return Budget.unlimited(self.delta)
 
     @property
     def config_json(self) -> dict[str, Any]:
-        """The config as JSON (what the key hashes and config.json records)."""
-        return cfgmod.to_jsonable(self.config)
+        """The config as JSON (what the key hashes and config.json records). A spec read back without checking its
+        config (`spec_from_json(..., check=False)`: re-scoring a finished run needs no method class) holds the
+        recorded JSON itself."""
+        return dict(self.config) if isinstance(self.config, dict) else cfgmod.to_jsonable(self.config)
 
     @property
     def key(self) -> str:
@@ -140,9 +143,10 @@ class RealRow:
 Job = RunSpec | RealRow  # what an executor runs: a cell of the grid or a real-data row
 
 
-def spec_from_json(d: dict[str, Any], plugins: tuple[str, ...] = ()) -> RunSpec:
+def spec_from_json(d: dict[str, Any], plugins: tuple[str, ...] = (), *, check: bool = True) -> RunSpec:
     """The RunSpec a config.json (or a Ray task's payload) was written from, its config checked again by the method's
-    Config (`plugins`: where a plugin method's class is found)."""
+    Config (`plugins`: where a plugin method's class is found). `check=False` keeps the recorded JSON config, for
+    reading a finished run without its method (`bench score` of a plugin's run needs no --plugin)."""
     eps = d["epsilon"]
     return RunSpec(
         method=d["method"],
@@ -152,7 +156,9 @@ def spec_from_json(d: dict[str, Any], plugins: tuple[str, ...] = ()) -> RunSpec:
         accountant=d["accountant"],
         seed=d["seed"],
         profile=d["profile"],
-        config=cfgmod.build_dataclass(registry.get(d["method"], plugins).Config, d["config"], d["method"]),
+        config=cfgmod.build_dataclass(registry.get(d["method"], plugins).Config, d["config"], d["method"])
+        if check
+        else dict(d["config"]),
         eval=EvalPlan(**d["eval"]),
         method_version=d.get("method_version", ""),
         data_version=d.get("data_version", ""),

@@ -34,7 +34,7 @@ from bench.grid import curve, registry
 from bench.grid.planning import REAL, EvalPlan, Job, RealRow, RunSpec, index_fields, real_key, spec_from_json
 from bench.grid.shared import SharedStages
 from bench.grid.store import Store, load_torch, read_json, save_torch, write_json
-from bench.privacy import Budget, BudgetExceeded, PrivacyLedger, epsilon, privacy_card, verify
+from bench.privacy import BudgetExceeded, PrivacyLedger, epsilon, privacy_card, verify
 
 
 def take_lock(f: Any, *, wait: bool = False) -> bool:
@@ -479,11 +479,10 @@ class Runner:
 
     def _privacy(self, spec: RunSpec, cls: Any, ledger: PrivacyLedger, run_dir: Path) -> str:
         """Recompute ε from the ledger, write the card, refuse an over-budget run (privacy.verify)."""
-        error = None
+        error, budget = None, spec.budget  # unlimited for a non-private method (planned at ε = ∞)
         if cls.guarantee == "none":
-            budget, eps, guarantee = Budget.unlimited(spec.delta), math.inf, "none"
+            eps, guarantee = math.inf, "none"
         else:
-            budget = spec.budget
             guarantee = "partial" if ledger.non_private or cls.guarantee == "partial" else "end-to-end"
             try:
                 eps = verify(ledger, budget)
@@ -574,7 +573,7 @@ class Runner:
             raise BenchError(f"{run_dir} is a real-data reference row, not samples; `bench run --force` recomputes it")
         if not cfg_path.is_file() or not samples_path.is_file():
             raise BenchError(f"{run_dir} is not a run folder with samples (config.json and samples.npz)")
-        spec = spec_from_json(read_json(cfg_path), self.plugins)
+        spec = spec_from_json(read_json(cfg_path), check=False)  # scoring needs the recorded settings, not the method
         try:
             with np.load(samples_path) as z:
                 images, labels = torch.from_numpy(z["images"]), torch.from_numpy(z["labels"])
