@@ -249,3 +249,17 @@ def reference_cache_name(real: ImageDataset, extractor: DomainExtractor) -> str:
     registry name is the same for every dataset and every set of weights, so the weights' key goes here.
     """
     return f"{extractor.key}-ref-{fingerprint(real)}"
+
+
+def fidelity_call_options(*, cache: bool, batch_size: int, cuda: bool | None) -> dict[str, Any]:
+    """The keyword arguments every torch_fidelity.calculate_metrics call of ours shares: its cache under
+    $BENCH_CACHE/fidelity, the batch size, the device (the GPU when there is one, unless `cuda` says), and no
+    DataLoader worker processes (the data are already in memory)."""
+    return {
+        "cache": cache,
+        "cache_root": str(cache_root() / "fidelity"),
+        "batch_size": batch_size,
+        "cuda": torch.cuda.is_available() if cuda is None else cuda,
+        "save_cpu_ram": True,
+        "verbose": False,
+    }

@@ -8,14 +8,12 @@ torch-fidelity call on images, the plain library path the tests and benchmarks c
 from __future__ import annotations
 
 import numpy as np
-import torch
 import torch_fidelity
 from torch import Tensor
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
 from bench.contract import ImageDataset
-from bench.data import cache_root
-from bench.metrics.features import DomainExtractor, UInt8Images, reference_cache_name
+from bench.metrics.features import DomainExtractor, UInt8Images, fidelity_call_options, reference_cache_name
 from bench.metrics.realside import RealSide
 
 
@@ -51,11 +49,6 @@ def frechet_distance(
         feature_extractor=extractor.name,
         feature_layer_fid=extractor.feature_layer,
         feature_extractor_weights_path=str(extractor.weights_path),
-        cache=cache,
-        cache_root=str(cache_root() / "fidelity"),
-        batch_size=batch_size,
-        cuda=torch.cuda.is_available() if cuda is None else cuda,
-        save_cpu_ram=True,  # no DataLoader worker processes: the data are already in memory
-        verbose=False,
+        **fidelity_call_options(cache=cache, batch_size=batch_size, cuda=cuda),
     )
     return float(metrics[torch_fidelity.KEY_METRIC_FID])

@@ -19,9 +19,14 @@ from torch import Tensor
 from torch_fidelity.metric_fid import fid_features_to_statistics
 
 from bench.contract import ImageDataset
-from bench.data import cache_root
 from bench.metrics import prc
-from bench.metrics.features import DomainExtractor, UInt8Images, extract_features, reference_cache_name
+from bench.metrics.features import (
+    DomainExtractor,
+    UInt8Images,
+    extract_features,
+    fidelity_call_options,
+    reference_cache_name,
+)
 from bench.metrics.fid import frechet
 from bench.metrics.kid import KID_SUBSET_SIZE, KID_SUBSETS, kid
 from bench.metrics.prc import PRC_NEIGHBORHOOD, PRC_SEED, prc_note, prc_reference_index, precision_recall
@@ -67,12 +72,7 @@ def fidelity_scores(
         input1=UInt8Images(fake, rgb=rgb),
         feature_extractor=feature_extractor,
         feature_extractor_weights_path=weights_path,
-        cache=cache,
-        cache_root=str(cache_root() / "fidelity"),
-        batch_size=batch_size,
-        cuda=torch.cuda.is_available() if cuda is None else cuda,
-        save_cpu_ram=True,  # no DataLoader worker processes: the data are already in memory
-        verbose=False,
+        **fidelity_call_options(cache=cache, batch_size=batch_size, cuda=cuda),
     )
     if feature_layer is not None:
         common.update(feature_layer_fid=feature_layer, feature_layer_kid=feature_layer, feature_layer_prc=feature_layer)
