@@ -74,7 +74,7 @@ from torch import Tensor, nn
 
 from bench.contract import DataSpec, ImageDataset, Progress
 from bench.errors import BenchError
-from bench.nets import seeded_init
+from bench.nets import BuiltOnce, seeded_init
 from bench.nets.kernel_gen import ConvCondGen, FCCondGen, GeneratorTraining, sample_images
 from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, PrivacyLedger, Stage, calibrate
 
@@ -221,7 +221,7 @@ def build_generator(spec: DataSpec, cfg: Config) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------- method
 
 
-class DPHP:
+class DPHP(BuiltOnce):
     name: ClassVar[str] = "dphp"
     version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
@@ -232,11 +232,18 @@ class DPHP:
     def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
         self.config: Config = config
         self.spec, self.device = spec, device
-        # the generator's kind depends on the dataset (no default): built here when set, else fit says what to set
-        self.gen: nn.Module | None = build_generator(spec, config).to(device) if config.generator else None
+        # the generator's kind depends on the dataset (no default): checked here when set (built for real once, in
+        # fit, under the run's seed: bench.nets.BuiltOnce), else fit says what to set
+        if config.generator:
+            self.check_networks()
+        else:
+            self.gen: nn.Module | None = None
         self.noisy_sum: Tensor | None = None  # the released sum-kernel mean [C+1, classes, P]
         self.prod_dims: list[Tensor] = []  # per epoch so far, the product kernel's pixels [D] (public randomness)
         self.noisy_prod: list[Tensor] = []  # per epoch so far, the released product-kernel mean [(C+1)^D, classes]
+
+    def _networks(self) -> None:
+        self.gen = build_generator(self.spec, self.config).to(self.device)
 
     def released_model(self) -> nn.Module:
         return self._generator()

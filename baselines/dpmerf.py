@@ -48,7 +48,7 @@ from torch import Tensor, nn
 
 from bench.contract import DataSpec, ImageDataset, Progress
 from bench.errors import BenchError
-from bench.nets import seeded_init
+from bench.nets import BuiltOnce, seeded_init
 from bench.nets.kernel_gen import ConvCondGen, GeneratorTraining, sample_images
 from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, PrivacyLedger, Stage, calibrate
 
@@ -110,7 +110,7 @@ def sum_embedding(data: ImageDataset, w: Tensor, device: torch.device) -> Tensor
     return s.float()
 
 
-class DPMERF:
+class DPMERF(BuiltOnce):
     name: ClassVar[str] = "dpmerf"
     version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
@@ -121,12 +121,15 @@ class DPMERF:
     def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
         self.config: Config = config
         self.spec, self.device = spec, device
-        self.gen = self._build()
+        self.check_networks()  # built for real once: in fit, under the run's seed (bench.nets.BuiltOnce)
         self.w: Tensor | None = None  # frequencies [d/2, P]
         self.noisy_mean: Tensor | None = None  # the released μ̃ [d, classes]: all the generator ever sees
 
     def released_model(self) -> nn.Module:
         return self.gen
+
+    def _networks(self) -> None:
+        self.gen = self._build()
 
     def _build(self) -> nn.Module:
         cfg = self.config

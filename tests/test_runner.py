@@ -497,3 +497,33 @@ def test_noise_source_os_draws_unwritten_noise_and_a_resume_keeps_the_accounting
     assert json.loads((run_dir / "metrics.json").read_text())["cost"]["fit_attempts"] == 2
     eps = [json.loads((d / "privacy.json").read_text())["epsilon"] for d in (seeded, run_dir)]
     assert eps[0] == eps[1]
+
+
+BUILDERS = {  # the method -> (class, the method that builds its networks)
+    "dpdm": ("bench.baselines.dpdm", "DPDM", "_build"),
+    "dpgan": ("bench.baselines.dpgan", "DPGAN", "_build"),
+    "dpmerf": ("bench.baselines.dpmerf", "DPMERF", "_build"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(BUILDERS))
+def test_a_cell_builds_its_networks_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, method: str) -> None:
+    """The constructor only checks the networks on the meta device; the fit builds them, once, under the run's
+    seed (bench.nets.BuiltOnce). Building them in __init__ and again in fit (as before) counts two real builds."""
+    import importlib
+
+    module, name, attr = BUILDERS[method]
+    cls = getattr(importlib.import_module(module), name)
+    real, meta = [], []
+    original = getattr(cls, attr)
+
+    def counted(self: object, *args: object) -> object:
+        (meta if self.device.type == "meta" else real).append(1)  # type: ignore[attr-defined]
+        return original(self, *args)
+
+    monkeypatch.setattr(cls, attr, counted)
+    (spec,) = harness.plan(methods=[method], epsilons=[10.0], datasets=["synthetic"], seeds=[0], delta=None,
+                           accountant="rdp", profile=TINY_PROFILE, sets=[])  # fmt: skip
+    r = harness.Runner(Store(tmp_path), device=torch.device("cpu"), metrics=("fd_domain",))
+    assert r.run(spec) == "done"
+    assert (len(real), len(meta)) == (1, 1)

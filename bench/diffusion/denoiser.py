@@ -38,6 +38,7 @@ from bench.diffusion.edm import multiplicity_loss as edm_multiplicity_loss
 from bench.diffusion.edm import sample as sample_sigma
 from bench.diffusion.ema import EMA
 from bench.errors import BenchError
+from bench.nets import BuiltOnce
 from bench.pixels import to_model_range, to_uint8
 
 if TYPE_CHECKING:
@@ -190,7 +191,7 @@ def make_network(config: Any, *, channels: int, image_size: int, num_classes: in
     )  # fmt: skip
 
 
-class ConditionalDenoiser:
+class ConditionalDenoiser(BuiltOnce):
     """What every class-conditional diffusion method shares: its network + EMA, its training draws and loss,
     sampling, saving.
 
@@ -218,13 +219,16 @@ class ConditionalDenoiser:
                 self.parameterization, config.p_mean, config.p_std, config.logsnr_min, config.logsnr_max
             )
         try:
-            self._build()
+            self.check_networks()  # built for real once: in fit, under the run's seed (bench.nets.BuiltOnce)
         except ValueError as e:  # a network that does not fit the data's shape: the user's settings, one line
             shape = f"{spec.channels}×{spec.height}×{spec.width}"
             raise BenchError(
                 f"{self.name}: {e}; on {shape} images set the network's fields for this dataset in the profile "
                 f"([{self.name}.<dataset>]) or with --set {self.name}.<field>=..."
             ) from None
+
+    def _networks(self) -> None:
+        self._build()
 
     def _build(self) -> None:
         spec, cfg = self.spec, self.config

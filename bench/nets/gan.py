@@ -26,6 +26,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from bench.contract import DataSpec
 from bench.errors import BenchError
+from bench.nets import BuiltOnce
 from bench.pixels import to_uint8
 
 
@@ -34,7 +35,7 @@ def check_gan_resolution(height: int, width: int) -> None:
         raise ValueError(f"image size {height}×{width} is not divisible by 4 (two stride-2 stages)")
 
 
-class ConditionalGAN:
+class ConditionalGAN(BuiltOnce):
     """What the GAN baselines share: capability flags and the construction check (subclasses add `name`,
     `Config`, `_build`, `fit`, `sample`, `state_dict`, `load_state_dict`)."""
 
@@ -50,6 +51,9 @@ class ConditionalGAN:
             raise BenchError(f"{self.name}: {e}") from None
         self.config: Any = config
         self.spec, self.device = spec, device
+        self.check_networks()  # built for real once: in fit, under the run's seed (bench.nets.BuiltOnce)
+
+    def _networks(self) -> None:
         self._build()
 
     def _build(self) -> None:

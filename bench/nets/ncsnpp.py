@@ -203,7 +203,8 @@ def nin(c_in: int, c_out: int, init_scale: float = 0.1) -> nn.Conv2d:
 
     skip_init: no PyTorch default draw, so the random stream is the reference's (its NIN draws only W).
     """
-    conv = torch.nn.utils.skip_init(nn.Conv2d, c_in, c_out, 1)
+    # on the default device (skip_init's own default is the CPU): the meta device of a shape check, else the CPU
+    conv = torch.nn.utils.skip_init(nn.Conv2d, c_in, c_out, 1, device=torch.empty(0).device)
     with torch.no_grad():
         conv.weight.copy_(variance_scaling_uniform((c_in, c_out), init_scale).t()[:, :, None, None])
         conv.bias.zero_()
