@@ -77,8 +77,9 @@ def test_metrics_with_weights_then_cached_via_env(weights, real, monkeypatch):
     fake = inception_metrics(noise(8), real, weights=None, cache_name="synthetic-train", metrics=("fid", "kid"))
     second = time.perf_counter() - t0
     assert set(fake) == {"fid_inception", "kid_inception"} and fake["fid_inception"]["weights_sha"] == sha
-    # the real set's features were read from the cache, not recomputed
-    assert [p.stat().st_mtime_ns for p in cached] == mtimes and second < first
+    # the real set's features were read from the cache, not recomputed (the files are untouched; the time is only a
+    # second sign: on an oversubscribed CPU the cached call was once measured slower, 40 s against 35 s)
+    assert [p.stat().st_mtime_ns for p in cached] == mtimes and second < 2 * first
     assert fake["fid_inception"]["value"] > 0 and fake["kid_inception"]["value"] > 0
     assert abs(same["fid_inception"]["value"]) < 1e-6 * fake["fid_inception"]["value"]
     assert same["precision_inception"]["value"] == same["recall_inception"]["value"] == 1.0
