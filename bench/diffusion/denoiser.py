@@ -227,9 +227,6 @@ class ConditionalDenoiser(BuiltOnce):
                 f"([{self.name}.<dataset>]) or with --set {self.name}.<field>=..."
             ) from None
 
-    def _networks(self) -> None:
-        self._build()
-
     def _build(self) -> None:
         spec, cfg = self.spec, self.config
         self.net = make_network(cfg, channels=spec.channels, image_size=spec.height, num_classes=spec.num_classes)

@@ -16,21 +16,48 @@ The report (bench.report) reads the store and never imports the planning or exec
 
 from __future__ import annotations
 
-from bench.grid.executors import Executor, LocalExecutor, make_executor
-from bench.grid.planning import (
-    REAL,
-    RESULT_VERSION,
-    EvalPlan,
-    Job,
-    RealRow,
-    RunSpec,
-    plan,
-    real_key,
-    spec_from_json,
-    with_reference_rows,
-)
-from bench.grid.run import GridOutcome, run_grid
-from bench.grid.runner import Runner, RunProgress, resolve_device
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from bench.grid.executors import Executor, LocalExecutor, make_executor
+    from bench.grid.planning import (
+        REAL,
+        RESULT_VERSION,
+        EvalPlan,
+        Job,
+        RealRow,
+        RunSpec,
+        plan,
+        real_key,
+        spec_from_json,
+        with_reference_rows,
+    )
+    from bench.grid.run import GridOutcome, run_grid
+    from bench.grid.runner import Runner, RunProgress, resolve_device
+
+# name -> the module that defines it, imported at first use: `from bench.grid.store import Store` (the report's one
+# import of the grid) then loads the store alone, not the planner, the runner and the executors
+_EXPORTS = {
+    **dict.fromkeys(("Executor", "LocalExecutor", "make_executor"), "bench.grid.executors"),
+    **dict.fromkeys(
+        (
+            "REAL",
+            "RESULT_VERSION",
+            "EvalPlan",
+            "Job",
+            "RealRow",
+            "RunSpec",
+            "plan",
+            "real_key",
+            "spec_from_json",
+            "with_reference_rows",
+        ),
+        "bench.grid.planning",
+    ),  # fmt: skip
+    **dict.fromkeys(("GridOutcome", "run_grid"), "bench.grid.run"),
+    **dict.fromkeys(("RunProgress", "Runner", "resolve_device"), "bench.grid.runner"),
+}
 
 __all__ = [
     "REAL",
@@ -52,3 +79,9 @@ __all__ = [
     "spec_from_json",
     "with_reference_rows",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'bench.grid' has no attribute {name!r}")

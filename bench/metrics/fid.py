@@ -3,6 +3,12 @@ torch-fidelity (`fid_features_to_statistics`, `fid_statistics_to_metric`, `calcu
 
 `frechet` takes features and the real set's cached side (bench.metrics.realside); `frechet_distance` is the whole
 torch-fidelity call on images, the plain library path the tests and benchmarks compare against.
+
+Provenance: reproduces toshas/torch-fidelity@2e5d88dcd8f374602fc68be872e3d0aee11913e3:torch_fidelity/metric_fid.py
+(`fid_features_to_statistics`, `fid_statistics_to_metric`, which we call; `frechet_distance` calls `calculate_metrics`).
+Deviations: none in the estimator; the real side's statistics are cached by us (bench.metrics.realside) instead of by
+torch-fidelity when features come from the domain extractor. (The commit is torch-fidelity v0.4.0, the version
+pyproject.toml pins.)
 """
 
 from __future__ import annotations

@@ -6,6 +6,11 @@ Two paths: `fidelity_scores` hands uint8 images and a registered extractor to to
 and computes each metric from them against the real set's cached side (bench.metrics.realside). Reference
 statistics and features are cached under $BENCH_CACHE/fidelity, named after the data fingerprint and the
 extractor's weights.
+
+Provenance: the calls follow toshas/torch-fidelity@2e5d88dcd8f374602fc68be872e3d0aee11913e3:torch_fidelity/metrics.py
+(`calculate_metrics` with a registered feature extractor, its cache under our cache root); the records (names, protocol
+fields, notes) are our own. Deviations: the domain path does not go through `calculate_metrics` (see
+bench.metrics.realside for why). (The commit is torch-fidelity v0.4.0, the version pyproject.toml pins.)
 """
 
 from __future__ import annotations

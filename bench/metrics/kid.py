@@ -4,6 +4,13 @@ k(x, y) = (x·y/d + 1)³, mean and std over `subsets` pairs of random subsets of
 
 The real subsets come from their own seeded stream (torch-fidelity interleaves them with the fake ones), so that
 they and their kernel sums depend on the real set alone and are kept in its RealSide (bench.metrics.realside).
+
+Provenance: reproduces toshas/torch-fidelity@2e5d88dcd8f374602fc68be872e3d0aee11913e3:torch_fidelity/metric_kid.py
+(`kernel_poly` with γ = 1/d, coef0 1, degree 3; `mmd2` unbiased; `kid_features_to_metric`). Deviations: the real subsets
+are drawn from their own stream (seed 2020, torch-fidelity's default, for the real side; 2021 for the fake side) instead
+of interleaved with the fake ones, so individual subset values differ from torch-fidelity's for the same seed while the
+estimator is the same (tests/test_realside.py compares both on identical subsets); the std is the population std
+(`unbiased=False`), as numpy's default there. (The commit is torch-fidelity v0.4.0, the version pyproject.toml pins.)
 """
 
 from __future__ import annotations

@@ -1,6 +1,12 @@
 """Precision and recall (Kynkäänniemi et al. 2019, k = 3) from features: a sample counts when it lies within the
 distance to the k-th nearest neighbour (itself excluded) of some point of the other set; the real side is a fixed
 seeded subset of at most `PRC_MAX_REF` images, its radii kept in its RealSide (bench.metrics.realside).
+
+Provenance: reproduces toshas/torch-fidelity@2e5d88dcd8f374602fc68be872e3d0aee11913e3:torch_fidelity/metric_prc.py
+(`calculate_precision_recall_full`, neighbourhood 3, the point itself excluded as its `kthvalue(k + 1)`). Deviations:
+the real side is a fixed seeded subset of at most PRC_MAX_REF images (torch-fidelity uses all of them) and its radii are
+cached; distances are computed in chunks of realside.CHUNK rows. (The commit is torch-fidelity v0.4.0, the version
+pyproject.toml pins.)
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ call it recomputes the real-vs-real k-NN radii of precision/recall and the real-
 extracts the fake features once per metric group: most of the time of a second scoring. Here everything that
 depends on the real set alone is a RealSide, stored in $BENCH_CACHE/fidelity; a scoring extracts the fake features
 once and computes the fake side and the cross terms (one metric a file: bench.metrics.fid, .kid, .prc).
+
+Provenance: our own cache (no reference code): it stores what
+toshas/torch-fidelity@2e5d88dcd8f374602fc68be872e3d0aee11913e3 recomputes at every `calculate_metrics` call
+(torch_fidelity/metric_kid.py's real-real kernel sums, metric_prc.py's real k-NN radii); the estimators themselves are
+in fid.py, kid.py and prc.py, each with its reference. (The commit is torch-fidelity v0.4.0, the version pyproject.toml
+pins.)
 """
 
 from __future__ import annotations

@@ -30,12 +30,15 @@ class BuiltOnce:
     them; `fit` builds them under the run's seed (`seeded_init`), and whatever reads them before a fit (the
     load_state_dict of a finished run, a curve snapshot, a test or a benchmark) builds them at its first access,
     unseeded (a load then overwrites every weight). A cell of the grid so builds its networks once, where the
-    constructor used to build them and the fit again. `_networks()` builds and assigns them."""
+    constructor used to build them and the fit again. `_networks()` builds and assigns them (default: `_build()`)."""
 
     device: torch.device
 
-    def _networks(self) -> None:
+    def _build(self) -> Any:
         raise NotImplementedError
+
+    def _networks(self) -> None:
+        self._build()
 
     def check_networks(self) -> None:
         """Build on the meta device: a network that does not fit the data raises here (ValueError) as a real build

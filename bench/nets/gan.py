@@ -53,9 +53,6 @@ class ConditionalGAN(BuiltOnce):
         self.spec, self.device = spec, device
         self.check_networks()  # built for real once: in fit, under the run's seed (bench.nets.BuiltOnce)
 
-    def _networks(self) -> None:
-        self._build()
-
     def _build(self) -> None:
         raise NotImplementedError
 
