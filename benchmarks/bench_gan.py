@@ -33,7 +33,7 @@ from bench.privacy.dpsgd import DPSGD
 
 N = 60_000
 SPEC = DataSpec(channels=1, height=28, width=28, num_classes=10, num_train=N)
-SMOKE = tomllib.loads(files("bench.profiles").joinpath("smoke.toml").read_text())
+SMOKE = tomllib.loads(files("bench.grid.profiles").joinpath("smoke.toml").read_text())
 BATCH = 128
 
 

@@ -30,6 +30,8 @@ BUILTINS: dict[str, str] = {
     "pategan": "bench.baselines.pategan:PATEGAN",
     "dpmerf": "bench.baselines.dpmerf:DPMERF",
     "dphp": "bench.baselines.dphp:DPHP",
+    "dpntk": "bench.baselines.dpntk:DPNTK",
+    "dpkernel": "bench.baselines.dpkernel:DPKernel",
     "dpsad": "bench.methods.dpsad:DPSAD",
     "dpsad-e2e": "bench.methods.dpsad_e2e:DPSADE2E",
     "dpsad-teacher": "bench.methods.dpsad_teacher:DPSADTeacher",

@@ -89,22 +89,30 @@ class GeneratorTraining:
         *,
         step: int,
         total: int,
-        steps_per_epoch: int,
         loss_at: Callable[[int], Tensor],
         progress: Progress,
         state: Callable[[], dict[str, Any]],
+        steps_per_epoch: int | None = None,
+        decay_after: Callable[[int], bool] | None = None,
     ) -> None:
         """Steps `step`..`total` − 1 of `loss_at(step)`; a checkpoint is `state()` (the method's model, its
-        releases and the run's generator state) plus the optimiser, the schedule and the step."""
+        releases and the run's generator state) plus the optimiser, the schedule and the step. The schedule
+        decays after every `steps_per_epoch` steps, or after each step index k with `decay_after(k)`."""
+        if (steps_per_epoch is None) == (decay_after is None):
+            raise ValueError("give one of steps_per_epoch and decay_after")
+        if decay_after is None:
+            assert steps_per_epoch is not None
+            every = steps_per_epoch
+            decay_after = lambda k: (k + 1) % every == 0  # noqa: E731
         self.gen.train()
         while step < total:
             loss = loss_at(step)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            step += 1
-            if step % steps_per_epoch == 0:
+            if decay_after(step):
                 self.scheduler.step()
+            step += 1
             if not torch.isfinite(loss):
                 raise BenchError(f"{self.owner}: the loss is not finite at step {step} (lower lr?)")
             progress.advance()
