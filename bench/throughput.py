@@ -29,7 +29,7 @@ from bench import config, data
 from bench.contract import DataSpec, ImageDataset, config_fields
 from bench.grid import registry
 from bench.metrics.protocols import METRIC_PROTOCOL, PROTOCOLS
-from bench.metrics.protocols.base import resolve_settings
+from bench.metrics.protocols.base import Context, resolve_settings
 from bench.privacy import Budget
 
 FORMAT = 1  # version of the throughput file's layout
@@ -266,7 +266,9 @@ def measure_classifiers(
             over["n_train"] = n - over["n_eval"]
         resolved, _ = resolve_settings(p, p.Settings(**over), dataset=dataset, shape=shape,
                                        num_classes=spec.num_classes)  # fmt: skip
-        run = functools.partial(p.run, [classifier], train, test, settings=resolved, seed=seed, device=device)
+        context = Context(real_train=train, epsilon=1.0)  # dpimagebench's mode val carves its validation from it
+        run = functools.partial(p.run, [classifier], train, test, settings=resolved, seed=seed, device=device,
+                                context=context)  # fmt: skip
         seconds = _seconds(device, run)
         out.append({"metric": metric, "dataset": dataset, "device": str(device), "samples": n,
                     "epochs": int(resolved.get("epochs", 1)),

@@ -7,7 +7,7 @@ from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
 from bench import data
 from bench.errors import BenchError
-from bench.metrics import METRICS, EvalSettings, evaluate, features
+from bench.metrics import METRICS, ON_REQUEST, EvalSettings, evaluate, features
 from bench.metrics.features import (
     EXTRACTOR_NAME,
     DomainFeatureExtractor,
@@ -111,7 +111,7 @@ def test_evaluate_records(train, test_split):
         seed=0,
         settings=SETTINGS,
     )
-    assert list(out) == list(METRICS)
+    assert list(out) == [m for m in METRICS if m not in ON_REQUEST]  # all but the on-request (dpimagebench) ones
     for name in ("fid_inception", "kid_inception", "is_inception", "precision_inception", "recall_inception"):
         assert out[name]["value"] is None and out[name]["note"].startswith("unavailable: no Inception weights")
     assert 0 <= out["precision_domain"]["value"] <= 1 and out["kid_domain"]["extractor"] == EXTRACTOR_NAME
@@ -142,7 +142,7 @@ def test_eval_settings_validate():
         EvalSettings(fidelity_samples=0)
     with pytest.raises(BenchError, match=r"eval\.dpdm: epochs must be > 0, got 0"):
         EvalSettings(protocols={"dpdm": {"epochs": 0}})
-    with pytest.raises(BenchError, match="unknown protocol 'keras'; protocols: dpdm, datalens, sklearn"):
+    with pytest.raises(BenchError, match="unknown protocol 'keras'; protocols: dpdm, datalens, sklearn, dpimagebench"):
         EvalSettings(protocols={"keras": {}})
     with pytest.raises(BenchError, match=r"eval\.sklearn: classifiers: unknown classifier 'svm'"):
         EvalSettings(protocols={"sklearn": {"classifiers": ["svm"]}})

@@ -156,7 +156,10 @@ def run(
     data_root: DataRoot = None,
     download: Download = False,
     plugin: Plugins = None,
-    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option("--metrics", help="Comma-separated metrics (default: all but the on-request dpimagebench ones)."),
+    ] = None,
     inception_weights: InceptionWeights = None,
     force: Annotated[bool, typer.Option("--force", help="Recompute finished runs.")] = False,
     no_real: Annotated[
@@ -237,7 +240,10 @@ def audit(
 @app.command()
 def score(
     run_dirs: Annotated[list[Path], typer.Argument(help="Run folders (results/runs/<key>) to re-score.")],
-    metrics: Annotated[str | None, typer.Option("--metrics", help="Comma-separated metrics (default: all).")] = None,
+    metrics: Annotated[
+        str | None,
+        typer.Option("--metrics", help="Comma-separated metrics (default: all but the on-request dpimagebench ones)."),
+    ] = None,
     device: Device = "auto",
     data_root: DataRoot = None,
     inception_weights: InceptionWeights = None,

@@ -396,7 +396,7 @@ class Runner:
             check_samples(images, labels, spec=train.spec, conditional=labels is not None)
             metrics = evaluate(images, labels, dataset=spec.dataset, train=train, test=test, seed=spec.seed,
                                settings=settings, device=self.device, metrics=wanted,
-                               inception_weights=self.inception_weights)  # fmt: skip
+                               inception_weights=self.inception_weights, epsilon=spec.epsilon)  # fmt: skip
             return {"sample_s": round(sample_s, 3), "score_s": round(time.perf_counter() - t0 - sample_s, 3),
                     "metrics": metrics}  # fmt: skip
 
@@ -553,6 +553,7 @@ class Runner:
                 device=self.device,
                 metrics=wanted or self.metrics or spec.eval.metrics,
                 inception_weights=self.inception_weights,
+                epsilon=spec.epsilon,  # dpimagebench's Laplace selection noise has scale 1/ε
             )
         metrics = previous | metrics
         cost = costs | {"peak_rss_mib": round(_peak_rss_mib(), 1), "device": str(self.device)}

@@ -22,9 +22,11 @@ from bench.metrics.features import domain_extractor
 from bench.metrics.fidelity import domain_fidelity
 from bench.metrics.inception import FID_PROTOCOL, fid_protocol_fields, inception_metrics
 from bench.metrics.protocols import METRIC_PROTOCOL, PROTOCOLS, default_settings, parse_settings
+from bench.metrics.protocols import ON_REQUEST as PROTOCOL_ON_REQUEST
 
 __all__ = [
     "METRICS",
+    "ON_REQUEST",
     "EvalSettings",
     "accuracy_metrics",
     "check_samples",
@@ -58,7 +60,19 @@ METRICS: dict[str, str] = {
     "DP-MERF's benchmark)",
     "acc_mlp_sklearn": "real test accuracy (%) of scikit-learn's MLPClassifier (protocol sklearn)",
     "acc_mean_sklearn": "mean real test accuracy (%) of DP-MERF's twelve classifiers (protocol sklearn)",
+    "acc_resnet_dpimagebench": "real test accuracy (%) of DPImageBench's ResNet-110 (CIFAR: 164) trained on the "
+    "samples (protocol dpimagebench; on request only): epoch chosen on real validation records, by default "
+    "without noise as DPImageBench reports it (∗ not private)",
+    "acc_wrn_dpimagebench": "the same for its WRN-40-4 (CIFAR: WRN-28-10) (protocol dpimagebench; on request only)",
+    "acc_resnext_dpimagebench": "the same for its ResNeXt-29 (CIFAR: 28), run up to 32 px only (protocol "
+    "dpimagebench; on request only)",
+    "acc_max_dpimagebench": "max over DPImageBench's classifiers at this resolution: the statistic of its README "
+    "table (protocol dpimagebench; on request only)",
+    "acc_mean_dpimagebench": "mean (record: std) over DPImageBench's classifiers, as its evaluator logs them "
+    "(protocol dpimagebench; on request only)",
 }
+# computed only when named (--metrics or a profile's `metrics`), never as part of "all"
+ON_REQUEST = frozenset(m for m in METRICS if m in PROTOCOL_ON_REQUEST)
 _GROUPS: dict[str, tuple[str, str]] = {
     "fd_domain": ("domain", "fd"),
     "kid_domain": ("domain", "kid"),
@@ -144,9 +158,9 @@ class EvalSettings:
 
 
 def select_metrics(names: Collection[str] | None) -> tuple[str, ...]:
-    """Validate metric names (None: all of them), in METRICS order."""
+    """Validate metric names (None: all of them but the ON_REQUEST ones), in METRICS order."""
     if names is None:
-        return tuple(METRICS)
+        return tuple(m for m in METRICS if m not in ON_REQUEST)
     unknown = [n for n in names if n not in METRICS]
     if unknown:
         raise BenchError(f"unknown metric {unknown[0]!r}; available: {', '.join(METRICS)}")
@@ -184,10 +198,13 @@ def evaluate(
     device: torch.device | str = "cpu",
     metrics: Collection[str] | None = None,
     inception_weights: str | None = None,
+    epsilon: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Score generated uint8 `images` [N, C, H, W] with int64 `labels` [N] (None: unconditional).
 
-    `metrics` names entries of METRICS (None: all). Fidelity is measured against the real `train`
+    `metrics` names entries of METRICS (None: all but the ON_REQUEST ones). `epsilon` is the run's target ε
+    (math.inf: non-private), the scale 1/ε of the Laplace noise of the dpimagebench protocol's selection, which
+    also carves its validation records out of `train`. Fidelity is measured against the real `train`
     split, in the domain CNN's features and in Inception's (records "unavailable" with value None when
     no Inception weights are found: `inception_weights`, $BENCH_INCEPTION_WEIGHTS or torch-fidelity's
     cache); accuracy on the real `test` split. `seed` seeds the downstream classifiers (`settings.classifier_seeds`
@@ -234,6 +251,8 @@ def evaluate(
                         metrics=accuracy,
                         settings=settings.protocols,
                         device=device,
+                        real_train=train,
+                        epsilon=epsilon,
                     )
                     for classifier_seed in classifier_seeds(seed, settings.classifier_seeds)
                 ]

@@ -4,8 +4,11 @@ Each accuracy metric belongs to one protocol (bench.metrics.protocols), which re
 script: `dpdm` (nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3:train_downstream_classifiers.py;
 acc_logreg, acc_mlp, acc_cnn; the epoch is chosen on generated samples, no private data selects anything),
 `datalens` (AI-secure/DataLens@72d0f2fe89aeee2e5a043c17b3de09e0023f94a6:evaluation/; acc_cnn_datalens:
-best real test accuracy over epochs, test-selected and marked so) and `sklearn`
-(ParkLabML/DP-MERF@e4ae72dfba3941dec2ae3ffa7025afedeeb858cd:code_balanced/synth_data_benchmark.py).
+best real test accuracy over epochs, test-selected and marked so), `sklearn`
+(ParkLabML/DP-MERF@e4ae72dfba3941dec2ae3ffa7025afedeeb858cd:code_balanced/synth_data_benchmark.py) and
+`dpimagebench` (2019ChenGong/DPImageBench@565f8d7e2e0d2faaec43108971db3269519579af:evaluation/evaluator.py;
+computed only when named; its default mode selects on real validation records carved from `real_train`, the
+run's real training split, with Laplace noise of scale 1/`epsilon`, the run's target ε).
 This module checks the inputs, runs the
 protocols once per classifier seed, pools the seeds, and caches the "real data" row (`real_reference`).
 
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Collection, Mapping
 from typing import Any
@@ -33,7 +37,8 @@ from bench.metrics.features import fingerprint
 
 VERSION = 2  # bump when the real-reference cache layout changes (protocol versions are keyed separately)
 CLASSIFIER_SEED_STRIDE = 100_003  # classifier seed j of a run: run seed + j · stride (j = 0: the run seed)
-ACCURACY_METRICS = tuple(protocols.METRIC_PROTOCOL)
+# the default: every accuracy metric but the on-request ones (dpimagebench's), which run only when named
+ACCURACY_METRICS = tuple(m for m in protocols.METRIC_PROTOCOL if m not in protocols.ON_REQUEST)
 
 
 def downstream_accuracy(
@@ -46,15 +51,20 @@ def downstream_accuracy(
     metrics: Collection[str] = ACCURACY_METRICS,
     settings: Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
+    real_train: ImageDataset | None = None,
+    epsilon: float | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train the classifiers behind the accuracy `metrics` on uint8 `images` [N, C, H, W] with int64
     `labels` [N] under their protocols (`settings`: per protocol, default the reference's); score on the
-    real `test` split. Returns {metric: record} in the order of `metrics` (see bench.metrics.protocols)."""
+    real `test` split. `real_train` (the real training split) and `epsilon` (the run's target ε, math.inf when
+    non-private) reach the protocols that use them (dpimagebench's mode val). Returns {metric: record} in the
+    order of `metrics` (see bench.metrics.protocols)."""
     names = _check_metrics(metrics)
     _check_inputs(images, labels, test)
     return protocols.evaluate(
-        names, images, labels, test, dataset=dataset, seed=seed, settings=settings, device=torch.device(device)
-    )
+        names, images, labels, test, dataset=dataset, seed=seed, settings=settings, device=torch.device(device),
+        context=protocols.Context(real_train=real_train, epsilon=epsilon),
+    )  # fmt: skip
 
 
 def real_reference(
@@ -68,6 +78,8 @@ def real_reference(
     device: torch.device | str = "cpu",
 ) -> dict[str, dict[str, Any]]:
     """`downstream_accuracy` of the protocols trained on the real `train` split: the "real data" row.
+    A protocol that validates on real records (dpimagebench's mode val) carves them out of `train` as well,
+    without noise (ε = ∞: the row is not private), so they are among the records its classifiers train on.
 
     Each metric's record is cached as JSON in $BENCH_CACHE/downstream, keyed by dataset, the train and
     test fingerprints, the metric, its protocol's name, version and settings, the seed and VERSION; a
@@ -87,7 +99,7 @@ def real_reference(
     missing = [name for name, record in results.items() if record is None]
     if missing:  # in one call: classifiers two metrics share (sklearn's LogReg and its mean) train once
         fresh = downstream_accuracy(train.images, train.labels, test, dataset=dataset, seed=seed, metrics=missing,
-                                    settings=settings, device=device)  # fmt: skip
+                                    settings=settings, device=device, real_train=train, epsilon=math.inf)  # fmt: skip
         folder.mkdir(parents=True, exist_ok=True)
         for name in missing:
             record = results[name] = fresh[name] | {"reference_data": "real train split"}
@@ -107,8 +119,9 @@ def classifier_seeds(run_seed: int, count: int) -> list[int]:
 def over_seeds(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
     """One record per metric from its records under several classifier seeds (same metrics each).
 
-    value: the mean; per_seed: the values, in seed order (the report's mean ± std counts each one);
-    per_class: the mean per class; curve and selected_epoch: lists, one entry per seed; seconds: the sum.
+    value: the mean (None if a seed has none); per_seed: the values, in seed order (the report's mean ± std
+    counts each one); per_class: the mean per class; curve and selected_epoch: lists, one entry per seed;
+    seconds: the sum.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, first in per_seed[0].items():
@@ -116,7 +129,7 @@ def over_seeds(per_seed: list[dict[str, dict[str, Any]]]) -> dict[str, dict[str,
         values = [r["value"] for r in records]
         classes = zip(*(r["per_class"] for r in records), strict=True)
         out[name] = first | {
-            "value": sum(values) / len(values),
+            "value": None if None in values else sum(values) / len(values),
             "per_seed": values,
             "classifier_seeds": [r["classifier_seed"] for r in records],
             "per_class": [None if None in c else sum(c) / len(c) for c in classes],

@@ -19,12 +19,16 @@ from bench.grid.store import Store
 
 PARTIAL_MARK = "†"
 TEST_SELECTED_MARK = "‡"
+NON_PRIVATE_SELECTION_MARK = "∗"
 SHORTENED_MARK = "°"
 FOOTNOTES = {
     PARTIAL_MARK: "partial guarantee: part of the method touches private data outside a DP mechanism "
     "(see the run's privacy.json, `non_private`); its ε does not cover the whole pipeline.",
     TEST_SELECTED_MARK: "test-selected: best real test accuracy over epochs (DataLens/DPGEN protocol); "
     "optimistic, shown only for comparison with published tables.",
+    NON_PRIVATE_SELECTION_MARK: "selected on real data without DP: the epoch is chosen by the accuracy on real "
+    "validation records carved from the training split, without noise (DPImageBench's reported number; its "
+    "noisy alternative's cost is in each record's `selection_privacy`); not private, not in the privacy card.",
     SHORTENED_MARK: "shortened protocol: fewer epochs or samples than the reference code (each record's "
     "`shortened` lists [reference, used]); not comparable with a published cell as it stands.",
 }
@@ -138,5 +142,13 @@ def sweep_order(text: str) -> tuple[int, float, str]:
 
 def metric_label_of(metric: str, info: dict[str, Any]) -> str:
     how = info.get("protocol") or info.get("extractor")
-    mark = (TEST_SELECTED_MARK if info.get("test_selected") else "") + (SHORTENED_MARK if info.get("shortened") else "")
+    mark = "".join(
+        m
+        for m, on in (
+            (TEST_SELECTED_MARK, info.get("test_selected")),
+            (NON_PRIVATE_SELECTION_MARK, info.get("non_private_selection")),
+            (SHORTENED_MARK, info.get("shortened")),
+        )
+        if on
+    )
     return f"{metric}{mark} [{how}]" if how else f"{metric}{mark}"

@@ -45,6 +45,7 @@ from bench.metrics.protocols import PROTOCOLS
 from bench.report import tables
 from bench.report.frame import (
     FOOTNOTES,
+    NON_PRIVATE_SELECTION_MARK,
     PARTIAL_MARK,
     SHORTENED_MARK,
     SWEEP_PREFIX,
@@ -492,6 +493,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
         status, mean, std, n, partial = c.status, math.nan, math.nan, 0, False
         ours_protocol, shortened, setting_differs = metric_protocol(c.ours) if c.ours else None, {}, False
         selected = bool(r.protocol in PROTOCOLS and PROTOCOLS[r.protocol].test_selected)
+        non_private = False  # a record says it selected on real validation records without noise (dpimagebench)
         if status is None and r.dataset in missing_data:
             status = f"{NO_DATASET}: {missing_data[r.dataset]}"
         if status is None:
@@ -504,6 +506,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
                 partial = bool((frame[frame["key"].isin(done)]["guarantee"] == "partial").any())
                 infos = [json.loads(i) for i in mine["info"] if isinstance(i, str)]
                 selected = selected or any(i.get("test_selected", False) for i in infos)
+                non_private = any(i.get("non_private_selection", False) for i in infos)
                 ran = {i["protocol"] for i in infos if i.get("protocol")}
                 shortened = {k: v for i in infos for k, v in (i.get("shortened") or {}).items()}
                 ours_setting = {plan.settings.get(k, "") for k in done}
@@ -528,7 +531,13 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
                 "setting": r.setting,
                 "metric": r.metric,
                 "protocol": r.protocol,
-                "ours_metric": (c.ours + (TEST_SELECTED_MARK if selected else "")) if c.ours else "",
+                "ours_metric": (
+                    c.ours
+                    + (TEST_SELECTED_MARK if selected else "")
+                    + (NON_PRIVATE_SELECTION_MARK if non_private else "")
+                )
+                if c.ours
+                else "",
                 "ours_protocol": ours_protocol or "",
                 "published": math.nan if r.value is None else r.value,
                 "ours_mean": mean,
@@ -544,6 +553,7 @@ def compare(plan: PaperPlan, store: Store | None, *, missing_data: dict[str, str
                         (SHORTENED_MARK, bool(shortened) and n > 0),
                         (SETTING_MARK, setting_differs and n > 0),
                         (TEST_SELECTED_MARK, selected and n > 0),
+                        (NON_PRIVATE_SELECTION_MARK, non_private and n > 0),
                         (PARTIAL_MARK, partial),
                     )
                     if on

@@ -24,6 +24,7 @@ from bench.errors import BenchError
 from bench.grid.store import Store, read_json
 from bench.report import tables
 from bench.report.frame import (
+    NON_PRIVATE_SELECTION_MARK,
     REAL_LABEL,
     SHORTENED_MARK,
     TEST_SELECTED_MARK,
@@ -256,7 +257,7 @@ FORMATS = (*tables.FORMATS, HTML)  # what `bench report --format` takes: the tab
 
 def metric_name(metric_label: str) -> str:
     """ "fd_domain [bench-domain-cnn]" -> "fd_domain"; "acc_cnn‡° [datalens]" -> "acc_cnn"."""
-    return metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK + SHORTENED_MARK)
+    return metric_label.split(" ")[0].rstrip(TEST_SELECTED_MARK + NON_PRIVATE_SELECTION_MARK + SHORTENED_MARK)
 
 
 def paper_sections(

@@ -9,7 +9,7 @@
   bold, footnotes under it), through `write`.
 
 LaTeX is written here rather than by pandas' Styler.to_latex: the Styler needs jinja2 (not otherwise a
-dependency) and its LaTeX escaping leaves the symbols our tables print (±, ε, σ, δ, ∞, †, ‡, §, ¶, °) as
+dependency) and its LaTeX escaping leaves the symbols our tables print (±, ε, σ, δ, ∞, †, ‡, ∗, §, ¶, °) as
 Unicode, which pdflatex rejects without extra packages; `tex_escape` maps them to math-mode commands.
 """
 
@@ -102,7 +102,7 @@ _TEX = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_", "{": r"\{",
     "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}", "±": r"$\pm$", "ε": r"$\varepsilon$",
     "σ": r"$\sigma$", "δ": r"$\delta$", "∞": r"$\infty$", "—": "---", "†": r"$^\dagger$", "‡": r"$^\ddagger$",
-    "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$", "§": r"\S{}", "¶": r"\P{}", "°": r"$^\circ$",
+    "×": r"$\times$", "≥": r"$\geq$", "≤": r"$\leq$", "§": r"\S{}", "¶": r"\P{}", "°": r"$^\circ$", "∗": r"$^{\ast}$",
     "→": r"$\to$", "−": r"$-$",
 }  # fmt: skip
 

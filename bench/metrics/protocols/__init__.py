@@ -4,6 +4,10 @@
     datalens  AI-secure/DataLens evaluation/train-classifier-*   acc_cnn_datalens (test-selected ‡)
     sklearn   ParkLabML/DP-MERF code_balanced/synth_data_benchmark.py   acc_logreg_sklearn, acc_mlp_sklearn,
                                                                          acc_mean_sklearn
+    dpimagebench  2019ChenGong/DPImageBench evaluation/evaluator.py   acc_resnet_dpimagebench, acc_wrn_dpimagebench,
+                  (on request only: hours of GPU per run)            acc_resnext_dpimagebench, acc_max_dpimagebench,
+                                                                     acc_mean_dpimagebench (mode val, the default:
+                                                                     real validation records select, ∗ noise-free)
 
 Every record names its protocol, version and reference (repository@commit:path), the classifier's
 parameter count, optimiser, epochs, sample counts, the selection rule, the deviations from the reference,
@@ -23,18 +27,36 @@ from torch import Tensor
 from bench import config as cfgmod
 from bench.contract import ImageDataset
 from bench.errors import BenchError
-from bench.metrics.protocols import datalens_protocol, dpdm_protocol, sklearn_protocol
-from bench.metrics.protocols.base import Protocol, Record, resolve_settings
+from bench.metrics.protocols import datalens_protocol, dpdm_protocol, dpimagebench_protocol, sklearn_protocol
+from bench.metrics.protocols.base import Context, Protocol, Record, resolve_settings
 
-__all__ = ["METRIC_PROTOCOL", "PROTOCOLS", "Protocol", "default_settings", "evaluate", "parse_settings"]
+__all__ = [
+    "METRIC_PROTOCOL",
+    "ON_REQUEST",
+    "PROTOCOLS",
+    "Context",
+    "Protocol",
+    "default_settings",
+    "evaluate",
+    "parse_settings",
+]
 
 PROTOCOLS: dict[str, Protocol] = {
-    p.name: p for p in (dpdm_protocol.PROTOCOL, datalens_protocol.PROTOCOL, sklearn_protocol.PROTOCOL)
+    p.name: p
+    for p in (
+        dpdm_protocol.PROTOCOL,
+        datalens_protocol.PROTOCOL,
+        sklearn_protocol.PROTOCOL,
+        dpimagebench_protocol.PROTOCOL,
+    )
 }
 # our metric -> (protocol, classifier)
 METRIC_PROTOCOL: dict[str, tuple[str, str]] = {
     metric: (p.name, classifier) for p in PROTOCOLS.values() for classifier, metric in p.metrics.items()
 }
+# metrics computed only when named (--metrics, a profile's `metrics`), never as part of "all": DPImageBench's
+# ResNet-110/WRN-40-4/ResNeXt-29 × 50 epochs (CIFAR: 164/28-10/28 × 200) cost GPU-hours per run
+ON_REQUEST: frozenset[str] = frozenset(dpimagebench_protocol.PROTOCOL.metrics.values())
 
 
 def default_settings() -> dict[str, Any]:
@@ -67,10 +89,13 @@ def evaluate(
     seed: int,
     settings: Mapping[str, Any] | None = None,
     device: torch.device,
+    context: Context | None = None,
 ) -> dict[str, Record]:
     """Records of the accuracy `metrics` (names in METRIC_PROTOCOL) for uint8 `images` [N, C, H, W] with
     int64 `labels` [N], trained by their protocols under `settings` (default: the reference's) and tested
-    on the real `test` split. A record depends only on its metric, the data, the settings and `seed`."""
+    on the real `test` split; `context` (the run's real training split and target ε) goes to the protocols
+    that use it (dpimagebench's mode val). A record depends only on its metric, the data, the settings, the
+    context and `seed`."""
     settings = default_settings() | dict(settings or {})
     train = ImageDataset(images=images, labels=labels, num_classes=test.num_classes)
     shape = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
@@ -84,7 +109,9 @@ def evaluate(
         resolved, shortened = resolve_settings(p, settings[name], dataset=dataset, shape=shape,
                                                num_classes=test.num_classes)  # fmt: skip
         deviations = [*p.deviations, *p.dataset_deviations(dataset, shape, test.num_classes)]
-        for classifier, rec in p.run(classifiers, train, test, settings=resolved, seed=seed, device=device).items():
+        records = p.run(classifiers, train, test, settings=resolved, seed=seed, device=device,
+                        context=context or Context())  # fmt: skip
+        for classifier, rec in records.items():
             relevant = p.settings_of(classifier)
             short = {k: v for k, v in shortened.items() if relevant is None or k in relevant}
             rec["shortened"] = short | rec.get("shortened", {})

@@ -21,6 +21,7 @@ import dataclasses
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -32,6 +33,22 @@ from bench.metrics.features import train_epoch
 
 Record = dict[str, Any]
 CHANNELS_LAST = torch.channels_last
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a run knows beyond the samples and the test split, for a protocol that needs it (None: not known).
+
+    real_train: the real training split the generator was trained on (a protocol that selects on real
+    validation records carves them out of it, as dpimagebench's `val` mode does); epsilon: the run's target ε
+    (math.inf for a non-private run), which dpimagebench's `val` mode uses as the scale 1/ε of its Laplace noise.
+    """
+
+    real_train: ImageDataset | None = None
+    epsilon: float | None = None
+
+
+NO_CONTEXT = Context()
 
 
 class Protocol(ABC):
@@ -63,8 +80,10 @@ class Protocol(ABC):
         settings: dict[str, Any],
         seed: int,
         device: torch.device,
+        context: Context = NO_CONTEXT,
     ) -> dict[str, Record]:
-        """Records (value and how it was obtained) per classifier, with `settings` fully resolved."""
+        """Records (value and how it was obtained) per classifier, with `settings` fully resolved; `context`
+        carries what the run knows beyond the samples and the test split (most protocols use none of it)."""
 
     def dataset_deviations(self, dataset: str, shape: tuple[int, int, int], num_classes: int) -> list[str]:
         """Deviations that hold for this dataset only (e.g. a dataset the reference script never ran on)."""
@@ -130,7 +149,7 @@ def record(
     protocol: Protocol,
     classifier: str,
     *,
-    value: float,
+    value: float | None,  # None: the classifier did not run (its record's `note` says why)
     per_class: list[float | None],
     seed: int,
     seconds: float,

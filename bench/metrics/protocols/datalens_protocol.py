@@ -136,6 +136,7 @@ class DataLensProtocol(base.Protocol):
         settings: dict[str, Any],
         seed: int,
         device: torch.device,
+        context: base.Context = base.NO_CONTEXT,  # unused: the samples and the test split are all it needs
     ) -> dict[str, base.Record]:
         (fit,), used, shortened = base.take_samples(train, {"n_train": settings["n_train"]})
         shape = (int(train.images.shape[1]), int(train.images.shape[2]), int(train.images.shape[3]))

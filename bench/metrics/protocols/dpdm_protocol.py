@@ -189,6 +189,7 @@ class DPDMProtocol(base.Protocol):
         settings: dict[str, Any],
         seed: int,
         device: torch.device,
+        context: base.Context = base.NO_CONTEXT,  # unused: the samples and the test split are all it needs
     ) -> dict[str, base.Record]:
         (fit, select), used, shortened = base.take_samples(
             train, {"n_train": settings["n_train"], "n_eval": settings["n_eval"]}

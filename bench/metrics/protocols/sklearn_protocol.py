@@ -165,6 +165,7 @@ class SklearnProtocol(base.Protocol):
         settings: dict[str, Any],
         seed: int,
         device: torch.device,
+        context: base.Context = base.NO_CONTEXT,  # unused: the samples and the test split are all it needs
     ) -> dict[str, base.Record]:
         if train.num_classes < 2:
             raise BenchError("the sklearn protocol needs at least two classes")
