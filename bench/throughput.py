@@ -121,6 +121,7 @@ def shortened(method: str, cfg: Any, num_records: int, units: int) -> Any:
 # Config fields that set how many units a fit runs (or how it is cut for timing), not what one unit costs: a
 # measurement stands for every config equal to its own but for these.
 COUNT_FIELDS = frozenset({"epochs", "teacher_epochs", "iterations"})
+CPU_PHYSICAL_ROWS = 512  # rows (examples × noise draws) per chunk when timing on a CPU
 
 
 def cost_key(config_json: dict[str, Any]) -> str:
@@ -183,7 +184,13 @@ def measure(
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     error, sample_s = "", None
-    model = cls(shortened(method, cfg, spec.num_train, warmup + units), spec=spec, device=device)
+    run_cfg = shortened(method, cfg, spec.num_train, warmup + units)
+    rows = max(1, CPU_PHYSICAL_ROWS // getattr(run_cfg, "noise_multiplicity", 1))
+    if device.type == "cpu" and getattr(run_cfg, "physical_batch_size", 0) > rows:
+        # memory only, the same step (bench.privacy.dpsgd): the paper profile's chunks (dpdm: 512 examples × K = 32
+        # noise draws; 128 × 32 too) took over 24 GiB and the OS killed the estimate; on a CPU, chunks of ≤ 512 rows
+        run_cfg = dataclasses.replace(run_cfg, physical_batch_size=rows)
+    model = cls(run_cfg, spec=spec, device=device)
     try:
         model.fit(train, budget=budget, generator=generator, progress=progress)
     except Enough:

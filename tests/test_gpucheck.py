@@ -277,3 +277,28 @@ def test_gpu_check_cpu_mode_writes_the_files_it_promises(tmp_path: Path) -> None
     assert not any(n.endswith(".pt") for n in names)
     assert "## Training throughput (the tiny test profile" in (out / "summary.md").read_text()
     assert data.spec_without_files("fmnist").num_train == 60000  # the full mode's shape
+
+
+def test_timing_on_a_cpu_chunks_a_large_physical_batch_and_records_the_config_asked(monkeypatch) -> None:
+    """The paper profile's dpdm chunks (512 examples × K = 32 draws) took over 24 GiB and the OS killed the
+    estimate: on a CPU the timing runs chunks of ≤ 512 rows (the same step, memory only) and records the config
+    it was asked to time."""
+    import dataclasses
+
+    from bench import throughput
+
+    seen: list[Any] = []
+    real = registry.get("dpdm")
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, cfg: Any, **kw: Any) -> None:
+            seen.append(cfg)
+            super().__init__(cfg, **kw)
+
+        def fit(self, *a: Any, **kw: Any) -> Any:
+            raise throughput.Enough
+
+    monkeypatch.setattr(throughput.registry, "get", lambda name: Spy)
+    cfg = dataclasses.replace(real.Config(), noise_multiplicity=32, physical_batch_size=512)
+    m = throughput.measure("dpdm", "fmnist", cfg, device=torch.device("cpu"), sample_n=0)
+    assert seen[0].physical_batch_size == 512 // 32 and m.config["physical_batch_size"] == 512
