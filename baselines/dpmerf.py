@@ -48,9 +48,9 @@ from torch import Tensor, nn
 
 from bench.contract import DataSpec, ImageDataset, Progress
 from bench.errors import BenchError
-from bench.nets import BuiltOnce, seeded_init
-from bench.nets.kernel_gen import ConvCondGen, GeneratorTraining, sample_images
-from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, PrivacyLedger, Stage, calibrate
+from bench.nets import seeded_init
+from bench.nets.kernel_gen import ConvCondGen, GeneratorTraining, OneNoisyEmbedding, flat_pixels
+from bench.privacy import Budget, PrivacyLedger
 
 EMBED_BATCH = 2000  # records per matrix product of the embedding pass (memory only, not the result)
 
@@ -96,11 +96,6 @@ def features(x: Tensor, w: Tensor) -> Tensor:
     return torch.cat([torch.cos(xw), torch.sin(xw)], dim=1) / math.sqrt(w.shape[0])
 
 
-def flat_pixels(images: Tensor) -> Tensor:
-    """uint8 [N, C, H, W] → float [N, C·H·W] in [0, 1] (torchvision's ToTensor, flattened)."""
-    return images.reshape(len(images), -1).float() / 255.0
-
-
 def sum_embedding(data: ImageDataset, w: Tensor, device: torch.device) -> Tensor:
     """S = Σᵢ φ(xᵢ) ⊗ e_yᵢ over the private records: float [d, classes], one batched pass."""
     s = torch.zeros(2 * w.shape[0], data.num_classes, device=device, dtype=torch.float64)
@@ -110,13 +105,17 @@ def sum_embedding(data: ImageDataset, w: Tensor, device: torch.device) -> Tensor
     return s.float()
 
 
-class DPMERF(BuiltOnce):
+SENSITIVITY = (
+    "L2 sensitivity 1 under add/remove: the SUM of φ(x) ⊗ onehot(y) over the records (each of norm 1); "
+    "the mean divides it by n, taken as public (the reference calibrates the mean for replace-one, 2/n)"
+)
+
+
+class DPMERF(OneNoisyEmbedding):
     name: ClassVar[str] = "dpmerf"
     version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
-    conditional: ClassVar[bool] = True
-    guarantee: ClassVar[str] = "end-to-end"
-    needs_public_data: ClassVar[bool] = False
+    SENSITIVITY: ClassVar[str] = SENSITIVITY
 
     def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
         self.config: Config = config
@@ -124,9 +123,6 @@ class DPMERF(BuiltOnce):
         self.check_networks()  # built for real once: in fit, under the run's seed (bench.nets.BuiltOnce)
         self.w: Tensor | None = None  # frequencies [d/2, P]
         self.noisy_mean: Tensor | None = None  # the released μ̃ [d, classes]: all the generator ever sees
-
-    def released_model(self) -> nn.Module:
-        return self.gen
 
     def _networks(self) -> None:
         self.gen = self._build()
@@ -137,17 +133,6 @@ class DPMERF(BuiltOnce):
                            kernel_size=cfg.kernel_size, owner=self.name).to(self.device)  # fmt: skip
 
     # ------------------------------------------------------------------------------------------- fit
-
-    def noise_multiplier(self, budget: Budget) -> float:
-        """σ of the one Gaussian release on the sum (sensitivity 1): the config's, or calibrated to the budget
-        (times 2 with adjacency "replace-one", as the reference's 2σ/n on the mean)."""
-        if self.config.noise_multiplier is not None:
-            sigma = self.config.noise_multiplier
-        elif budget.is_unlimited:
-            raise BenchError("dpmerf: an unlimited budget needs an explicit noise_multiplier")
-        else:
-            sigma = calibrate(budget.epsilon, lambda s: [release_stage(s)], budget.delta, budget.accountant)
-        return 2.0 * sigma if self.config.adjacency == "replace-one" else sigma
 
     @classmethod
     def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
@@ -195,17 +180,7 @@ class DPMERF(BuiltOnce):
 
         training.run(step=step, total=total, steps_per_epoch=steps_per_epoch, loss_at=loss_at, progress=progress,
                      state=lambda: {"model": self.state_dict(), "generator": generator.get_state()})  # fmt: skip
-        ledger = PrivacyLedger()
-        ledger.add(release_stage(sigma))
-        ledger.assume(N_DIVIDES_THE_RELEASE)
-        return ledger
-
-    # ---------------------------------------------------------------------------------------- sample
-
-    def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-        """uint8 [n, C, H, W] for int64 `labels` [n], from the generator in evaluation mode."""
-        return sample_images(self.gen, labels, spec=self.spec, d_code=self.config.d_code, generator=generator,
-                             device=self.device, owner=self.name)  # fmt: skip
+        return self.release_ledger(sigma)
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -216,14 +191,3 @@ class DPMERF(BuiltOnce):
         self.gen.load_state_dict(state["gen"])
         self.w = None if state["w"] is None else state["w"].to(self.device)
         self.noisy_mean = None if state["noisy_mean"] is None else state["noisy_mean"].to(self.device)
-
-
-def release_stage(sigma: float) -> Stage:
-    """The one release: the sum embedding (L2 sensitivity 1 under add/remove) plus N(0, σ²I)."""
-    return Stage(name="embedding", mechanism="gaussian", noise_multiplier=sigma, count=1, sensitivity=SENSITIVITY)
-
-
-SENSITIVITY = (
-    "L2 sensitivity 1 under add/remove: the SUM of φ(x) ⊗ onehot(y) over the records (each of norm 1); "
-    "the mean divides it by n, taken as public (the reference calibrates the mean for replace-one, 2/n)"
-)

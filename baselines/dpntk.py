@@ -59,10 +59,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench.contract import DataSpec, ImageDataset, Progress
-from bench.errors import BenchError
-from bench.nets import BuiltOnce, seeded_init
-from bench.nets.kernel_gen import ConvCondGen, GeneratorTraining, sample_images
-from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, PrivacyLedger, Stage, calibrate
+from bench.nets import seeded_init
+from bench.nets.kernel_gen import ConvCondGen, GeneratorTraining, OneNoisyEmbedding, flat_pixels
+from bench.privacy import Budget, PrivacyLedger
 
 EMBED_BATCH = 2000  # records per pass of the embedding (memory only, not the result)
 REFERENCE = "Justinyangjy/DP-NTK@d3d93b9df28fa1f3129a499fd47e4a529613047c:MNIST/dp_ntk.py"
@@ -169,11 +168,6 @@ def class_sums(f: Features, labels: Tensor, classes: int, outputs: int) -> Tenso
     return torch.stack(rows)
 
 
-def flat_pixels(images: Tensor) -> Tensor:
-    """uint8 [N, C, H, W] → float [N, C·H·W] in [0, 1] (torchvision's ToTensor, flattened)."""
-    return images.reshape(len(images), -1).float() / 255.0
-
-
 def sum_embedding(data: ImageDataset, ntk: NTK, device: torch.device) -> Tensor:
     """S = Σᵢ φ̂(xᵢ) ⊗ e_yᵢ over the private records: float [classes, d] (accumulated in float64)."""
     s = torch.zeros(data.num_classes, ntk.feature_dim, device=device, dtype=torch.float64)
@@ -183,22 +177,23 @@ def sum_embedding(data: ImageDataset, ntk: NTK, device: torch.device) -> Tensor:
     return s.float()
 
 
-class DPNTK(BuiltOnce):
+SENSITIVITY = (
+    "L2 sensitivity 1 under add/remove: the SUM of the unit-norm NTK features φ̂(x) ⊗ onehot(y) over the records; "
+    "the mean divides it by n, taken as public (the reference calibrates the mean for replace-one, 2/n)"
+)
+
+
+class DPNTK(OneNoisyEmbedding):
     name: ClassVar[str] = "dpntk"
     version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
-    conditional: ClassVar[bool] = True
-    guarantee: ClassVar[str] = "end-to-end"
-    needs_public_data: ClassVar[bool] = False
+    SENSITIVITY: ClassVar[str] = SENSITIVITY
 
     def __init__(self, config: Any, *, spec: DataSpec, device: torch.device) -> None:
         self.config: Config = config
         self.spec, self.device = spec, device
         self.check_networks()  # built for real once: in fit, under the run's seed (bench.nets.BuiltOnce)
         self.noisy_mean: Tensor | None = None  # the released μ̃ [classes, d]: all the generator ever sees
-
-    def released_model(self) -> nn.Module:
-        return self.gen
 
     def _networks(self) -> None:
         self.gen, self.ntk = self._build()
@@ -212,17 +207,6 @@ class DPNTK(BuiltOnce):
         return gen, ntk.requires_grad_(False)
 
     # ------------------------------------------------------------------------------------------- fit
-
-    def noise_multiplier(self, budget: Budget) -> float:
-        """σ of the one Gaussian release on the sum (sensitivity 1): the config's, or calibrated to the budget
-        (times 2 with adjacency "replace-one", as the reference's 2σ/n on the mean)."""
-        if self.config.noise_multiplier is not None:
-            sigma = self.config.noise_multiplier
-        elif budget.is_unlimited:
-            raise BenchError("dpntk: an unlimited budget needs an explicit noise_multiplier")
-        else:
-            sigma = calibrate(budget.epsilon, lambda s: [release_stage(s)], budget.delta, budget.accountant)
-        return 2.0 * sigma if self.config.adjacency == "replace-one" else sigma
 
     @classmethod
     def work(cls, config: Any, num_records: int, budget: Budget) -> dict[str, int]:
@@ -261,17 +245,7 @@ class DPNTK(BuiltOnce):
         training.run(step=step, total=cfg.iterations, loss_at=loss_at, progress=progress,
                      decay_after=lambda k: k % cfg.scheduler_interval == 0,
                      state=lambda: {"model": self.state_dict(), "generator": generator.get_state()})  # fmt: skip
-        ledger = PrivacyLedger()
-        ledger.add(release_stage(sigma))
-        ledger.assume(N_DIVIDES_THE_RELEASE)
-        return ledger
-
-    # ---------------------------------------------------------------------------------------- sample
-
-    def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
-        """uint8 [n, C, H, W] for int64 `labels` [n], from the generator in evaluation mode."""
-        return sample_images(self.gen, labels, spec=self.spec, d_code=self.config.d_code, generator=generator,
-                             device=self.device, owner=self.name)  # fmt: skip
+        return self.release_ledger(sigma)
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -283,14 +257,3 @@ class DPNTK(BuiltOnce):
         self.gen.load_state_dict(state["gen"])
         self.ntk.load_state_dict(state["ntk"])
         self.noisy_mean = None if state["noisy_mean"] is None else state["noisy_mean"].to(self.device)
-
-
-def release_stage(sigma: float) -> Stage:
-    """The one release: the sum embedding (L2 sensitivity 1 under add/remove) plus N(0, σ²I)."""
-    return Stage(name="embedding", mechanism="gaussian", noise_multiplier=sigma, count=1, sensitivity=SENSITIVITY)
-
-
-SENSITIVITY = (
-    "L2 sensitivity 1 under add/remove: the SUM of the unit-norm NTK features φ̂(x) ⊗ onehot(y) over the records; "
-    "the mean divides it by n, taken as public (the reference calibrates the mean for replace-one, 2/n)"
-)

@@ -1,4 +1,4 @@
-"""What the mean-embedding methods share (DP-MERF, DP-HP): their conditional generators, the post-processing
+"""What the mean-embedding methods share (DP-MERF, DP-HP, DP-NTK): their conditional generators, the post-processing
 training loop that fits a generator to released noisy embeddings, and sampling.
 
 The generators are ParkLabML/DP-MERF@e4ae72dfba3941dec2ae3ffa7025afedeeb858cd:code_balanced/models_gen.py
@@ -9,7 +9,7 @@ copies. BatchNorm is fine here: the generators never see private data (they fit 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,8 @@ from torch import Tensor, nn
 
 from bench.contract import DataSpec, Progress
 from bench.errors import BenchError
+from bench.nets import BuiltOnce
+from bench.privacy import N_DIVIDES_THE_RELEASE, Budget, PrivacyLedger, Stage, calibrate
 
 
 class ConvCondGen(nn.Module):
@@ -139,3 +141,56 @@ def sample_images(
         z = torch.randn(len(y), d_code, generator=generator).to(device)
         out.append((gen(z, y.to(device)) * 255.0).round().to(torch.uint8).cpu())
     return torch.cat(out)
+
+
+def flat_pixels(images: Tensor) -> Tensor:
+    """uint8 [N, C, H, W] → float [N, C·H·W] in [0, 1] (torchvision's ToTensor, flattened)."""
+    return images.reshape(len(images), -1).float() / 255.0
+
+
+class OneNoisyEmbedding(BuiltOnce):
+    """What DP-MERF and DP-NTK share: ONE Gaussian release of a class-conditional sum embedding whose records each
+    have norm 1 (L2 sensitivity 1 under add/remove), divided by n (public); a generator fitted to it alone
+    (post-processing) and sampled in evaluation mode. Subclasses set `name`, `SENSITIVITY` (the card's words),
+    `self.gen` and a config with `noise_multiplier`, `adjacency` and `d_code`."""
+
+    conditional: ClassVar[bool] = True
+    guarantee: ClassVar[str] = "end-to-end"
+    needs_public_data: ClassVar[bool] = False
+    name: ClassVar[str]
+    SENSITIVITY: ClassVar[str]
+    config: Any
+    spec: DataSpec
+    gen: nn.Module
+
+    def released_model(self) -> nn.Module:
+        return self.gen
+
+    @classmethod
+    def release_stage(cls, sigma: float) -> Stage:
+        """The one release: the sum embedding (L2 sensitivity 1 under add/remove) plus N(0, σ²I)."""
+        return Stage(name="embedding", mechanism="gaussian", noise_multiplier=sigma, count=1,
+                     sensitivity=cls.SENSITIVITY)  # fmt: skip
+
+    def noise_multiplier(self, budget: Budget) -> float:
+        """σ of the one Gaussian release on the sum (sensitivity 1): the config's, or calibrated to the budget
+        (times 2 with adjacency "replace-one", as the references' 2σ/n on the mean)."""
+        if self.config.noise_multiplier is not None:
+            sigma = self.config.noise_multiplier
+        elif budget.is_unlimited:
+            raise BenchError(f"{self.name}: an unlimited budget needs an explicit noise_multiplier")
+        else:
+            sigma = calibrate(budget.epsilon, lambda s: [self.release_stage(s)], budget.delta, budget.accountant)
+        return 2.0 * sigma if self.config.adjacency == "replace-one" else sigma
+
+    def release_ledger(self, sigma: float) -> PrivacyLedger:
+        """The ledger of the fit: the one release, and n public (it divides the release)."""
+        ledger = PrivacyLedger()
+        ledger.add(self.release_stage(sigma))
+        ledger.assume(N_DIVIDES_THE_RELEASE)
+        return ledger
+
+    def sample(self, n: int, *, labels: Tensor | None, generator: torch.Generator) -> Tensor:
+        """uint8 [n, C, H, W] for int64 `labels` [n], from the generator in evaluation mode."""
+        return sample_images(self.gen, labels, spec=self.spec, d_code=self.config.d_code, generator=generator,
+                             device=self.device, owner=self.name)  # fmt: skip
