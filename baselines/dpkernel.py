@@ -77,13 +77,13 @@ REFERENCE = "dihjiang/DP-kernel@59c02b7d045113fb9fccf51186fc2a504aa0f37c:DPCondm
 
 @dataclass(frozen=True, kw_only=True)
 class Config:
-    batch_size: int = 60  # expected Poisson batch B̄ = q·n
+    batch_size: int = 60  # expected Poisson batch B̄ = q·n, and M, the generated points a step (the reference: as many)
     iterations: int = 200_000  # steps (each one noisy release)
     lr: float = 5e-5  # RMSprop
     bandwidths: tuple[float, ...] = (1.0, 2.0, 4.0, 8.0, 16.0)  # b of Σ_b exp(−‖x − x'‖² / 2b²)
     latent_dim: int = 10  # z dimension (--nz)
     ngf: int = 64  # generator width (CondDecoder's ngf)
-    noise_multiplier: float | None = None  # σ (relative to Δ = √L / B̄); None: calibrated to ε
+    noise_multiplier: float | None = None  # σ, relative to the released gradient's sensitivity √M·c; None: calibrated
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "iterations", "latent_dim", "ngf"):
