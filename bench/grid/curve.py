@@ -37,7 +37,10 @@ import torch
 from bench import config as cfgmod
 from bench.errors import BenchError
 from bench.grid.store import load_torch, read_json, save_torch, write_json
+from bench.metrics.protocols import ON_REQUEST, PROTOCOLS
 
+# protocols whose metrics run only when named (dpimagebench): absent from a plan's settings while at their defaults
+ON_REQUEST_PROTOCOLS = frozenset(name for name, p in PROTOCOLS.items() if set(p.metrics.values()) <= ON_REQUEST)
 FOLDER = "curve"  # RUN/curve/<units>.pt: the snapshots not yet scored
 FILE = "curve.json"
 DEFAULT_N = 500  # samples per point, at most n_gen: see README ("Quality against compute") for its cost
@@ -51,6 +54,11 @@ def eval_json(settings: Any, n_gen: int) -> dict[str, Any]:
     `settings.curve` is 0, so that a plan without a curve keeps the keys it had before curves existed; with a
     curve, its sample count and metrics resolved (defaults: min(n_gen, DEFAULT_N), DEFAULT_METRICS)."""
     out = cfgmod.to_jsonable(settings)
+    out["protocols"] = {  # an on-request protocol at its reference settings is left out: adding one keeps the keys
+        name: table
+        for name, table in out.get("protocols", {}).items()
+        if not (name in ON_REQUEST_PROTOCOLS and all(v is None for v in table.values()))
+    }
     if not settings.curve:
         if given := [f"eval.{k}" for k in SETTINGS[1:] if out[k] is not None]:
             verb = "needs" if len(given) == 1 else "need"
