@@ -37,10 +37,8 @@ import torch
 from bench import config as cfgmod
 from bench.errors import BenchError
 from bench.grid.store import load_torch, read_json, save_torch, write_json
-from bench.metrics.protocols import ON_REQUEST, PROTOCOLS
+from bench.metrics.protocols import ON_REQUEST_PROTOCOLS
 
-# protocols whose metrics run only when named (dpimagebench): absent from a plan's settings while at their defaults
-ON_REQUEST_PROTOCOLS = frozenset(name for name, p in PROTOCOLS.items() if set(p.metrics.values()) <= ON_REQUEST)
 FOLDER = "curve"  # RUN/curve/<units>.pt: the snapshots not yet scored
 FILE = "curve.json"
 DEFAULT_N = 500  # samples per point, at most n_gen: see README ("Quality against compute") for its cost

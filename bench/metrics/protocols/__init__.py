@@ -33,6 +33,7 @@ from bench.metrics.protocols.base import Context, Protocol, Record, resolve_sett
 __all__ = [
     "METRIC_PROTOCOL",
     "ON_REQUEST",
+    "ON_REQUEST_PROTOCOLS",
     "PROTOCOLS",
     "Context",
     "Protocol",
@@ -56,7 +57,8 @@ METRIC_PROTOCOL: dict[str, tuple[str, str]] = {
 }
 # metrics computed only when named (--metrics, a profile's `metrics`), never as part of "all": DPImageBench's
 # ResNet-110/WRN-40-4/ResNeXt-29 × 50 epochs (CIFAR: 164/28-10/28 × 200) cost GPU-hours per run
-ON_REQUEST: frozenset[str] = frozenset(dpimagebench_protocol.PROTOCOL.metrics.values())
+ON_REQUEST_PROTOCOLS: frozenset[str] = frozenset({dpimagebench_protocol.PROTOCOL.name})
+ON_REQUEST: frozenset[str] = frozenset(m for name in ON_REQUEST_PROTOCOLS for m in PROTOCOLS[name].metrics.values())
 
 
 def default_settings() -> dict[str, Any]:
