@@ -41,6 +41,7 @@ partition by i.i.d. teacher indices, image networks (bench.nets.gan) instead of 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -145,6 +146,39 @@ def partition_of(teacher_of: Tensor, k: int) -> Partition:
     return Partition(teacher_of, members, sizes)
 
 
+def partition_blocks(train: ImageDataset, partition: Partition, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Teacher j's records as row j of zero-padded blocks (teacher j can only ever read row j): uint8
+    [k, m, C, H, W] and int64 labels [k, m] on `device`."""
+    mask = partition.members >= 0
+    part_x = torch.zeros((*mask.shape, *train.images.shape[1:]), dtype=torch.uint8)
+    part_y = torch.zeros(mask.shape, dtype=torch.long)
+    part_x[mask] = train.images[partition.members[mask]]
+    part_y[mask] = train.labels[partition.members[mask]]
+    return part_x.to(device), part_y.to(device)
+
+
+def build_teachers(spec: Any, cfg: Any, device: torch.device) -> TeacherBank | TeacherList:
+    """cfg.teachers discriminators (cfg.width, cfg.groups) as one vmapped bank or a loop (cfg.teacher_batching)."""
+    nets = [
+        Discriminator(channels=spec.channels, num_classes=spec.num_classes, width_c=cfg.width, groups=cfg.groups)
+        for _ in range(cfg.teachers)
+    ]
+    batching = cfg.teacher_batching
+    if batching == "auto":
+        batching = "loop" if device.type == "cpu" else "vmap"
+    bank = TeacherBank(nets) if batching == "vmap" else TeacherList(nets)
+    return bank.to(device)
+
+
+def largest_that_fits(fits: Callable[[int], bool], most: int) -> int:
+    """The largest n in 1..most with fits(n), for fits monotone (true, then false) and fits(1) true: bisection."""
+    lo, hi = 1, most
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    return lo
+
+
 def vote_counts(logits: Tensor) -> Tensor:
     """Teachers' votes to counts: logits [k, B] (real > 0) -> float [B, 2] = (#fake, #real), rows sum to k."""
     real = (logits > 0).sum(0)
@@ -201,11 +235,7 @@ def noise_and_iterations(cfg: Config, budget: Budget) -> tuple[float, int]:
             f"pategan: {agg} noise {scale:g} on the counts spends more than ε = {budget.epsilon:g} on one "
             f"iteration's {per_iteration} queries; lower λ / raise σ, or leave it unset to calibrate"
         )
-    lo, hi = 1, cfg.iterations  # largest number of iterations that fits: bisection
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    return scale, lo
+    return scale, largest_that_fits(fits, cfg.iterations)
 
 
 class PATEGAN(ConditionalGAN):
@@ -219,16 +249,7 @@ class PATEGAN(ConditionalGAN):
         self.G, self.S = g.to(self.device), s.to(self.device)
 
     def _build_teachers(self) -> None:
-        cfg, spec = self.config, self.spec
-        nets = [
-            Discriminator(channels=spec.channels, num_classes=spec.num_classes, width_c=cfg.width, groups=cfg.groups)
-            for _ in range(cfg.teachers)
-        ]
-        batching = cfg.teacher_batching
-        if batching == "auto":
-            batching = "loop" if self.device.type == "cpu" else "vmap"
-        bank = TeacherBank(nets) if batching == "vmap" else TeacherList(nets)
-        self.teachers: TeacherBank | TeacherList = bank.to(self.device)
+        self.teachers: TeacherBank | TeacherList = build_teachers(self.spec, self.config, self.device)
 
     # ------------------------------------------------------------------------------------ calibration
 
@@ -282,16 +303,9 @@ class PATEGAN(ConditionalGAN):
         self.iteration = self.queries = 0
 
     def _use_partition(self, partition: Partition) -> None:
-        """Teacher j's records, row j of a zero-padded block: teacher j can only ever read row j."""
-        train, dev = self._train, self.device
         self.partition = partition
-        mask = partition.members >= 0
-        self._part_x = torch.zeros((*mask.shape, *train.images.shape[1:]), dtype=torch.uint8)
-        self._part_y = torch.zeros(mask.shape, dtype=torch.long)
-        self._part_x[mask] = train.images[partition.members[mask]]
-        self._part_y[mask] = train.labels[partition.members[mask]]
-        self._part_x, self._part_y = self._part_x.to(dev), self._part_y.to(dev)
-        self._sizes = partition.sizes.to(dev)
+        self._part_x, self._part_y = partition_blocks(self._train, partition, self.device)
+        self._sizes = partition.sizes.to(self.device)
 
     def _fakes(self, n: int) -> tuple[Tensor, Tensor]:
         """n generated samples without gradient: float [n, C, H, W], labels int64 [n] ~ U{classes}."""

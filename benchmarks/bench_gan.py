@@ -1,4 +1,5 @@
-"""GAN baselines: DP-GAN's discriminator DP step vs its non-private step, and PATE-GAN's time per iteration.
+"""GAN baselines: DP-GAN's discriminator DP step vs its non-private step, PATE-GAN's time per iteration, and
+GS-WGAN's sanitised generator step vs the same step without clipping and noise.
 
     .venv/bin/pytest benchmarks/bench_gan.py --benchmark-only -q --benchmark-min-rounds=5 --threads 1
 
@@ -25,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from bench.baselines.dpgan import DPGAN
 from bench.baselines.dpgan import Config as DPGANConfig
+from bench.baselines.gswgan import GSWGAN
+from bench.baselines.gswgan import Config as GSWGANConfig
 from bench.baselines.pategan import PATEGAN
 from bench.baselines.pategan import Config as PATEGANConfig
 
@@ -134,3 +137,28 @@ def test_pategan_iteration(
     rows[teachers] = (stats.min, stats.median)
     if "loop" in rows and "vmap" in rows:  # loop time ÷ vmap time
         benchmark.extra_info.update(loop_over_vmap_min=rows["loop"][0] / rows["vmap"][0])
+
+
+@pytest.mark.parametrize("mode", ["non-private", "sanitised"])
+def test_gswgan_generator_step(
+    benchmark: Any, ratios: dict[str, dict[str, Any]], fmnist_like: ImageDataset, mode: str
+) -> None:
+    """GS-WGAN's generator step (B fakes, the gradient w.r.t. each image from one discriminator, Adam on G) with the
+    per-image clipping and noise (`sanitised`) against the same step without them (the smoke profile's networks)."""
+    cfg = _config(GSWGANConfig, "gswgan")
+    method = GSWGAN(cfg, spec=SPEC, device=torch.device("cpu"))
+    method._prepare(fmnist_like, torch.Generator().manual_seed(0))
+    method.sigma = 10.0  # any σ: the cost does not depend on it
+    private = mode == "sanitised"
+    method._generator_step(0, private=private)  # warm-up
+    benchmark(method._generator_step, 0, private=private)
+    case = f"gswgan-{cfg.gen_arch}-md{cfg.model_dim}-B{cfg.batch_size}"
+    benchmark.extra_info.update(case=case, mode=mode, threads=torch.get_num_threads())
+    if benchmark.stats is None:
+        return
+    stats = benchmark.stats.stats
+    rows = ratios.setdefault(case, {})
+    rows[mode] = (stats.min, stats.median)
+    if "non-private" in rows:
+        ref_min, ref_med = rows["non-private"]
+        benchmark.extra_info.update(ratio_min=ref_min / stats.min, ratio_median=ref_med / stats.median)
