@@ -76,14 +76,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from bench.baselines.pategan import (
-    Partition,
-    build_teachers,
-    draw_partition,
-    largest_that_fits,
-    partition_blocks,
-    partition_of,
-)
+from bench.baselines.pategan import PartitionedTeachers, build_teachers, largest_that_fits
 from torch import Tensor
 
 from bench.contract import DataSpec, ImageDataset, Progress, device_generator
@@ -225,7 +218,7 @@ def noise_and_iterations(cfg: Config, budget: Budget) -> tuple[float, int]:
 # ---------------------------------------------------------------------------------------- the method
 
 
-class DataLens(ConditionalGAN):
+class DataLens(PartitionedTeachers, ConditionalGAN):
     name: ClassVar[str] = "datalens"
     version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
@@ -288,20 +281,13 @@ class DataLens(ConditionalGAN):
         with seeded_init(generator):
             self._build()
             self._build_teachers()
-        part_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
-        self._train = train
-        self._use_partition(draw_partition(len(train), cfg.teachers, part_gen))
+        self._draw_partition(train, cfg.teachers, generator)
         self.generator = generator
         self.noise_gen = device_generator(generator, dev)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_t = torch.optim.Adam(self.teachers.parameters(), lr=cfg.lr_teacher, betas=betas)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
         self.iteration = self.releases = 0
-
-    def _use_partition(self, partition: Partition) -> None:
-        self.partition = partition
-        self._part_x, self._part_y = partition_blocks(self._train, partition, self.device)
-        self._sizes = partition.sizes.to(self.device)
 
     def _latents(self, n: int) -> tuple[Tensor, Tensor]:
         y = torch.randint(0, self.spec.num_classes, (n,), generator=self.noise_gen, device=self.device)
@@ -379,11 +365,7 @@ class DataLens(ConditionalGAN):
         }
 
     def _load_training_state(self, state: dict[str, Any]) -> None:
-        teacher_of = state["teacher_of"]
-        if len(teacher_of) != len(self._train) or int(teacher_of.max()) >= self.config.teachers:
-            raise BenchError("datalens: the checkpoint's teacher partition does not fit this run's data and teachers")
-        if not torch.equal(teacher_of, self.partition.teacher_of):
-            self._use_partition(partition_of(teacher_of, self.config.teachers))
+        self._restore_partition(state["teacher_of"], self.config.teachers)
         self.load_state_dict(state["model"])
         self.teachers.load_state_dict(state["teachers"])
         for opt, s in zip((self.opt_t, self.opt_g), state["optimizers"], strict=True):

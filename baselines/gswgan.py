@@ -81,7 +81,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from bench.baselines.pategan import Partition, draw_partition, largest_that_fits, partition_blocks, partition_of
+from bench.baselines.pategan import Partition, PartitionedTeachers, largest_that_fits
 from dp_accounting import dp_event
 from dp_accounting.privacy_accountant import NeighboringRelation
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -297,7 +297,7 @@ def reference_epsilon(sigma: float, cfg: Config, steps: int, delta: float) -> fl
 # ---------------------------------------------------------------------------------------------- the method
 
 
-class GSWGAN(BuiltOnce):
+class GSWGAN(PartitionedTeachers, BuiltOnce):
     name: ClassVar[str] = "gswgan"
     version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
@@ -398,10 +398,8 @@ class GSWGAN(BuiltOnce):
         with seeded_init(generator):
             self._networks()
             self.critics = self._critics()
-        part_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+        self._draw_partition(train, cfg.discriminators, generator)
         sched_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
-        self._train = train
-        self._use_partition(draw_partition(len(train), cfg.discriminators, part_gen))
         self.schedule = draw_schedule(cfg, cfg.iterations, sched_gen)
         self.generator = generator
         self.noise_gen = device_generator(generator, dev)
@@ -411,9 +409,8 @@ class GSWGAN(BuiltOnce):
         self.warmed = self.step = 0
 
     def _use_partition(self, partition: Partition) -> None:
-        self.partition = partition
-        self._part_x, self._part_y = partition_blocks(self._train, partition, self.device)
-        self._sizes = partition.sizes.tolist()
+        super()._use_partition(partition)
+        self._sizes = partition.sizes.tolist()  # read per critic step: no device sync
 
     def _optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
         return torch.optim.Adam(net.parameters(), lr=self.config.lr, betas=(self.config.beta1, self.config.beta2))
@@ -535,11 +532,10 @@ class GSWGAN(BuiltOnce):
 
     def _load_training_state(self, state: dict[str, Any]) -> None:
         """Resume with the checkpoint's partition and schedule (the discriminators were trained on them)."""
-        teacher_of, k = state["teacher_of"], self.config.discriminators
-        if len(teacher_of) != len(self._train) or int(teacher_of.max()) >= k or len(state["critics"]) != k:
-            raise BenchError("gswgan: the checkpoint's partition does not fit this run's data and discriminators")
-        if not torch.equal(teacher_of, self.partition.teacher_of):
-            self._use_partition(partition_of(teacher_of, k))
+        k = self.config.discriminators
+        if len(state["critics"]) != k:
+            raise BenchError(f"gswgan: the checkpoint holds {len(state['critics'])} discriminators, this run {k}")
+        self._restore_partition(state["teacher_of"], k)
         self.schedule = state["schedule"]
         self.load_state_dict(state["model"])
         for D, s in zip(self.critics, state["critics"], strict=True):

@@ -179,6 +179,35 @@ def largest_that_fits(fits: Callable[[int], bool], most: int) -> int:
     return lo
 
 
+class PartitionedTeachers:
+    """What the teacher methods (pategan, gpate, datalens, gswgan) share: ONE i.i.d. partition per fit, drawn from a
+    generator of its own (seeded by one draw of the run's, so that N draws do not shift the run's stream), its records
+    as zero-padded blocks, and the checkpoint's partition on resume (the teachers were trained on it)."""
+
+    name: ClassVar[str]
+    device: torch.device
+    _train: ImageDataset
+    partition: Partition
+
+    def _draw_partition(self, train: ImageDataset, k: int, generator: torch.Generator) -> None:
+        part_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
+        self._train = train
+        self._use_partition(draw_partition(len(train), k, part_gen))
+
+    def _use_partition(self, partition: Partition) -> None:
+        """Teacher j's records, row j of a zero-padded block: teacher j can only ever read row j."""
+        self.partition = partition
+        self._part_x, self._part_y = partition_blocks(self._train, partition, self.device)
+        self._sizes = partition.sizes.to(self.device)
+
+    def _restore_partition(self, teacher_of: Tensor, k: int) -> None:
+        """Resume with the checkpoint's partition, whatever this process drew; one that does not fit is an error."""
+        if len(teacher_of) != len(self._train) or int(teacher_of.max()) >= k:
+            raise BenchError(f"{self.name}: the checkpoint's partition does not fit this run's data and teachers")
+        if not torch.equal(teacher_of, self.partition.teacher_of):
+            self._use_partition(partition_of(teacher_of, k))
+
+
 def vote_counts(logits: Tensor) -> Tensor:
     """Teachers' votes to counts: logits [k, B] (real > 0) -> float [B, 2] = (#fake, #real), rows sum to k."""
     real = (logits > 0).sum(0)
@@ -238,7 +267,7 @@ def noise_and_iterations(cfg: Config, budget: Budget) -> tuple[float, int]:
     return scale, largest_that_fits(fits, cfg.iterations)
 
 
-class PATEGAN(ConditionalGAN):
+class PATEGAN(PartitionedTeachers, ConditionalGAN):
     name: ClassVar[str] = "pategan"
     version: ClassVar[int] = 1  # bump when a change of this file changes its results (a new run key)
     Config: ClassVar[type] = Config
@@ -291,9 +320,7 @@ class PATEGAN(ConditionalGAN):
         with seeded_init(generator):
             self._build()
             self._build_teachers()
-        part_gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=generator).item()))
-        self._train = train
-        self._use_partition(draw_partition(len(train), cfg.teachers, part_gen))
+        self._draw_partition(train, cfg.teachers, generator)
         self.generator = generator
         self.noise_gen = device_generator(generator, dev)
         betas = (cfg.beta1, cfg.beta2)
@@ -301,11 +328,6 @@ class PATEGAN(ConditionalGAN):
         self.opt_s = torch.optim.Adam(self.S.parameters(), lr=cfg.lr_student, betas=betas)
         self.opt_g = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
         self.iteration = self.queries = 0
-
-    def _use_partition(self, partition: Partition) -> None:
-        self.partition = partition
-        self._part_x, self._part_y = partition_blocks(self._train, partition, self.device)
-        self._sizes = partition.sizes.to(self.device)
 
     def _fakes(self, n: int) -> tuple[Tensor, Tensor]:
         """n generated samples without gradient: float [n, C, H, W], labels int64 [n] ~ U{classes}."""
@@ -386,11 +408,7 @@ class PATEGAN(ConditionalGAN):
     def _load_training_state(self, state: dict[str, Any]) -> None:
         """Resume: the teachers were trained on the checkpoint's partition, so the fit goes on with it (one
         partition for the whole fit, whatever this process drew)."""
-        teacher_of = state["teacher_of"]
-        if len(teacher_of) != len(self._train) or int(teacher_of.max()) >= self.config.teachers:
-            raise BenchError("pategan: the checkpoint's teacher partition does not fit this run's data and teachers")
-        if not torch.equal(teacher_of, self.partition.teacher_of):
-            self._use_partition(partition_of(teacher_of, self.config.teachers))
+        self._restore_partition(state["teacher_of"], self.config.teachers)
         self.load_state_dict(state["model"])
         self.teachers.load_state_dict(state["teachers"])
         for opt, s in zip((self.opt_t, self.opt_s, self.opt_g), state["optimizers"], strict=True):

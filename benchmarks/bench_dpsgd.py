@@ -64,7 +64,7 @@ def non_private_step(model: nn.Module, optimizer: torch.optim.Optimizer, batch: 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(CASES))
-def test_step_throughput(benchmark: Any, ratios: dict[str, dict[str, Any]], case: str, mode: str) -> None:
+def test_step_throughput(benchmark: Any, ratios: Any, case: str, mode: str) -> None:
     network, K, modes = CASES[case]
     if mode != "non-private" and mode not in modes:
         pytest.skip(f"{mode} is not timed for {case} (ghost: per-row norms, K = 1 only; slow modes left out)")
@@ -88,11 +88,4 @@ def test_step_throughput(benchmark: Any, ratios: dict[str, dict[str, Any]], case
         )
         benchmark(dp.step, *batch)
     benchmark.extra_info.update(case=case, mode=mode, K=K, batch=BATCH, threads=torch.get_num_threads())
-    if benchmark.stats is None:  # --benchmark-disable
-        return
-    stats = benchmark.stats.stats
-    rows = ratios.setdefault(case, {})
-    rows[mode] = (stats.min, stats.median)
-    if "non-private" in rows:
-        ref_min, ref_med = rows["non-private"]
-        benchmark.extra_info.update(ratio_min=ref_min / stats.min, ratio_median=ref_med / stats.median)
+    ratios.record(benchmark, case, mode)

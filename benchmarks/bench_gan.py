@@ -60,7 +60,7 @@ DPGAN_MODES = ("non-private", "folded", "functorch", "hooks")
 
 @pytest.mark.parametrize("mode", DPGAN_MODES)
 @pytest.mark.parametrize("loss", ["ns", "wgan-gp"])
-def test_dpgan_discriminator_step(benchmark: Any, ratios: dict[str, dict[str, Any]], loss: str, mode: str) -> None:
+def test_dpgan_discriminator_step(benchmark: Any, ratios: Any, loss: str, mode: str) -> None:
     if loss == "wgan-gp" and mode in ("folded", "hooks"):
         pytest.skip("the gradient penalty needs a double backward: functorch only")
     torch.manual_seed(0)
@@ -100,14 +100,7 @@ def test_dpgan_discriminator_step(benchmark: Any, ratios: dict[str, dict[str, An
         benchmark(dp.step, *batch)
     case = f"dpgan-{loss}-w{cfg.width}-B{BATCH}"
     benchmark.extra_info.update(case=case, mode=mode, batch=BATCH, threads=torch.get_num_threads())
-    if benchmark.stats is None:
-        return
-    stats = benchmark.stats.stats
-    rows = ratios.setdefault(case, {})
-    rows[mode] = (stats.min, stats.median)
-    if "non-private" in rows:
-        ref_min, ref_med = rows["non-private"]
-        benchmark.extra_info.update(ratio_min=ref_min / stats.min, ratio_median=ref_med / stats.median)
+    ratios.record(benchmark, case, mode)
 
 
 @pytest.fixture(scope="module")
@@ -140,9 +133,7 @@ def test_pategan_iteration(
 
 
 @pytest.mark.parametrize("mode", ["non-private", "sanitised"])
-def test_gswgan_generator_step(
-    benchmark: Any, ratios: dict[str, dict[str, Any]], fmnist_like: ImageDataset, mode: str
-) -> None:
+def test_gswgan_generator_step(benchmark: Any, ratios: Any, fmnist_like: ImageDataset, mode: str) -> None:
     """GS-WGAN's generator step (B fakes, the gradient w.r.t. each image from one discriminator, Adam on G) with the
     per-image clipping and noise (`sanitised`) against the same step without them (the smoke profile's networks)."""
     cfg = _config(GSWGANConfig, "gswgan")
@@ -154,11 +145,4 @@ def test_gswgan_generator_step(
     benchmark(method._generator_step, 0, private=private)
     case = f"gswgan-{cfg.gen_arch}-md{cfg.model_dim}-B{cfg.batch_size}"
     benchmark.extra_info.update(case=case, mode=mode, threads=torch.get_num_threads())
-    if benchmark.stats is None:
-        return
-    stats = benchmark.stats.stats
-    rows = ratios.setdefault(case, {})
-    rows[mode] = (stats.min, stats.median)
-    if "non-private" in rows:
-        ref_min, ref_med = rows["non-private"]
-        benchmark.extra_info.update(ratio_min=ref_min / stats.min, ratio_median=ref_med / stats.median)
+    ratios.record(benchmark, case, mode)

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 import torch
 
-_RATIOS = pytest.StashKey[dict[str, dict[str, Any]]]()
+_RATIOS = pytest.StashKey[dict[str, dict[str, Any]]]()  # a RatioLog
 _THREADS = pytest.StashKey[int]()
 
 
@@ -25,11 +25,26 @@ def _threads(request: pytest.FixtureRequest) -> Any:
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="session")
-def ratios(request: pytest.FixtureRequest) -> dict[str, dict[str, Any]]:
+class RatioLog(dict[str, dict[str, Any]]):
     """{case: {reference: (min_s, median_s), mode: (min_s, median_s), ...}}, shared by one session; the reference
     row is "non-private" (a DP step's) or "local" (a grid's executor)."""
-    return request.config.stash.setdefault(_RATIOS, {})
+
+    def record(self, benchmark: Any, case: str, mode: str, reference: str = "non-private") -> None:
+        """Log `mode`'s (min, median) seconds under `case`; once the reference row is logged, add the ratios
+        (reference time ÷ this time) to the benchmark's extra_info. Nothing under --benchmark-disable (no stats)."""
+        if benchmark.stats is None:
+            return
+        stats = benchmark.stats.stats
+        rows = self.setdefault(case, {})
+        rows[mode] = (stats.min, stats.median)
+        if reference in rows:
+            ref_min, ref_med = rows[reference]
+            benchmark.extra_info.update(ratio_min=ref_min / stats.min, ratio_median=ref_med / stats.median)
+
+
+@pytest.fixture(scope="session")
+def ratios(request: pytest.FixtureRequest) -> RatioLog:
+    return request.config.stash.setdefault(_RATIOS, RatioLog())
 
 
 def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
