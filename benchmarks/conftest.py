@@ -7,12 +7,20 @@ from typing import Any
 import pytest
 import torch
 
+from bench.allocator import keep_freed_memory
+
 _RATIOS = pytest.StashKey[dict[str, dict[str, Any]]]()  # a RatioLog
 _THREADS = pytest.StashKey[int]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--threads", type=int, default=0, help="torch threads for the benchmarks (0: torch's default)")
+    parser.addoption(
+        "--malloc",
+        choices=("keep", "default"),
+        default="keep",
+        help="keep: glibc keeps freed memory for reuse, as `bench` sets it (bench.allocator); default: glibc's own",
+    )
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -21,6 +29,8 @@ def _threads(request: pytest.FixtureRequest) -> Any:
     if wanted:
         torch.set_num_threads(wanted)
     request.config.stash[_THREADS] = torch.get_num_threads()
+    if request.config.getoption("--malloc") == "keep":
+        keep_freed_memory()  # what a `bench run` process does before it trains
     yield
     torch.set_num_threads(threads)
 
@@ -56,7 +66,7 @@ def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> Non
     write(
         f"speed ÷ the reference's (a DP step: the non-private step of the same network and batch; a grid: the local "
         f"executor's wall time; a report: pandas' to_html of the same tables), side by side in this run "
-        f"({config.stash.get(_THREADS, '?')} torch threads)"
+        f"({config.stash.get(_THREADS, '?')} torch threads, malloc {config.getoption('--malloc')})"
     )
     write(f"{'case':<22} {'mode':<12} {'min ms':>8} {'median ms':>10} {'ratio(min)':>11} {'ratio(median)':>14}")
     for case, rows in table.items():

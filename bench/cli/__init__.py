@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 
 from bench import config
+from bench.allocator import keep_freed_memory
 from bench.errors import BenchError, one_line
 
 app = typer.Typer(
@@ -356,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     from typer._click.exceptions import ClickException, NoArgsIsHelpError
 
     os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")
+    keep_freed_memory()  # before any tensor: DP steps reuse freed pages (bench.allocator)
     try:
         status = app(argv, standalone_mode=False, prog_name="bench")
     except NoArgsIsHelpError as e:

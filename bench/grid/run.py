@@ -65,8 +65,10 @@ def run_grid(
     or, with `skip_missing_data`, leaves that dataset's cells out), the cells run through `executor` (default:
     LocalExecutor) with the grid's progress bars, then each dataset's real-data row (`real`) unless every cell
     failed. `echo` gets the one-line messages the command prints."""
+    from bench.allocator import keep_freed_memory
     from bench.ui import GridUI
 
+    keep_freed_memory()  # per-example gradients reuse freed pages (bench.allocator)
     executor = executor or LocalExecutor()
     missing: dict[str, str] = {}
     for ds in dict.fromkeys(s.dataset for s in specs):

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from bench.allocator import keep_freed_memory
 from bench.contract import ImageDataset
 from bench.errors import BenchError, one_line
 from bench.grid import registry
@@ -187,6 +188,7 @@ def run_job(
         mailbox.put.remote(item)
 
     torch.set_num_threads(settings.threads)
+    keep_freed_memory()  # as in the driver (bench.allocator)
     gpus = ray.get_gpu_ids()
     device = resolve_device("cpu" if settings.device == "auto" and not gpus else settings.device)
     where = f"{socket.gethostname()} pid {os.getpid()}" + (f" gpu {','.join(map(str, gpus))}" if gpus else "")
