@@ -76,13 +76,13 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from bench.baselines.pategan import PartitionedTeachers, build_teachers, largest_that_fits
+from bench.baselines.pategan import PartitionedTeachers, largest_that_fits
 from torch import Tensor
 
 from bench.contract import DataSpec, ImageDataset, Progress, device_generator
 from bench.errors import BenchError
 from bench.nets import seeded_init
-from bench.nets.gan import ConditionalGAN, Generator, TeacherBank, TeacherList, generate
+from bench.nets.gan import ConditionalGAN, Generator, generate
 from bench.pixels import to_model_range
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, epsilon
 
@@ -242,9 +242,6 @@ class DataLens(PartitionedTeachers, ConditionalGAN):
             groups=cfg.groups,
         ).to(self.device)
 
-    def _build_teachers(self) -> None:
-        self.teachers: TeacherBank | TeacherList = build_teachers(self.spec, self.config, self.device)
-
     def noise_and_iterations(self, budget: Budget) -> tuple[float, int]:
         return noise_and_iterations(self.config, budget)
 
@@ -258,19 +255,13 @@ class DataLens(PartitionedTeachers, ConditionalGAN):
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
     ) -> PrivacyLedger:
-        cfg, n = self.config, len(train)
-        if cfg.teachers > n:
-            raise BenchError(f"datalens: {cfg.teachers} teachers exceed the {n} training records")
+        cfg = self.config
+        self._check_teachers(len(train))
         self.sigma, iterations = self.noise_and_iterations(budget)
         self._prepare(train, generator)
-        if (state := progress.resume()) is not None:
-            self._load_training_state(state)
-        progress.start(iterations, f"datalens σ={self.sigma:.4g} T={cfg.teachers} k={cfg.topk} β={cfg.threshold:g}")
-        progress.advance(self.iteration)
-        while self.iteration < iterations:
-            self._iteration()
-            progress.advance()
-            progress.checkpoint(self._training_state)
+        self._run_iterations(
+            progress, iterations, f"datalens σ={self.sigma:.4g} T={cfg.teachers} k={cfg.topk} β={cfg.threshold:g}"
+        )
         ledger = PrivacyLedger()
         ledger.add(votes_stage(self.sigma, cfg.topk, self.releases))
         return ledger

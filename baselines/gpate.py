@@ -74,7 +74,6 @@ import torch.nn.functional as F
 from bench.baselines.pategan import (
     Partition,
     PartitionedTeachers,
-    build_teachers,
     draw_partition,
     largest_that_fits,
     partition_of,
@@ -84,7 +83,7 @@ from torch import Tensor
 from bench.contract import ImageDataset, Progress, device_generator
 from bench.errors import BenchError
 from bench.nets import seeded_init
-from bench.nets.gan import ConditionalGAN, Generator, TeacherBank, TeacherList, generate
+from bench.nets.gan import ConditionalGAN, Generator, generate
 from bench.pixels import to_model_range
 from bench.privacy import Budget, PrivacyLedger, Stage, calibrate, epsilon
 
@@ -268,9 +267,6 @@ class GPATE(PartitionedTeachers, ConditionalGAN):
             latent_dim=cfg.latent_dim, width_c=cfg.width, groups=cfg.groups,
         ).to(self.device)  # fmt: skip
 
-    def _build_teachers(self) -> None:
-        self.teachers: TeacherBank | TeacherList = build_teachers(self.spec, self.config, self.device)
-
     def noise_and_iterations(self, budget: Budget) -> tuple[float, float, int]:
         return noise_and_iterations(self.config, budget)
 
@@ -284,19 +280,13 @@ class GPATE(PartitionedTeachers, ConditionalGAN):
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
     ) -> PrivacyLedger:
-        cfg, n = self.config, len(train)
-        if cfg.teachers > n:
-            raise BenchError(f"gpate: {cfg.teachers} teachers exceed the {n} training records")
+        cfg = self.config
+        self._check_teachers(len(train))
         self.sigma, self.sigma_thresh, iterations = self.noise_and_iterations(budget)
         self._prepare(train, generator)
-        if (state := progress.resume()) is not None:
-            self._load_training_state(state)
-        progress.start(iterations, f"gpate σ={self.sigma:.3g} σ_t={self.sigma_thresh:.3g} k={cfg.teachers}")
-        progress.advance(self.iteration)
-        while self.iteration < iterations:
-            self._iteration()
-            progress.advance()
-            progress.checkpoint(self._training_state)
+        self._run_iterations(
+            progress, iterations, f"gpate σ={self.sigma:.3g} σ_t={self.sigma_thresh:.3g} k={cfg.teachers}"
+        )
         ledger = PrivacyLedger()
         for stage in query_stages(cfg, self.sigma, self.sigma_thresh, self.queries):
             ledger.add(stage)

@@ -185,7 +185,10 @@ class PartitionedTeachers:
     as zero-padded blocks, and the checkpoint's partition on resume (the teachers were trained on it)."""
 
     name: ClassVar[str]
+    config: Any
+    spec: Any
     device: torch.device
+    iteration: int
     _train: ImageDataset
     partition: Partition
 
@@ -199,6 +202,34 @@ class PartitionedTeachers:
         self.partition = partition
         self._part_x, self._part_y = partition_blocks(self._train, partition, self.device)
         self._sizes = partition.sizes.to(self.device)
+
+    def _build_teachers(self) -> None:
+        self.teachers: TeacherBank | TeacherList = build_teachers(self.spec, self.config, self.device)
+
+    def _check_teachers(self, n: int) -> None:
+        if self.config.teachers > n:
+            raise BenchError(f"{self.name}: {self.config.teachers} teachers exceed the {n} training records")
+
+    def _run_iterations(self, progress: Progress, iterations: int, label: str) -> None:
+        """The teacher methods' loop after `_prepare`: the checkpoint's state on resume, then `_iteration` until
+        `iterations` are done, a checkpoint offered after each."""
+        if (state := progress.resume()) is not None:
+            self._load_training_state(state)
+        progress.start(iterations, label)
+        progress.advance(self.iteration)
+        while self.iteration < iterations:
+            self._iteration()
+            progress.advance()
+            progress.checkpoint(self._training_state)
+
+    def _iteration(self) -> None:
+        raise NotImplementedError
+
+    def _training_state(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _load_training_state(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
 
     def _restore_partition(self, teacher_of: Tensor, k: int) -> None:
         """Resume with the checkpoint's partition, whatever this process drew; one that does not fit is an error."""
@@ -277,9 +308,6 @@ class PATEGAN(PartitionedTeachers, ConditionalGAN):
         g, s = build_pair(spec, latent_dim=cfg.latent_dim, width_c=cfg.width, groups=cfg.groups)
         self.G, self.S = g.to(self.device), s.to(self.device)
 
-    def _build_teachers(self) -> None:
-        self.teachers: TeacherBank | TeacherList = build_teachers(self.spec, self.config, self.device)
-
     # ------------------------------------------------------------------------------------ calibration
 
     def noise_and_iterations(self, budget: Budget) -> tuple[float, int]:
@@ -296,19 +324,13 @@ class PATEGAN(PartitionedTeachers, ConditionalGAN):
     def fit(
         self, train: ImageDataset, *, budget: Budget, generator: torch.Generator, progress: Progress
     ) -> PrivacyLedger:
-        cfg, n = self.config, len(train)
-        if cfg.teachers > n:
-            raise BenchError(f"pategan: {cfg.teachers} teachers exceed the {n} training records")
+        cfg = self.config
+        self._check_teachers(len(train))
         self.noise_scale, iterations = self.noise_and_iterations(budget)
         self._prepare(train, generator)
-        if (state := progress.resume()) is not None:
-            self._load_training_state(state)
-        progress.start(iterations, f"pategan {cfg.aggregator} scale={self.noise_scale:.3g} k={cfg.teachers}")
-        progress.advance(self.iteration)
-        while self.iteration < iterations:
-            self._iteration()
-            progress.advance()
-            progress.checkpoint(self._training_state)
+        self._run_iterations(
+            progress, iterations, f"pategan {cfg.aggregator} scale={self.noise_scale:.3g} k={cfg.teachers}"
+        )
         ledger = PrivacyLedger()
         ledger.add(votes_stage(cfg.aggregator, self.noise_scale, self.queries))
         return ledger
