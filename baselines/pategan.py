@@ -31,8 +31,13 @@ function of the config only. No data-dependent ε (PATE's smooth-sensitivity ana
 used for stopping, or reported. Images are scaled with fixed constants; no statistic of the private
 data is computed outside the mechanism.
 
-Provenance: written from the paper's algorithm, not from a repository, so no repository@commit is cited. The
-public PATE-GAN codes were not reproduced on purpose: Ganev et al. (2024) found privacy violations in six of them
+Provenance: written from the paper's algorithm, not from a repository. The authors' 2018 code was read, as
+archived by Ganev et al. (spalabucr/pategan-audit@d457ac77b4bb94a045fec100f12c9c643420e54f:
+code/pate_gans/original/original.py, from mvdschaar/mlforhealthlabpub@0b0190b: alg/pategan/PATE_GAN.py), and
+deliberately not reproduced: it trains one WGAN-GP discriminator on all records (no teachers, no partition, no
+student), adds Gaussian noise to the real/fake LABELS rather than to vote counts, min-max normalises with the
+private data's own statistics, and computes its noise scale with `10 ^ delta` (a bitwise XOR). The other
+public PATE-GAN codes were not reproduced either: Ganev et al. (2024) found privacy violations in six of them
 (among them noise on the labels instead of the counts, and data-dependent accounting), which the choices above
 avoid. Deviations from the paper: data-independent accounting instead of its moments-accountant bound, a
 partition by i.i.d. teacher indices, image networks (bench.nets.gan) instead of its tabular MLPs.
@@ -189,6 +194,9 @@ class PartitionedTeachers:
     spec: Any
     device: torch.device
     iteration: int
+    _iteration: Callable[[], None]  # each method's own: one iteration, its training state and its restore
+    _training_state: Callable[[], dict[str, Any]]
+    _load_training_state: Callable[[dict[str, Any]], None]
     _train: ImageDataset
     partition: Partition
 
@@ -221,15 +229,6 @@ class PartitionedTeachers:
             self._iteration()
             progress.advance()
             progress.checkpoint(self._training_state)
-
-    def _iteration(self) -> None:
-        raise NotImplementedError
-
-    def _training_state(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _load_training_state(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
 
     def _restore_partition(self, teacher_of: Tensor, k: int) -> None:
         """Resume with the checkpoint's partition, whatever this process drew; one that does not fit is an error."""
