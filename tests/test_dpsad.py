@@ -9,7 +9,13 @@ from unittest.mock import patch
 
 import pytest
 import torch
-from bench.methods.dpsad_common import DISC_NOT_DP, OUTPUT_CLIP_NOT_DP, TEACHER_NOT_DP, OutputClipStep
+from bench.methods.dpsad_common import (
+    DISC_NOT_DP,
+    OUTPUT_CLIP_NOT_DP,
+    TEACHER_NOT_DP,
+    OutputClipStep,
+    StudentFit,
+)
 
 from bench import config
 from bench.contract import NullProgress
@@ -291,6 +297,9 @@ def test_e2e_card_composes_its_stages_within_budget(train, one_thread, monkeypat
         ("dpsad", {"denoiser": "edm", "sampler": "edm-heun", "guidance": 1.0}, "needs label_dropout"),
         ("dpsad-e2e", {"sampler": "edm-heun"}, "does not fit denoiser 'ddpm'"),
         ("dpsad", {"teacher_ema_decay": 1.0}, "teacher_ema_decay"),
+        ("dpsad-e2e", {"student_init": "copy"}, "student_init"),
+        ("dpsad-e2e", {"student_init": "teacher", "base_channels": 16}, "base_channels vs teacher_base_channels"),
+        ("dpsad-e2e", {"student_init": "teacher", "student_conditional": False}, "student_conditional = false"),
     ],
 )
 def test_bad_config_is_a_value_error(name: str, sets: dict, message: str) -> None:
@@ -356,17 +365,25 @@ class _Capture:
 
 
 @pytest.mark.parametrize("denoiser", DENOISERS)
-@pytest.mark.parametrize(("name", "at"), [("dpsad", (1, 2)), ("dpsad-e2e", (2, 4))])
-def test_an_interrupted_fit_resumes_to_the_same_model(train, one_thread, name: str, at: tuple, denoiser: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "at", "sets"),
+    [("dpsad", (1, 2), {}), ("dpsad-e2e", (2, 4), {}), ("dpsad-e2e", (2, 3, 4), {"student_init": "teacher"})],
+    ids=["dpsad", "dpsad-e2e", "dpsad-e2e-student-init-teacher"],
+)
+def test_an_interrupted_fit_resumes_to_the_same_model(
+    train, one_thread, name: str, at: tuple, sets: dict, denoiser: str
+) -> None:
     """dpsad: checkpoints after student steps 1 and 2 of 3 (its teacher is a shared stage, not in its fit); dpsad-e2e:
-    in the DP teacher's phase (2 of its 3 steps) and in the student's (step 4). A resumed fit, whatever its generator's
-    seed, continues the checkpoint's (dpsad: the same teacher, whose seed the checkpoint keeps)."""
+    in the DP teacher's phase (2 of its 3 steps) and in the student's (step 4); with student_init = "teacher" also at
+    the end of the teacher's phase (3), before the student is initialised, and after (4: not initialised again). A
+    resumed fit, whatever its generator's seed, continues the checkpoint's (dpsad: the same teacher, whose seed the
+    checkpoint keeps)."""
     budget = Budget.for_records(5.0, len(train))
-    whole, capture = build(name, train, eps=5.0, **DENOISERS[denoiser]), _Capture(at=at)
+    whole, capture = build(name, train, eps=5.0, **DENOISERS[denoiser], **sets), _Capture(at=at)
     whole.fit(train, budget=budget, generator=torch.Generator().manual_seed(0), progress=capture)
     assert sorted(capture.saved) == list(at)
     for k in at:
-        resumed = build(name, train, eps=5.0, **DENOISERS[denoiser])
+        resumed = build(name, train, eps=5.0, **DENOISERS[denoiser], **sets)
         ledger = resumed.fit(
             train,
             budget=budget,
@@ -376,3 +393,28 @@ def test_an_interrupted_fit_resumes_to_the_same_model(train, one_thread, name: s
         for a, b in zip(whole.state_dict()["ema"].values(), resumed.state_dict()["ema"].values(), strict=True):
             assert torch.equal(a, b), f"resumed after step {k}"
         assert ledger.stages[-1].steps == 3  # the steps before the interruption are charged once, not twice
+
+
+@pytest.mark.parametrize("denoiser", DENOISERS)
+def test_e2e_student_starts_as_the_dp_teacher_only_when_asked(train, one_thread, monkeypatch, denoiser: str) -> None:
+    """student_init = "teacher": the student (and its EMA) enter their first DP step with the DP teacher's released
+    (EMA) weights, and the ledger is unchanged (post-processing of a DP output); "random" keeps its own init."""
+    entered: dict[str, list[torch.Tensor]] = {}
+    real_phase = StudentFit.student_phase
+
+    def spy(self, *args, **kwargs):
+        m = self.method
+        entered["teacher"] = [p.detach().clone() for p in m.teacher_ema.model.parameters()]
+        entered["student"] = [p.detach().clone() for p in m.net.parameters()]
+        entered["ema"] = [p.detach().clone() for p in m.ema.model.parameters()]
+        return real_phase(self, *args, **kwargs)
+
+    monkeypatch.setattr(StudentFit, "student_phase", spy)
+    ledgers = {}
+    for init in ("random", "teacher"):
+        method = build("dpsad-e2e", train, eps=3.0, student_init=init, **DENOISERS[denoiser])
+        ledgers[init], _ = fit(method, train, eps=3.0)
+        same = [torch.equal(a, b) for a, b in zip(entered["teacher"], entered["student"], strict=True)]
+        assert all(same) == (init == "teacher")
+        assert all(torch.equal(a, b) for a, b in zip(entered["student"], entered["ema"], strict=True))
+    assert ledgers["random"].stages == ledgers["teacher"].stages
