@@ -1,6 +1,10 @@
 """DP-SAD made end-to-end DP (`dpsad-e2e`): the algorithm of methods/dpsad.py (Liu, Wang, Ge, ECCV 2024) with
 every stage that touches private data a DP mechanism in one ledger. No public code of the paper exists, so no
-repository is cited; the variant is ours.
+repository of DP-SAD is cited; the variant is ours. What it reproduces is its DP teacher's training, DPDM's
+(nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3: Poisson sampling, noise multiplicity K, label dropout, EMA
+with warm-up; methods/dpsad_teacher.py and bench/diffusion/edm.py cite the files and list the deviations); the
+deviations of this variant from the paper are its DP teacher and DP discriminator (the paper's are non-private),
+the budget split and `student_init` below, each recorded in the run's config.
 
 The teacher is trained with DP-SGD inside the run (Poisson sampling, noise multiplicity K, label dropout: as
 DPDM, on either denoiser, methods/dpsad_teacher.py; it depends on ε, so it is not shared across cells as dpsad's
