@@ -76,14 +76,14 @@ gpu-bundle: $(RUNTIME) data
 
 ifeq ($(DEVICE),cpu)
 gpu-check: $(STAMP)
-	$(PY) -m bench.gpucheck --out $(OUT) --device cpu $(if $(QUICK),--quick) --tests tests
+	$(PY) -m bench.gpucheck --out $(OUT) --device cpu $(if $(QUICK),--quick) --tests tests $(GPU_ARGS)
 else
 gpu-check:
 	@test -d .gpu/wheels || { echo "no .gpu/ here: run 'make gpu-bundle' on a machine that reaches PyPI, and carry .gpu"; exit 2; }
 	rm -rf $(GPU_SITE) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
 		--no-build-isolation --target $(GPU_SITE) .gpu/wheels/*.whl . && rm -rf build
 	cd /tmp && PYTHONPATH=$(GPU_SITE) python3 -m bench.gpucheck --out $(abspath $(OUT)) --device $(DEVICE) \
-		--data-root $(CURDIR)/.gpu/data --tests $(CURDIR)/tests $(if $(QUICK),--quick)
+		--data-root $(CURDIR)/.gpu/data --tests $(CURDIR)/tests $(if $(QUICK),--quick) $(GPU_ARGS)
 endif
 
 clean:

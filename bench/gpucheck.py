@@ -2,6 +2,7 @@
 
     python -m bench.gpucheck --out DIR [--device cuda] [--data-root DIR] [--budget 480]
     python -m bench.gpucheck --out DIR --device cpu --quick      # tiny settings: the test suite runs this
+    python -m bench.gpucheck --out DIR --parts throughput --only dpdm,dpsad-e2e   # a rerun of what failed
 
 It runs, in order, each part skipped with a note once the budget is spent:
 
@@ -60,6 +61,7 @@ QUICK_SETS = {"dpsad (edm)": {"attention_resolutions": [8], "teacher_attention_r
 QUICK_METRICS = "fd_domain,acc_logreg"  # the quick grid's scoring (the full one scores gpu-short's metrics)
 QUICK_GRID = ("dpdm", "dpmerf")  # the quick grid: the same command on fewer methods
 PAPERS = ("dpsad-eccv24", "dpdm-tmlr23")
+PARTS = ("tests", "throughput", "classifiers", "grid", "estimates")
 FILES = ("summary.md", "summary.json", "throughput.json", "gpu-check.tar.gz")
 
 
@@ -113,9 +115,12 @@ def gpu_tests(s: Settings, work: Path, timeout: float) -> dict[str, Any]:
     return {"exit": rc, "counts": counts, "tail": tail}
 
 
-def throughput(s: Settings, deadline: float, log: Path) -> list[tuple[str, Measurement]]:
+def throughput(
+    s: Settings, deadline: float, log: Path, only: tuple[str, ...] = ()
+) -> list[tuple[str, Measurement]]:
     """Each method at the paper's settings (fp32 and bf16 where it has the option), then ddpm with dpdm's network on
-    dpdm's rows per step: the non-private reference of dpdm's DP step."""
+    dpdm's rows per step: the non-private reference of dpdm's DP step. `only`: the labels that start with one of
+    these (all when empty)."""
     out: list[tuple[str, Measurement]] = []
     jobs: list[tuple[str, str, dict[str, Any]]] = []
     for label, method, sets in THROUGHPUT:
@@ -132,6 +137,7 @@ def throughput(s: Settings, deadline: float, log: Path) -> list[tuple[str, Measu
     rows = min(rows, 128) if s.quick else rows
     same_net |= {"batch_size": rows, "epochs": 10 * rows / data.spec_without_files(s.dataset).num_train}
     jobs.append(("ddpm with dpdm's network", "ddpm", same_net))
+    jobs = [job for job in jobs if not only or job[0].startswith(only)]
     with log.open("w") as f:
         for label, method, sets in jobs:
             if time.perf_counter() > deadline:
@@ -214,7 +220,7 @@ def summary_md(info: dict[str, Any]) -> str:
     lines = [f"# gpu-check on {info['device_name']} ({info['mode']})", ""]
     lines += [f"- {k}: {info[k]}" for k in ("torch", "python", "commit", "seconds")]
     t = info.get("tests")
-    lines += ["", "## gpu tests", "", f"exit {t['exit']}: {t['counts']}" if t else "skipped (time budget)"]
+    lines += ["", "## gpu tests", "", f"exit {t['exit']}: {t['counts']}" if t else "skipped (see Skipped)"]
     settings = (
         "the tiny test profile, 16×16 synthetic data"
         if info["mode"] == "quick"
@@ -259,7 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=None, help="folder of the Fashion-MNIST IDX files (the bundle's)")
     p.add_argument("--tests", type=Path, default=Path("tests"), help="the repository's tests folder (default ./tests)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 480)")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"the parts to run, comma-separated (default {','.join(PARTS)})")
+    p.add_argument("--only", default="", help="throughput: only the labels that start with one of these (comma-separated)")
     a = p.parse_args(argv)
+    parts = {x for x in a.parts.split(",") if x}
+    if parts - set(PARTS):
+        print(f"gpu-check: --parts: unknown {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
+        return 2
     t0 = time.perf_counter()
     deadline = t0 + a.budget
     if a.device.startswith("cuda") and not torch.cuda.is_available():
@@ -280,22 +292,30 @@ def main(argv: list[str] | None = None) -> int:
         "skipped": [],
     }
     left = lambda: deadline - time.perf_counter()  # noqa: E731
-    info["tests"] = gpu_tests(s, work, min(150.0, left()))
+    info["skipped"] += [f"{part}: not asked for (--parts)" for part in PARTS if part not in parts]
+    info["tests"] = gpu_tests(s, work, min(150.0, left())) if "tests" in parts else None
     # the grid gets ~45 % of what is left after the tests, the throughput the rest (both stop at their share)
-    measured = throughput(s, time.perf_counter() + 0.45 * left(), work / "throughput.log")
+    share = 0.45 if "grid" in parts else 0.0
+    only = tuple(x for x in a.only.split(",") if x)
+    measured = (throughput(s, time.perf_counter() + (1 - share) * left(), work / "throughput.log", only)
+                if "throughput" in parts else [])  # fmt: skip
     info["throughput"] = [{"label": label, **m.to_json()} for label, m in measured]
     info["dp_ratio"] = dp_ratio(measured)
-    info["classifiers"] = classifiers(s, work / "classifiers.log") if left() > 90 else []
-    if not info["classifiers"]:
+    info["classifiers"] = classifiers(s, work / "classifiers.log") if "classifiers" in parts and left() > 90 else []
+    if not info["classifiers"] and "classifiers" in parts:
         info["skipped"].append("downstream classifiers' timing: the time budget was spent or it failed")
     throughput_file = a.out / "throughput.json"
     table = throughput_json([m for _, m in measured], str(s.device), info["classifiers"])
     throughput_file.write_text(json.dumps(table, default=str))
-    if left() > 60:
+    if "grid" not in parts:
+        pass
+    elif left() > 60:
         info["grid"] = grid(s, work, left() - 30, data_root)
     else:
         info["skipped"].append("short grid: the time budget was spent")
-    if left() > 15:
+    if "estimates" not in parts:
+        pass
+    elif left() > 15:
         info["estimates"] = estimates(s, work, throughput_file, max(10.0, left() - 5))
     else:
         info["skipped"].append("estimates: the time budget was spent")

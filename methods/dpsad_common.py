@@ -346,12 +346,13 @@ class DPSADBase(ConditionalDenoiser):
 
     def _dp(
         self, model: nn.Module, optimizer: torch.optim.Optimizer, loss: Callable[..., Tensor], *, sigma: float,
-        C: float, q: float, n: int, gen: torch.Generator,
+        C: float, q: float, n: int, gen: torch.Generator, physical: int | None = None,
     ) -> DPSGD:  # fmt: skip
-        """A DP-SGD step on one of the networks, with the run's per-example mode and physical batch."""
+        """A DP-SGD step on one of the networks, with the run's per-example mode and physical batch (or `physical`
+        examples per backward)."""
         return DPSGD(model, optimizer, per_example_loss=loss, noise_multiplier=sigma, max_grad_norm=C, sample_rate=q,
                      num_records=n, generator=gen, mode=self.config.dp_mode,
-                     max_physical_batch_size=self.config.physical_batch_size)  # fmt: skip
+                     max_physical_batch_size=physical or self.config.physical_batch_size)  # fmt: skip
 
     def _student_dp(
         self, optimizer: torch.optim.Optimizer, sigma_eff: float, q: float, n: int, gen: torch.Generator

@@ -60,6 +60,9 @@ class E2EConfig(CommonConfig):
     teacher_lr: float = 3e-4
     teacher_noise_multiplicity: int = 32  # K of the DP teacher's loss (DPDM: 32)
     teacher_max_grad_norm: float = 1.0  # C of the teacher
+    # examples per backward of the teacher's step (memory only, the same step): its K rows each make 512 × 32 rows
+    # ~140 GiB on an H200 (measured); DPDM's own chunk is 4096 / 8 GPUs / n_splits 4 = 128 examples
+    teacher_physical_batch_size: int = 128
     disc_training: Literal["dpsgd", "teacher-samples"] = "dpsgd"  # DP-SGD, or on DP teacher samples only
     disc_batch_size: int = 1024  # dpsgd: expected Poisson batch; teacher-samples: minibatch of the pool
     disc_max_grad_norm: float = 1.0  # C of the discriminator (dpsgd)
@@ -89,7 +92,7 @@ class E2EConfig(CommonConfig):
                 f"budget_split: the discriminator share must be > 0 with disc_training='dpsgd' and 0 with "
                 f"'teacher-samples', got {list(split)} with {self.disc_training!r}"
             )
-        for key in ("teacher_noise_multiplicity", "disc_batch_size", "pool_size", "pool_sample_steps"):
+        for key in ("teacher_noise_multiplicity", "teacher_physical_batch_size", "disc_batch_size", "pool_size", "pool_sample_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
         for key in ("teacher_max_grad_norm", "disc_max_grad_norm"):
@@ -135,7 +138,8 @@ class DPSADE2E(DPSADBase):
         fit = StudentFit(self, train, generator, progress, teacher=True)
         dp = {
             "teacher": self._dp(teacher.net, fit.opt_t, teacher.example_loss, sigma=sigmas["teacher"],
-                                C=cfg.teacher_max_grad_norm, q=q_t, n=n, gen=fit.noise_gen),
+                                C=cfg.teacher_max_grad_norm, q=q_t, n=n, gen=fit.noise_gen,
+                                physical=cfg.teacher_physical_batch_size),
             "student": self._student_dp(fit.opt_s, sigmas["student"], q_s, n, fit.noise_gen),
         }  # fmt: skip
         if dp_disc:

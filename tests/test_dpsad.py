@@ -298,6 +298,7 @@ def test_e2e_card_composes_its_stages_within_budget(train, one_thread, monkeypat
         ("dpsad-e2e", {"sampler": "edm-heun"}, "does not fit denoiser 'ddpm'"),
         ("dpsad", {"teacher_ema_decay": 1.0}, "teacher_ema_decay"),
         ("dpsad-e2e", {"student_init": "copy"}, "student_init"),
+        ("dpsad-e2e", {"teacher_physical_batch_size": 0}, "teacher_physical_batch_size"),
         ("dpsad-e2e", {"student_init": "teacher", "base_channels": 16}, "base_channels vs teacher_base_channels"),
         ("dpsad-e2e", {"student_init": "teacher", "student_conditional": False}, "student_conditional = false"),
     ],
@@ -393,6 +394,42 @@ def test_an_interrupted_fit_resumes_to_the_same_model(
         for a, b in zip(whole.state_dict()["ema"].values(), resumed.state_dict()["ema"].values(), strict=True):
             assert torch.equal(a, b), f"resumed after step {k}"
         assert ledger.stages[-1].steps == 3  # the steps before the interruption are charged once, not twice
+
+
+def test_e2e_teacher_backward_chunks_are_its_own_physical_batch(train, one_thread, monkeypatch) -> None:
+    """The DP teacher's K rows per example are what fills a GPU (paper profile: 512 × 32 rows ran out of an H200):
+    its step is taken in chunks of teacher_physical_batch_size examples, the other networks' in physical_batch_size
+    ones, and the chunked step is still one release per step."""
+    chunks: dict[int, list[int]] = {}
+    real_chunked = DPSGD._chunked
+
+    def spy(self, batch, B, clip):
+        def counted(chunk):
+            chunks.setdefault(id(self.model), []).append(len(chunk[0]))
+            return clip(chunk)
+
+        return real_chunked(self, batch, B, counted)
+
+    monkeypatch.setattr(DPSGD, "_chunked", spy)
+    method = build("dpsad-e2e", train, eps=3.0, teacher_physical_batch_size=3, physical_batch_size=1000)
+    ledger, _ = fit(method, train, eps=3.0)
+    teacher, student = chunks[id(method.teacher_method.net)], chunks[id(method.net)]
+    steps = {s.name: s.steps for s in ledger.stages}
+    assert max(teacher) == 3 and len(teacher) >= 2 * steps["teacher"]  # ~64-example batches in chunks of 3
+    assert max(student) > 3, "the student keeps physical_batch_size"
+    assert chunks[id(method.disc)] and max(chunks[id(method.disc)]) > 3
+
+
+def test_the_paper_profile_takes_at_most_4096_rows_per_backward() -> None:
+    """Measured on an H200 (140 GiB): dpdm's step at 512 examples × K = 32 rows per backward ran out of memory, and
+    at 128 × 32 = 4,096 rows peaked at 114 GiB (fp32). Every K > 1 step of the paper profile stays at that size."""
+    profile = config.load_profile("paper")
+    for name, physical, draws in (("dpdm", "physical_batch_size", "noise_multiplicity"),
+                                  ("dpsad-e2e", "teacher_physical_batch_size", "teacher_noise_multiplicity")):  # fmt: skip
+        for dataset in ("mnist", "fmnist", "cifar10", "celeba64-gender"):
+            cfg, _ = config.resolve(registry.get(name).Config, profile=profile, method=name, dataset=dataset,
+                                    epsilon=10.0, sets={})  # fmt: skip
+            assert getattr(cfg, physical) * getattr(cfg, draws) <= 4096, (name, dataset)
 
 
 @pytest.mark.parametrize("denoiser", DENOISERS)

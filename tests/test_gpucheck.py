@@ -279,6 +279,20 @@ def test_gpu_check_cpu_mode_writes_the_files_it_promises(tmp_path: Path) -> None
     assert data.spec_without_files("fmnist").num_train == 60000  # the full mode's shape
 
 
+def test_gpu_check_reruns_only_the_parts_and_runs_asked(tmp_path: Path, capsys) -> None:
+    """A lent machine's second call reruns what failed: --parts picks the parts, --only the throughput rows."""
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--device", "cpu", "--quick", "--tests", str(ROOT / "tests")]
+    assert gpucheck.main([*args, "--parts", "throughput", "--only", "ddpm with,dpmerf"]) == 0
+    info = json.loads((out / "summary.json").read_text())
+    assert [r["label"] for r in info["throughput"]] == ["dpmerf", "ddpm with dpdm's network"]
+    assert info["tests"] is None and "grid" not in info and "estimates" not in info
+    assert info["skipped"] == [f"{p}: not asked for (--parts)" for p in ("tests", "classifiers", "grid", "estimates")]
+    assert len(json.loads((out / "throughput.json").read_text())["measurements"]) == 2
+    assert gpucheck.main([*args, "--parts", "throughput,grids"]) == 2
+    assert "unknown ['grids']" in capsys.readouterr().out
+
+
 def test_timing_on_a_cpu_chunks_a_large_physical_batch_and_records_the_config_asked(monkeypatch) -> None:
     """The paper profile's dpdm chunks (512 examples × K = 32 draws) took over 24 GiB and the OS killed the
     estimate: on a CPU the timing runs chunks of ≤ 512 rows (the same step, memory only) and records the config
