@@ -115,9 +115,7 @@ def gpu_tests(s: Settings, work: Path, timeout: float) -> dict[str, Any]:
     return {"exit": rc, "counts": counts, "tail": tail}
 
 
-def throughput(
-    s: Settings, deadline: float, log: Path, only: tuple[str, ...] = ()
-) -> list[tuple[str, Measurement]]:
+def throughput(s: Settings, deadline: float, log: Path, only: tuple[str, ...] = ()) -> list[tuple[str, Measurement]]:
     """Each method at the paper's settings (fp32 and bf16 where it has the option), then ddpm with dpdm's network on
     dpdm's rows per step: the non-private reference of dpdm's DP step. `only`: the labels that start with one of
     these (all when empty)."""
@@ -265,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=None, help="folder of the Fashion-MNIST IDX files (the bundle's)")
     p.add_argument("--tests", type=Path, default=Path("tests"), help="the repository's tests folder (default ./tests)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 480)")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"the parts to run, comma-separated (default {','.join(PARTS)})")
-    p.add_argument("--only", default="", help="throughput: only the labels that start with one of these (comma-separated)")
+    p.add_argument("--parts", default=",".join(PARTS), help="the parts to run, comma-separated (default: all)")
+    p.add_argument(
+        "--only", default="", help="throughput: only the labels starting with one of these (comma-separated)"
+    )
     a = p.parse_args(argv)
     parts = {x for x in a.parts.split(",") if x}
     if parts - set(PARTS):

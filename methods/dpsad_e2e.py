@@ -92,7 +92,13 @@ class E2EConfig(CommonConfig):
                 f"budget_split: the discriminator share must be > 0 with disc_training='dpsgd' and 0 with "
                 f"'teacher-samples', got {list(split)} with {self.disc_training!r}"
             )
-        for key in ("teacher_noise_multiplicity", "teacher_physical_batch_size", "disc_batch_size", "pool_size", "pool_sample_steps"):
+        for key in (
+            "teacher_noise_multiplicity",
+            "teacher_physical_batch_size",
+            "disc_batch_size",
+            "pool_size",
+            "pool_sample_steps",
+        ):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be ≥ 1, got {getattr(self, key)}")
         for key in ("teacher_max_grad_norm", "disc_max_grad_norm"):

@@ -424,8 +424,9 @@ def test_the_paper_profile_takes_at_most_4096_rows_per_backward() -> None:
     """Measured on an H200 (140 GiB): dpdm's step at 512 examples × K = 32 rows per backward ran out of memory, and
     at 128 × 32 = 4,096 rows peaked at 114 GiB (fp32). Every K > 1 step of the paper profile stays at that size."""
     profile = config.load_profile("paper")
-    for name, physical, draws in (("dpdm", "physical_batch_size", "noise_multiplicity"),
-                                  ("dpsad-e2e", "teacher_physical_batch_size", "teacher_noise_multiplicity")):  # fmt: skip
+    fields = {"dpdm": ("physical_batch_size", "noise_multiplicity"),
+              "dpsad-e2e": ("teacher_physical_batch_size", "teacher_noise_multiplicity")}  # fmt: skip
+    for name, (physical, draws) in fields.items():
         for dataset in ("mnist", "fmnist", "cifar10", "celeba64-gender"):
             cfg, _ = config.resolve(registry.get(name).Config, profile=profile, method=name, dataset=dataset,
                                     epsilon=10.0, sets={})  # fmt: skip
