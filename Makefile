@@ -47,7 +47,7 @@ browser:
 	fi
 
 demo: $(RUNTIME) data
-	$(VENV)/bin/bench run --methods dpsad,dpsad-e2e,dpdm,dpgan,dpmerf --eps 10 --dataset fmnist --profile demo
+	$(VENV)/bin/bench run --methods dpsad,dpsad-e2e,dpdm,dpmerf --eps 10 --dataset fmnist --profile demo
 	$(VENV)/bin/bench report >/dev/null && echo "tables, plots and the page reports/index.html (open it in a browser)"
 
 test: $(STAMP) data browser
