@@ -25,7 +25,7 @@ from typing import Any
 import pandas as pd
 import torch
 
-from bench import data
+from bench import config, data
 from bench.errors import BenchError
 from bench.grid import registry
 from bench.grid.planning import RunSpec
@@ -146,10 +146,15 @@ def scoring_seconds(spec: RunSpec, metrics: Iterable[str], th: Throughput) -> tu
 
 
 def cell_row(
-    spec: RunSpec, found: dict[str, Any] | None, th: Throughput, metrics: Iterable[str] = ()
+    spec: RunSpec,
+    found: dict[str, Any] | None,
+    th: Throughput,
+    metrics: Iterable[str] = (),
+    shared: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
     """One run's estimate: units per stage × seconds per unit, samples × seconds per sample, and the downstream
-    classifiers of `metrics` (epochs × samples × seconds per sample·epoch)."""
+    classifiers of `metrics` (epochs × samples × seconds per sample·epoch). `shared`: stages another row of the
+    plan trains once for this run (dpsad's teacher: the dpsad-teacher row), counted there, not here."""
     unknown = data.spec_without_files(spec.dataset).num_train == 0
     work = None if unknown else work_of(spec)
     row: dict[str, Any] = {
@@ -178,8 +183,12 @@ def cell_row(
     if len(stages) != len(work) or any(s["seconds_per_unit"] is None for s in stages):
         row["status"] = f"the measurement timed {len(stages)} stage(s), the fit has {len(work)}"
         return row
-    notes = []
-    row["train_s"] = sum(units * s["seconds_per_unit"] for units, s in zip(work.values(), stages, strict=True))
+    notes = [f"{', '.join(sorted(shared))}: shared, in its own row"] if shared else []
+    row["train_s"] = sum(
+        units * st["seconds_per_unit"]
+        for (stage, units), st in zip(work.items(), stages, strict=True)
+        if stage not in shared
+    )
     row["sample_s"] = spec.eval.n_gen * found["sample_seconds"] if found.get("sample_seconds") is not None else None
     if row["sample_s"] is None:
         notes.append("sampling not measured")
@@ -187,8 +196,42 @@ def cell_row(
     if missing:
         notes.append(f"classifiers not measured: {', '.join(missing)}")
     row["gpu_h"] = (row["train_s"] + (row["sample_s"] or 0.0) + row["score_s"]) / 3600
-    row["status"] = "; ".join(notes) + (" (not in the total)" if notes else "")
+    missed = [n for n in notes if not n.endswith("in its own row")]
+    row["status"] = "; ".join(notes) + (" (not in the total)" if missed else "")
     return row
+
+
+def _same_config(config_json: dict[str, Any]) -> str:
+    return json.dumps(config_json, sort_keys=True, default=str)
+
+
+def teacher_json(spec_or_config: Any) -> dict[str, Any]:
+    """The resolved config of dpsad's shared teacher as JSON (the dpsad-teacher row's config)."""
+    return config.to_jsonable(spec_or_config.teacher_config())
+
+
+def shared_teacher_rows(specs: list[RunSpec], th: Throughput) -> dict[int, tuple[dict[str, Any] | None, frozenset]]:
+    """{index in specs: (measurement, shared stages)} for the runs a shared teacher changes: a dpsad run whose
+    teacher is a dpsad-teacher row of the plan (same dataset, seed and config) does not count the teacher's steps,
+    and a dpsad-teacher row without a measurement of its own takes the teacher stage of a dpsad measurement whose
+    teacher has its config (its sampling is then not measured)."""
+    teachers = {(s.dataset, s.seed, _same_config(s.config_json)) for s in specs if s.method == "dpsad-teacher"}
+    out: dict[int, tuple[dict[str, Any] | None, frozenset]] = {}
+    for i, s in enumerate(specs):
+        if s.method == "dpsad" and (s.dataset, s.seed, _same_config(teacher_json(s.config))) in teachers:
+            out[i] = (th.find(s.method, s.dataset, s.config_json), frozenset({"teacher steps"}))
+        elif s.method == "dpsad-teacher" and th.find(s.method, s.dataset, s.config_json) is None:
+            want = cost_key(s.config_json)
+            for m in th.measurements:
+                if m["method"] != "dpsad" or m.get("error") or data_shape(m["dataset"]) != data_shape(s.dataset):
+                    continue
+                try:
+                    cfg = config.build_dataclass(registry.get("dpsad").Config, m["config"], "a dpsad measurement")
+                except BenchError:  # measured by another version of the code
+                    continue
+                if cost_key(teacher_json(cfg)) == want and m["stages"] and m["stages"][0]["seconds_per_unit"]:
+                    out[i] = ({**m, "stages": m["stages"][:1], "sample_seconds": None}, frozenset())
+    return out
 
 
 def estimate(
@@ -227,7 +270,11 @@ def estimate(
                 echo(f"timing the downstream classifiers on {dataset} ({device})")
                 timed += classifiers_fn(wanted, dataset, device=device)
         throughput = Throughput(str(device), tuple(m.to_json() for m in measured.values()), tuple(timed))
-    rows = [cell_row(s, throughput.find(s.method, s.dataset, s.config_json), throughput, metrics) for s in specs]
+    teacher = shared_teacher_rows(specs, throughput)
+    rows = []
+    for i, s in enumerate(specs):
+        found, shared = teacher.get(i, (throughput.find(s.method, s.dataset, s.config_json), frozenset()))
+        rows.append(cell_row(s, found, throughput, metrics, shared))
     return pd.DataFrame(rows), throughput
 
 

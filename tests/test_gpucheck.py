@@ -165,6 +165,27 @@ def test_the_estimate_adds_the_stages_and_refuses_a_measurement_of_another_confi
     assert estimate.cell_row(sad, None, th)["status"] == "no measurement of this config"
 
 
+def test_the_shared_teacher_is_counted_once_in_its_own_row() -> None:
+    """dpsad's cells of a seed load the teacher the dpsad-teacher row trains: their rows count the student only, and
+    the teacher row takes the teacher stage of the dpsad measurement (gpu-check times dpsad, not the teacher alone)."""
+    plan = _plan("dpsad-eccv24")
+    specs = [s for s in plan.specs if s.dataset == "fmnist" and s.method in ("dpsad", "dpsad-teacher")]
+    assert sorted(s.method for s in specs) == ["dpsad", "dpsad", "dpsad-teacher"]  # ε = 1 and 10, one teacher
+    sad = next(s for s in specs if s.method == "dpsad")
+    work = estimate.work_of(sad)
+    th = estimate.Throughput("cuda", (_measurement(sad, [0.1, 2.0], 0.01),))
+    frame, _ = estimate.estimate(specs, th, device=torch.device("cpu"))
+    rows = {r.method: r for r in frame.itertuples()}
+    for r in frame[frame.method == "dpsad"].itertuples():
+        assert r.train_s == pytest.approx(work["student dp steps"] * 2.0)
+        assert r.status == "teacher steps: shared, in its own row"
+    assert rows["dpsad-teacher"].train_s == pytest.approx(work["teacher steps"] * 0.1)
+    assert math.isnan(rows["dpsad-teacher"].sample_s) and "sampling not measured" in rows["dpsad-teacher"].status
+    # without the teacher's row (a plan of dpsad alone) each dpsad run trains its own teacher
+    alone, _ = estimate.estimate([sad], th, device=torch.device("cpu"))
+    assert alone.train_s[0] == pytest.approx(work["teacher steps"] * 0.1 + work["student dp steps"] * 2.0)
+
+
 def test_the_estimate_adds_each_downstream_classifier_as_epochs_times_samples_times_seconds() -> None:
     """By hand: the smoke profile's DPDM protocol trains acc_cnn 10 epochs (its [eval.dpdm]) on the run's 1,000
     samples (60,000 + 10,000 asked, capped at n_gen), once (classifier_seeds 1): 10 × 1,000 × 1e-4 s = 1 s."""
