@@ -73,6 +73,8 @@ DEVICE ?= cuda
 GPU_SITE ?= /tmp/bench-site
 gpu-bundle: $(RUNTIME) data
 	$(PY) -m bench.gpubundle --out .gpu
+	@{ git rev-parse --short HEAD 2>/dev/null && { git diff --quiet HEAD 2>/dev/null || echo "with uncommitted changes"; }; } \
+		| paste -sd ' ' > .gpu/commit
 
 ifeq ($(DEVICE),cpu)
 gpu-check: $(STAMP)
@@ -83,7 +85,8 @@ gpu-check:
 	rm -rf $(GPU_SITE) && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
 		--no-build-isolation --target $(GPU_SITE) .gpu/wheels/*.whl . && rm -rf build
 	cd /tmp && PYTHONPATH=$(GPU_SITE) python3 -m bench.gpucheck --out $(abspath $(OUT)) --device $(DEVICE) \
-		--data-root $(CURDIR)/.gpu/data --tests $(CURDIR)/tests $(if $(QUICK),--quick) $(GPU_ARGS)
+		--data-root $(CURDIR)/.gpu/data --tests $(CURDIR)/tests --commit-file $(CURDIR)/.gpu/commit \
+		$(if $(QUICK),--quick) $(GPU_ARGS)
 endif
 
 clean:

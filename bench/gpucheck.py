@@ -263,6 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", type=Path, default=None, help="folder of the Fashion-MNIST IDX files (the bundle's)")
     p.add_argument("--tests", type=Path, default=Path("tests"), help="the repository's tests folder (default ./tests)")
     p.add_argument("--budget", type=float, default=480.0, help="seconds for everything (default 480)")
+    p.add_argument("--commit-file", type=Path, default=None, help="the commit when no .git is at hand (.gpu/commit)")
     p.add_argument("--parts", default=",".join(PARTS), help="the parts to run, comma-separated (default: all)")
     p.add_argument(
         "--only", default="", help="throughput: only the labels starting with one of these (comma-separated)"
@@ -288,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "device_name": torch.cuda.get_device_name(s.device) if s.device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "commit": _commit(),
+        "commit": _commit(a.commit_file),
         "skipped": [],
     }
     left = lambda: deadline - time.perf_counter()  # noqa: E731
@@ -338,12 +339,17 @@ def _no_checkpoints(member: tarfile.TarInfo) -> tarfile.TarInfo | None:
     return None if member.name.endswith((".pt", ".ckpt")) else member
 
 
-def _commit() -> str:
+def _commit(commit_file: Path | None = None) -> str:
+    """The checkout's commit; on a lent machine (no .git: bench is installed from a copy of the tree) the one
+    `make gpu-bundle` wrote beside the wheels."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, timeout=10).stdout.strip() or "unknown"  # fmt: skip
+        found = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                               cwd=Path(__file__).parent, timeout=10).stdout.strip()  # fmt: skip
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        found = ""
+    if not found and commit_file is not None and commit_file.is_file():
+        found = f"{commit_file.read_text().strip()} (when the bundle was made)"
+    return found or "unknown"
 
 
 if __name__ == "__main__":

@@ -314,6 +314,19 @@ def test_gpu_check_reruns_only_the_parts_and_runs_asked(tmp_path: Path, capsys) 
     assert "unknown ['grids']" in capsys.readouterr().out
 
 
+def test_the_summary_names_the_bundles_commit_where_no_git_is_at_hand(tmp_path: Path, monkeypatch) -> None:
+    """A lent machine runs bench from a copy of the tree without .git: the commit `make gpu-bundle` wrote is used."""
+    assert gpucheck._commit() not in ("", "unknown")  # this checkout
+    (tmp_path / "commit").write_text("abc1234 with uncommitted changes\n")
+
+    def no_git(*args, **kwargs):
+        raise OSError("no git")
+
+    monkeypatch.setattr(gpucheck.subprocess, "run", no_git)
+    assert gpucheck._commit(tmp_path / "commit") == "abc1234 with uncommitted changes (when the bundle was made)"
+    assert gpucheck._commit(tmp_path / "missing") == "unknown"
+
+
 def test_timing_on_a_cpu_chunks_a_large_physical_batch_and_records_the_config_asked(monkeypatch) -> None:
     """The paper profile's dpdm chunks (512 examples × K = 32 draws) took over 24 GiB and the OS killed the
     estimate: on a CPU the timing runs chunks of ≤ 512 rows (the same step, memory only) and records the config
