@@ -273,7 +273,8 @@ def test_gpu_check_cpu_mode_writes_the_files_it_promises(tmp_path: Path) -> None
     info = json.loads((out / "summary.json").read_text())
     labels = [r["label"] for r in info["throughput"]]
     assert labels == ["dpsad (ddpm)", "dpsad (edm)", "dpsad-e2e", "dpdm fp32", "dpdm bf16", "dpgan", "pategan",
-                      "dpmerf", "dphp", "ddpm", "ddpm with dpdm's network"]  # fmt: skip
+                      "dpmerf", "dphp", "ddpm", "ddpm with dpdm's network", "dpntk", "dpkernel", "gswgan", "gpate",
+                      "datalens"]  # fmt: skip
     for r in info["throughput"]:
         assert not r["error"], r
         assert r["stages"] and all(st["seconds_per_unit"] > 0 for st in r["stages"]), r
