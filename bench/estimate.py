@@ -205,9 +205,9 @@ def _same_config(config_json: dict[str, Any]) -> str:
     return json.dumps(config_json, sort_keys=True, default=str)
 
 
-def teacher_json(spec_or_config: Any) -> dict[str, Any]:
+def teacher_json(dpsad_config: Any) -> dict[str, Any]:
     """The resolved config of dpsad's shared teacher as JSON (the dpsad-teacher row's config)."""
-    return config.to_jsonable(spec_or_config.teacher_config())
+    return config.to_jsonable(dpsad_config.teacher_config())
 
 
 def shared_teacher_rows(specs: list[RunSpec], th: Throughput) -> dict[int, tuple[dict[str, Any] | None, frozenset]]:

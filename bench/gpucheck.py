@@ -312,18 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     throughput_file = a.out / "throughput.json"
     table = throughput_json([m for _, m in measured], str(s.device), info["classifiers"])
     throughput_file.write_text(json.dumps(table, default=str))
-    if "grid" not in parts:
-        pass
-    elif left() > 60:
-        info["grid"] = grid(s, work, left() - 30, data_root)
-    else:
-        info["skipped"].append("short grid: the time budget was spent")
-    if "estimates" not in parts:
-        pass
-    elif left() > 15:
-        info["estimates"] = estimates(s, work, throughput_file, max(10.0, left() - 5))
-    else:
-        info["skipped"].append("estimates: the time budget was spent")
+    if "grid" in parts:
+        if left() > 60:
+            info["grid"] = grid(s, work, left() - 30, data_root)
+        else:
+            info["skipped"].append("short grid: the time budget was spent")
+    if "estimates" in parts:
+        if left() > 15:
+            info["estimates"] = estimates(s, work, throughput_file, max(10.0, left() - 5))
+        else:
+            info["skipped"].append("estimates: the time budget was spent")
     info["seconds"] = round(time.perf_counter() - t0, 1)
     (a.out / "summary.json").write_text(json.dumps(info, indent=1, default=str))
     text = summary_md(info)

@@ -1,7 +1,15 @@
 """What the two DP-SAD methods share (methods/dpsad.py, methods/dpsad_e2e.py): the configuration both extend, the
 networks (student and teacher denoisers of either kind, the row-independent discriminator), the distillation loss,
 the student's DP step (parameter or output clipping), the fit state, sampling, and the declarations of what is not
-DP. No public code of the paper exists (see methods/dpsad.py).
+DP. No public code of the paper exists (see methods/dpsad.py), so for DP-SAD itself no repository is cited: the losses
+below follow the paper's equations. What is reproduced from code: the σ-space denoiser, its EDM loss weighting and
+label dropout are nv-tlabs/DPDM@29bb94d92bb5440a664dbaa915c06a7397ea9ff3 (denoiser.py `EDMDenoiser`,
+score_losses.py `EDMLoss`, through bench.diffusion.edm, which lists that port's deviations); the DDPM path is the
+ε-prediction loss of Ho et al. 2020 (bench.diffusion.ddpm). Deviations from the paper, each a config field recorded in
+every run: denoiser "edm" (the paper's is DDPM), output clipping (`clip_target = "output"`, ours), the noise divisor
+(`noise_divisor = "BT"`, the B·T reading of secondary reports: dpsad's option only, charged as σ/T),
+`timesteps_per_example` K > 1 and `adversarial_loss`; the discriminator's architecture and input scaling are ours
+(the paper does not give them).
 
 The distillation loss of one example over its K draws (`timesteps_per_example`), for either denoiser:
 
