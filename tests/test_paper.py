@@ -181,12 +181,17 @@ def test_published_csv_schema() -> None:
     sink = [r for r in rows if r.paper == "dpsinkhorn-neurips21" and r.method in ("dpmerf", "dpsinkhorn")]
     assert len(sink) == 16 and {r.protocol for r in sink} == {"other:dp-sinkhorn"}
     assert by["dpsinkhorn-neurips21", "dpmerf", "", "fmnist", 10, "acc_logreg"].value == 75.5
+    # G-PATE's and DataLens's own numbers, quoted (secondary): G-PATE's classifier runs another learning rate
+    assert by["gpate-neurips21", "gpate", "", "mnist", 10, "acc_cnn"].protocol == "other:gpate-cnn"
+    assert by["datalens-ccs21", "datalens", "", "mnist", 10, "acc_cnn"].protocol == "datalens"
+    assert {r.source_kind for r in rows if r.paper in ("gpate-neurips21", "datalens-ccs21")} == {"secondary"}
 
 
 def test_list_shows_every_paper_and_table() -> None:
     r = bench("paper", "--list")
     assert r.exit_code == 0, r.output
-    for word in ("dpsad-eccv24", "dpdm-tmlr23", "dpsinkhorn-neurips21", "dpimagebench-ccs25", "accuracy", "table1"):
+    for word in ("dpsad-eccv24", "dpdm-tmlr23", "dpsinkhorn-neurips21", "dpimagebench-ccs25", "gpate-neurips21",
+                 "datalens-ccs21", "accuracy", "table1"):
         assert word in r.stdout
 
 
