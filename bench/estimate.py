@@ -141,7 +141,8 @@ def scoring_seconds(spec: RunSpec, metrics: Iterable[str], th: Throughput) -> tu
             missing.append(metric)
             continue
         epochs, samples = protocol_work(metric, spec.dataset, ev.protocols[METRIC_PROTOCOL[metric][0]], spec.eval.n_gen)
-        seconds += ev.classifier_seeds * epochs * samples * timing["seconds_per_sample_epoch"]
+        per_seed = timing.get("startup_s", 0.0) + epochs * samples * timing["seconds_per_sample_epoch"]
+        seconds += ev.classifier_seeds * per_seed  # a throughput file from before start-ups were timed: 0
     return seconds, missing
 
 

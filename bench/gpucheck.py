@@ -239,7 +239,8 @@ def summary_md(info: dict[str, Any]) -> str:
                          f"{row['error']} |" if spu else f"| {row['label']} | {st['description'][:48]} | — | — | "
                          f"{peak} | {sps} | {row['error']} |")  # fmt: skip
     lines += ["", "## Downstream classifiers (seconds per training sample and epoch)", ""]
-    lines += [f"- {c['metric']}: {c['seconds_per_sample_epoch']:.3g}" for c in info.get("classifiers") or []]
+    lines += [f"- {c['metric']}: {c['seconds_per_sample_epoch']:.3g} (start-up {c.get('startup_s', 0.0):.3g} s)"
+              for c in info.get("classifiers") or []]  # fmt: skip
     lines += [
         "",
         "## dpdm's DP step against the non-private step of the same network (rows per second)",

@@ -202,6 +202,38 @@ def test_the_estimate_adds_each_downstream_classifier_as_epochs_times_samples_ti
     assert row["score_s"] == pytest.approx(1.0) and "classifiers not measured: acc_logreg" in row["status"]
 
 
+def test_a_classifiers_start_up_is_timed_apart_from_its_epochs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each classifier is timed for e and 2e epochs: the difference is its epochs, the rest its start-up (a clock that
+    reads 3 s of start-up + 0.5 s an epoch must give both back); the estimate adds the start-up once per seed."""
+    from bench import throughput
+
+    runs: list[tuple[str, Any]] = []
+
+    def clock(device: torch.device, call: Any) -> float:  # the protocol's resolved settings, without training
+        runs.append((call.args[0][0], call.keywords["settings"].get("epochs")))
+        return 3.0 + 0.5 * call.keywords["settings"].get("epochs", 1) + (0.0 if not noisy else -10.0 * len(runs))
+
+    noisy = False
+    monkeypatch.setattr(throughput, "_seconds", clock)
+    cnn, logreg = throughput.measure_classifiers(
+        ["acc_cnn", "acc_logreg_sklearn"], "fmnist", device=torch.device("cpu"), n=100
+    )
+    assert [r[1] for r in runs] == [1, 2, None]  # the CNN twice; scikit-learn has no epochs: once
+    assert cnn["separated"] and cnn["startup_s"] == pytest.approx(3.0)
+    assert cnn["seconds_per_sample_epoch"] == pytest.approx(0.5 / 100)
+    assert not logreg["separated"] and logreg["startup_s"] == 0.0 and logreg["seconds_per_sample_epoch"] > 0
+    noisy = True  # the longer run timed faster: no separation, the longer run's mean epoch, start-up 0
+    (cnn,) = throughput.measure_classifiers(["acc_cnn"], "fmnist", device=torch.device("cpu"), n=100)
+    assert not cnn["separated"] and cnn["startup_s"] == 0.0
+
+    plan = _plan("dpdm-tmlr23")
+    fm = next(s for s in plan.specs if s.method == "dpdm" and s.dataset == "fmnist")
+    timing = {"metric": "acc_cnn", "dataset": "fmnist", "seconds_per_sample_epoch": 1e-4, "startup_s": 7.0}
+    th = estimate.Throughput("cuda", (_measurement(fm, [0.5], 0.01),), (timing,))
+    row = estimate.cell_row(fm, th.find(fm.method, fm.dataset, fm.config_json), th, ["acc_cnn"])
+    assert row["score_s"] == pytest.approx(7.0 + 10 * 1000 * 1e-4)  # start-up + 10 epochs × 1,000 samples
+
+
 def test_paper_estimate_from_a_throughput_file_prints_and_writes_gpu_hours(tmp_path: Path) -> None:
     plan = _plan("dpdm-tmlr23")
     fm = next(s for s in plan.specs if s.method == "dpdm" and s.dataset == "fmnist")
