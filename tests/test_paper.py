@@ -190,8 +190,16 @@ def test_published_csv_schema() -> None:
 def test_list_shows_every_paper_and_table() -> None:
     r = bench("paper", "--list")
     assert r.exit_code == 0, r.output
-    for word in ("dpsad-eccv24", "dpdm-tmlr23", "dpsinkhorn-neurips21", "dpimagebench-ccs25", "gpate-neurips21",
-                 "datalens-ccs21", "accuracy", "table1"):
+    for word in (
+        "dpsad-eccv24",
+        "dpdm-tmlr23",
+        "dpsinkhorn-neurips21",
+        "dpimagebench-ccs25",
+        "gpate-neurips21",
+        "datalens-ccs21",
+        "accuracy",
+        "table1",
+    ):
         assert word in r.stdout
 
 
@@ -391,6 +399,17 @@ def test_unknown_paper_lists_the_known_ones(tmp_path: Path) -> None:
     r = bench("paper", "no-such-paper", "--results", str(tmp_path))
     assert_one_line_error(r, "unknown paper 'no-such-paper'; known: dpsad-eccv24, dpdm-tmlr23")
     assert_one_line_error(bench("paper"), "give a paper id or --list")
+
+
+def test_a_paper_is_named_by_its_id_without_the_venue() -> None:
+    known = paper.load_papers()
+    assert paper.get_paper(known, "dpimagebench").id == "dpimagebench-ccs25"
+    assert paper.get_paper(known, "dpsad-eccv24").id == "dpsad-eccv24"
+    two = {"dpx-a21": known["dpdm-tmlr23"], "dpx-b22": known["dpdm-tmlr23"]}
+    with pytest.raises(BenchError, match=re.escape("ambiguous paper 'dpx'; it names: dpx-a21, dpx-b22")):
+        paper.get_paper(two, "dpx")
+    with pytest.raises(BenchError, match="unknown paper 'dpimage'"):  # a prefix must end where the venue begins
+        paper.get_paper(known, "dpimage")
 
 
 def test_empty_or_missing_results_folder_is_one_line(tmp_path: Path) -> None:

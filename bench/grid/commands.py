@@ -227,7 +227,7 @@ def paper(request: PaperRequest, opts: GridOptions, execution: Execution, *, out
         return 0
     results = execution.results
     if not request.run_cells and not results.is_dir():
-        raise BenchError(f"results folder {results} does not exist (run `bench paper {request.paper_id} --run` first)")
+        raise BenchError(f"results folder {results} does not exist (run `bench paper {chosen.id} --run` first)")
     store = Store(results)
     r = None
     if request.run_cells and plan.specs:

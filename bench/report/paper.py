@@ -278,9 +278,16 @@ def load_papers() -> dict[str, Paper]:
 
 
 def get_paper(papers: dict[str, Paper], paper_id: str) -> Paper:
-    if paper_id not in papers:
-        raise BenchError(f"unknown paper {paper_id!r}; known: {', '.join(papers)} (see `bench paper --list`)")
-    return papers[paper_id]
+    """The paper `paper_id` names: its full id, or the part before a venue suffix when one paper has it
+    (`dpimagebench` for dpimagebench-ccs25)."""
+    if paper_id in papers:
+        return papers[paper_id]
+    matches = [pid for pid in papers if pid.startswith(f"{paper_id}-")]
+    if len(matches) == 1:
+        return papers[matches[0]]
+    known = ", ".join(matches or papers)
+    what = "ambiguous paper" if matches else "unknown paper"
+    raise BenchError(f"{what} {paper_id!r}; {'it names' if matches else 'known'}: {known} (see `bench paper --list`)")
 
 
 def table_of(papers: dict[str, Paper], row: Published) -> Table:
