@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -51,9 +52,17 @@ def one_thread() -> Iterator[None]:
 
 
 def bench(*args: str) -> Result:
-    """Run the `bench` CLI in-process (a fresh registry each time, as a new process would have)."""
+    """Run the `bench` CLI in-process (a fresh registry each time, as a new process would have; `--debug`, which
+    sets BENCH_DEBUG in this process's environment, does not outlive the call)."""
     registry._cache.clear()
-    return CliRunner().invoke(app, list(args))
+    before = os.environ.get("BENCH_DEBUG")
+    try:
+        return CliRunner().invoke(app, list(args))
+    finally:
+        if before is None:
+            os.environ.pop("BENCH_DEBUG", None)
+        else:
+            os.environ["BENCH_DEBUG"] = before
 
 
 class InterruptAt(NullProgress):

@@ -331,6 +331,22 @@ def test_val_mode_trains_and_records_how(train, test_split):
     assert r["reference_code"].startswith("2019ChenGong/DPImageBench@565f8d7e2e0d2faaec43108971db3269519579af:")
 
 
+def test_a_classifier_whose_step_does_not_fit_in_memory_is_refused_before_training(monkeypatch, train, test_split):
+    """On a 24 GiB CPU, ResNeXt-29's step at the reference's batch 256 (about 24 GiB) got the process killed by the
+    kernel; the protocol now refuses it with one line (here: any step, the free memory read as 1 MiB)."""
+    from bench import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    samples, test = train.subset(torch.arange(100)), test_split.subset(torch.arange(20))
+    settings = dib.Settings(mode="syn", epochs=1, batch_size=32, n_train=90, n_eval=10, classifiers=("resnet",))
+    with pytest.raises(BenchError, match=r"protocol dpimagebench, resnet: a training step at batch 32 needs about "
+                                         r".* eval\.dpimagebench\.micro_batches=K") as e:  # fmt: skip
+        downstream_accuracy(samples.images, samples.labels, test, dataset="synthetic", seed=0,
+                            metrics=["acc_resnet_dpimagebench"], settings={"dpimagebench": settings},
+                            epsilon=1.0)  # fmt: skip
+    assert "\n" not in str(e.value)
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad settings and inputs
 

@@ -17,6 +17,7 @@ from packaging.requirements import Requirement
 
 from bench import config, data, estimate, gpubundle, gpucheck
 from bench.contract import NullProgress
+from bench.errors import BenchError
 from bench.grid import paper_plan, registry
 from bench.metrics.protocols import METRIC_PROTOCOL, ON_REQUEST
 from bench.privacy import Budget
@@ -273,6 +274,27 @@ def test_without_a_throughput_file_each_distinct_config_is_timed_once_on_the_dev
     assert used.device == "cpu" and len(used.measurements) == len(calls)
     for row, spec in zip(frame.itertuples(), specs, strict=True):
         assert row.train_s == pytest.approx(estimate.work_of(spec)["dp steps"] * 0.25)
+
+
+def test_a_classifier_that_cannot_be_timed_leaves_the_others_and_is_named() -> None:
+    specs = [s for s in _plan("dpdm-tmlr23").specs if s.method == "dpdm"]
+    echoed: list[str] = []
+
+    def fake_measure(method: str, dataset: str, cfg: Any, **kw: Any) -> Any:
+        m = _measurement(next(s for s in specs if s.method == method and s.dataset == dataset), [0.25], 0.002)
+        return type("M", (), {"to_json": lambda self: {**m, "dataset": dataset, "device": "cpu"}})()
+
+    def fake_classifiers(metrics: list[str], dataset: str, **kw: Any) -> list[dict[str, Any]]:
+        if "acc_cnn" in metrics:
+            raise BenchError("protocol dpdm, cnn: a training step at batch 10 needs about 9.0 GiB")
+        return [{"metric": m, "dataset": dataset, "seconds_per_sample_epoch": 1e-5} for m in metrics]
+
+    frame, used = estimate.estimate(specs, None, device=torch.device("cpu"), metrics=["acc_cnn", "acc_logreg"],
+                                    measure_fn=fake_measure, classifiers_fn=fake_classifiers,
+                                    echo=echoed.append)  # fmt: skip
+    assert [c["metric"] for c in used.classifiers] == ["acc_logreg"]
+    assert any(e.startswith("warning: cannot time acc_cnn on ") and "9.0 GiB" in e for e in echoed)
+    assert all("classifiers not measured: acc_cnn" in status for status in frame["status"])
 
 
 @pytest.mark.parametrize(

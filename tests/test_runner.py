@@ -359,6 +359,26 @@ def test_a_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None
     assert r.exit_code == 1 and "Traceback (most recent call last)" in r.output
 
 
+def test_a_classifier_that_cannot_train_here_fails_its_cell_before_the_fit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run whose metrics need a classifier step that does not fit in memory (DPImageBench's ResNeXt-29 at batch
+    256 on a 24 GiB CPU) fails before its fit, not hours later at scoring: here every step is refused (1 MiB free)."""
+    from bench import memory
+
+    monkeypatch.setattr(memory, "available_bytes", lambda device: 1 << 20)
+    plugin = ["--plugin", str(TESTS / "plugins" / "good_plugin.py")]
+    args = [*RUN, "--methods", "noisy-means", "--eps", "10", "--results", str(tmp_path), *plugin]
+    r = bench(*args, "--metrics", "acc_resnet_dpimagebench")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert re.search(r"failed: protocol dpimagebench, resnet: a training step at batch 256 needs about [\d.]+ GiB and "
+                     r"cpu has 0\.0 GiB free; score on a GPU, or split each batch", r.stderr)  # fmt: skip
+    (row,) = [row for row in Store(tmp_path).rows()[0] if row["method"] == "noisy-means"]
+    run_dir = Path(row["run_dir"])
+    assert row["status"] == "failed" and not (run_dir / "checkpoint.pt").exists()  # no fit, no samples
+    assert not (run_dir / "samples.npz").exists()
+
+
 def test_an_internal_error_is_one_line_without_debug() -> None:
     """A bug (here: a harness function made to raise ZeroDivisionError) is one line and exit status 3 from the
     entry point; BENCH_DEBUG=1 lets the traceback through."""

@@ -308,6 +308,8 @@ class Runner:
             return "failed"
 
     def _run(self, spec: RunSpec, run_dir: Path, ui: Any) -> str:
+        from bench.metrics import EvalSettings, check_resources
+
         key = spec.key
         cls = registry.get(spec.method, self.plugins)
         code = registry.code_record(cls)
@@ -327,6 +329,8 @@ class Runner:
             costs = final["costs"]
             self.log(run_dir, "fit already finished: loaded the final checkpoint")
         else:
+            check_resources(spec.dataset, train.spec, settings=EvalSettings(**spec.eval.settings), device=self.device,
+                            metrics=self.metrics or spec.eval.metrics)  # fmt: skip
             budget = spec.budget
             if spec.noise_source == "os":
                 generator = os_fit_generator()

@@ -23,12 +23,14 @@ from bench.metrics.fidelity import domain_fidelity
 from bench.metrics.inception import FID_PROTOCOL, fid_protocol_fields, inception_metrics
 from bench.metrics.protocols import METRIC_PROTOCOL, PROTOCOLS, default_settings, parse_settings
 from bench.metrics.protocols import ON_REQUEST as PROTOCOL_ON_REQUEST
+from bench.metrics.protocols import check_resources as check_protocol_resources
 
 __all__ = [
     "METRICS",
     "ON_REQUEST",
     "EvalSettings",
     "accuracy_metrics",
+    "check_resources",
     "check_samples",
     "evaluate",
     "metric_protocol",
@@ -184,6 +186,17 @@ def check_samples(images: Any, labels: Any, *, spec: DataSpec, conditional: bool
         raise BenchError(f"labels must have shape [{len(images)}], got {list(labels.shape)}")
     if int(labels.min()) < 0 or int(labels.max()) >= spec.num_classes:
         raise BenchError(f"labels must be in 0..{spec.num_classes - 1}, got {int(labels.min())}..{int(labels.max())}")
+
+
+def check_resources(
+    dataset: str, spec: DataSpec, *, settings: EvalSettings, device: torch.device, metrics: Collection[str] | None
+) -> None:
+    """BenchError when a downstream classifier behind `metrics` (as `evaluate` selects them) cannot train on
+    `device` on `dataset`'s images: bench.grid.runner asks before a run's fit, not after it."""
+    if accuracy := accuracy_metrics(select_metrics(metrics)):
+        shape = (spec.channels, spec.height, spec.width)
+        check_protocol_resources(accuracy, dataset=dataset, shape=shape, num_classes=spec.num_classes,
+                                 settings=settings.protocols, device=torch.device(device))  # fmt: skip
 
 
 def evaluate(

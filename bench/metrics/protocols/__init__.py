@@ -123,6 +123,23 @@ def evaluate(
     return {m: out[m] for m in metrics}
 
 
+def check_resources(
+    metrics: Collection[str], *, dataset: str, shape: tuple[int, int, int], num_classes: int,
+    settings: Mapping[str, Any] | None = None, device: torch.device,
+) -> None:  # fmt: skip
+    """BenchError when a classifier behind the accuracy `metrics` cannot train on `device` under `settings` (resolved
+    as `evaluate` resolves them): asked before a run's fit."""
+    settings = default_settings() | dict(settings or {})
+    wanted: dict[str, list[str]] = {}
+    for m in metrics:
+        protocol, classifier = METRIC_PROTOCOL[m]
+        wanted.setdefault(protocol, []).append(classifier)
+    for name, classifiers in wanted.items():
+        p = PROTOCOLS[name]
+        resolved, _ = resolve_settings(p, settings[name], dataset=dataset, shape=shape, num_classes=num_classes)
+        p.check_resources(classifiers, shape, num_classes, settings=resolved, device=device)
+
+
 def published_metric(published: str, protocol: str) -> str | None:
     """Our metric for a published metric name under one of our protocols (None: the protocol has none)."""
     return PROTOCOLS[protocol].published.get(published) if protocol in PROTOCOLS else None

@@ -85,6 +85,15 @@ class Protocol(ABC):
         """Records (value and how it was obtained) per classifier, with `settings` fully resolved; `context`
         carries what the run knows beyond the samples and the test split (most protocols use none of it)."""
 
+    def check_resources(
+        self, classifiers: list[str], shape: tuple[int, int, int], num_classes: int, *, settings: dict[str, Any],
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        """BenchError when these classifiers cannot train on `device` (e.g. a step that does not fit in its memory);
+        the runner asks before a fit, so that a run is not trained for hours and then refused at scoring. The
+        default: every protocol's classifiers train anywhere."""
+        return None
+
     def dataset_deviations(self, dataset: str, shape: tuple[int, int, int], num_classes: int) -> list[str]:
         """Deviations that hold for this dataset only (e.g. a dataset the reference script never ran on)."""
         return []

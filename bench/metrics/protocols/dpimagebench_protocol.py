@@ -105,8 +105,11 @@ from torch import Tensor, nn
 
 from bench.contract import ImageDataset
 from bench.errors import BenchError
+from bench.memory import check_fits
 from bench.metrics.protocols import base
 
+MEMORY_ADVICE = ("score on a GPU, or split each batch with eval.dpimagebench.micro_batches=K (its batch norms then see "
+                 "batch_size/K records; the record lists the change under `shortened`)")  # fmt: skip
 REFERENCE = "2019ChenGong/DPImageBench@565f8d7e2e0d2faaec43108971db3269519579af:evaluation/evaluator.py"
 CLASSIFIERS = ("resnet", "wrn", "resnext")  # evaluator.py:41, in its order
 MEAN, MAX = "mean", "max"  # pseudo-classifiers: the statistic over the classifiers behind them
@@ -666,13 +669,14 @@ class DPImageBenchProtocol(base.Protocol):
     ) -> dict[str, base.Record]:
         classifiers = base.names_of(self, classifiers)
         behind = list(settings["classifiers"])
-        wanted = [c for c in CLASSIFIERS if c in behind and (c in classifiers or {MEAN, MAX} & set(classifiers))]
+        wanted = _trained(classifiers, behind)
         shape = (int(train.images.shape[1]), int(train.images.shape[2]), int(train.images.shape[3]))
         if wanted and not (shape[1] == shape[2] and _side_ok(shape[1])):
             raise BenchError(
                 f"protocol dpimagebench: its classifiers pool over img_size/4 and need square images with a side "
                 f"divisible by 4, got {shape[1]}×{shape[2]}"
             )
+        self.check_resources(classifiers, shape, test.num_classes, settings=settings, device=device)
         val_mode = settings["mode"] == "val"
         epsilon = settings["laplace_epsilon"] if settings["laplace_epsilon"] is not None else context.epsilon
         common: dict[str, Any] = {"mode": settings["mode"], "report": settings["report"]}
@@ -719,6 +723,17 @@ class DPImageBenchProtocol(base.Protocol):
                     selected_epoch=None, curve=None, **common,
                 )  # fmt: skip
         return out
+
+    def check_resources(
+        self, classifiers: list[str], shape: tuple[int, int, int], num_classes: int, *, settings: dict[str, Any],
+        device: torch.device,
+    ) -> None:  # fmt: skip
+        """Each classifier to be trained, before any is: one that cannot must not first cost the others' hours."""
+        micro = max(1, settings["batch_size"] // settings["micro_batches"])
+        for name in _trained(base.names_of(self, classifiers), list(settings["classifiers"])):
+            with torch.random.fork_rng(devices=[]):  # its initialisation draws nothing from the run's stream
+                model = build(name, settings["architecture"], shape, num_classes)
+            check_fits(f"protocol dpimagebench, {name}", model, shape, micro, device, advice=MEMORY_ADVICE)
 
     def _selected(
         self, trace: Trace, test: ImageDataset, settings: dict[str, Any], rng: np.random.Generator,
@@ -792,6 +807,11 @@ class DPImageBenchProtocol(base.Protocol):
         if settings["mode"] != "val" or epsilon is None:
             return {"selection_privacy": None}
         return {"selection_privacy": selection_privacy(epsilon, settings["epochs"], classifiers)}
+
+
+def _trained(classifiers: list[str], behind: list[str]) -> list[str]:
+    """The networks that `classifiers` (ours, MEAN and MAX included) train: MEAN and MAX train all those `behind`."""
+    return [c for c in CLASSIFIERS if c in behind and (c in classifiers or {MEAN, MAX} & set(classifiers))]
 
 
 def _real_train_size(dataset: str) -> int | None:

@@ -1,0 +1,58 @@
+"""bench.memory: the saved activations counted, the step estimate, and the refusal of a step that does not fit."""
+
+import pytest
+import torch
+from torch import nn
+
+from bench import memory
+from bench.errors import BenchError
+
+
+def mlp() -> nn.Module:
+    # autograd saves the first Linear's input (B×10) and the ReLU's output (B×20), which the second Linear saves
+    # again (the same storage); the weights are parameters, left out
+    return nn.Sequential(nn.Linear(10, 20), nn.ReLU(), nn.Linear(20, 5))
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7])
+def test_saved_activations_are_the_distinct_tensors_autograd_keeps(batch: int) -> None:
+    assert memory.saved_activation_bytes(mlp(), torch.zeros(batch, 10)) == batch * (10 + 20) * 4
+
+
+def test_a_step_is_the_activations_per_example_times_the_batch_plus_the_parameters_state() -> None:
+    parameters = (10 * 20 + 20 + 20 * 5 + 5) * 4
+    expected = int(30 * 4 * 256 * memory.PEAK_OVER_SAVED) + memory.STATE_PER_PARAMETER * parameters
+    assert memory.step_bytes(mlp(), (10,), 256) == expected
+
+
+def test_the_estimate_leaves_the_network_and_the_random_stream_as_they_were() -> None:
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5), nn.Flatten(), nn.Linear(4 * 36, 2))
+    net.eval()
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    torch.manual_seed(3)
+    assert memory.step_bytes(net, (1, 8, 8), 64) > 0
+    after = torch.rand(4)
+    torch.manual_seed(3)
+    assert torch.equal(after, torch.rand(4))  # the probe's dropout drew from a forked stream
+    assert not net.training and all(torch.equal(v, net.state_dict()[k]) for k, v in state.items())  # BN stats too
+
+
+def test_a_step_that_does_not_fit_is_a_one_line_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    need = memory.step_bytes(mlp(), (10,), 1000)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need - 1)
+    with pytest.raises(BenchError, match=r"^the net: a training step at batch 1000 needs about .* GiB and cpu has "
+                                         r".* GiB free; use a GPU$") as e:  # fmt: skip
+        memory.check_fits("the net", mlp(), (10,), 1000, cpu, advice="use a GPU")
+    assert "\n" not in str(e.value)
+    monkeypatch.setattr(memory, "available_bytes", lambda device: need)
+    memory.check_fits("the net", mlp(), (10,), 1000, cpu, advice="use a GPU")  # just fits
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)
+    memory.check_fits("the net", mlp(), (10,), 10**9, cpu, advice="use a GPU")  # unknown: not checked
+
+
+def test_the_cpu_s_free_memory_is_read_on_linux() -> None:
+    free = memory.available_bytes(torch.device("cpu"))
+    if free is None:
+        pytest.skip("no /proc/meminfo here")
+    assert 0 < free < 1 << 50
