@@ -43,3 +43,22 @@ def keep_freed_memory() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES))
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                     "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
+
+
+def freed_heap_bytes() -> int:
+    """Bytes this process has freed and malloc keeps for reuse (glibc's mallinfo2().fordblks, every arena): memory
+    that the kernel's MemAvailable does not count but the next allocations get first. 0 where unknown (another C
+    library, glibc before 2.33)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return 0
+    try:
+        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
+    except (OSError, AttributeError):
+        return 0
+    mallinfo2.argtypes, mallinfo2.restype = [], _MallInfo2
+    return int(mallinfo2().fordblks)

@@ -54,3 +54,23 @@ def test_dp_step_reuses_freed_pages() -> None:
 @glibc
 def test_set_once_per_process() -> None:
     assert keep_freed_memory() is keep_freed_memory() is True
+
+
+_FREED = """
+import sys, torch
+from bench.allocator import freed_heap_bytes, keep_freed_memory
+assert keep_freed_memory()
+before = freed_heap_bytes()
+x = torch.zeros(25_000_000)  # 100 MB, below the kept threshold: from the heap
+x.add_(1)
+del x
+print(before, freed_heap_bytes())
+"""
+
+
+@glibc
+def test_memory_this_process_freed_and_keeps_is_counted() -> None:
+    """What bench.memory adds to MemAvailable: a freed 100 MB tensor stays in the process, reusable, and is counted."""
+    out = subprocess.run([sys.executable, "-c", _FREED], capture_output=True, text=True, check=True)
+    before, after = map(int, out.stdout.split())
+    assert after - before >= 100_000_000, (before, after)
