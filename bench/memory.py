@@ -21,7 +21,9 @@ MemAvailable plus what this process has freed and malloc keeps for reuse, which 
 large: after one ResNeXt-29 step the process held 21 GB that MemAvailable no longer counted; CUDA: free device
 memory plus what PyTorch's cache holds unused): on a CPU the alternative is the
 kernel killing the process, with no message and the grid's remaining cells not run. Where the free memory cannot be read
-(not Linux), nothing is checked.
+(not Linux), nothing is checked. A step may take `USABLE` (90%) of the free memory, not all of it: ResNeXt-29's
+step at 28×28 is estimated at 21.3 GiB against about 21.8 GiB free on this 24 GiB machine, and a process timing it
+reached 23.9 GB of resident memory, with the machine's page cache and every other process squeezed out.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from bench.errors import BenchError
 
 PEAK_OVER_SAVED = 1.7  # step peak ÷ saved activations: 1.16 to 1.65 measured (module docstring)
 STATE_PER_PARAMETER = 4  # weights, gradients and two Adam moments (SGD with momentum: 3; an EMA copy: +1)
+USABLE = 0.9  # of the free memory a step may take: the rest is the system's (module docstring)
 GIB = 1 << 30
 
 
@@ -89,14 +92,14 @@ def available_bytes(device: torch.device) -> int | None:
 
 def check_fits(what: str, model: nn.Module, sample_shape: tuple[int, ...], batch_size: int, device: torch.device,
                *, advice: str) -> None:  # fmt: skip
-    """BenchError naming `what` and `advice` when a training step of `model` at `batch_size` would not fit in the
-    memory free on `device`."""
+    """BenchError naming `what` and `advice` when a training step of `model` at `batch_size` would need more than
+    USABLE of the memory free on `device`."""
     free = available_bytes(device)
     if free is None:
         return
     need = step_bytes(model, sample_shape, batch_size)
-    if need > free:
+    if need > USABLE * free:
         raise BenchError(
             f"{what}: a training step at batch {batch_size} needs about {need / GIB:.1f} GiB and {device.type} has "
-            f"{free / GIB:.1f} GiB free; {advice}"
+            f"{free / GIB:.1f} GiB free (a step may use {USABLE:.0%} of it); {advice}"
         )
