@@ -2,8 +2,8 @@
 
 A network's training step keeps every tensor that autograd saves for the backward pass until that pass has used it.
 `step_bytes` counts them with `torch.autograd.graph.saved_tensors_hooks` during one forward pass of a copy of the
-network at batch 1 and one at batch 2 (distinct storages, the parameters left out): the difference is what one more
-example adds, so a batch of B needs B times it, plus the parameters with their gradients and optimiser state. The
+network at batch 2 and one at batch 4 (distinct storages, the parameters left out): half the difference is what one
+more example adds, so a batch of B needs B times it, plus the parameters with their gradients and optimiser state. The
 copy runs on the CPU in training mode with the global random state restored afterwards, so the network to be
 trained and its seeded draws are untouched.
 
@@ -16,14 +16,13 @@ ResNeXt-29 at 32×32, batch 64, 6.15 over 4.28 (1.44); ResNeXt-29 at 28×28, bat
 peak RSS on a 24 GiB machine; at 32×32 and batch 256 the kernel killed the process). 1.7 covers them all; on the
 small networks it overstates by up to 45%.
 
-`check_fits` raises a one-line BenchError when a step would need more than the device has free (CPU: the kernel's
-MemAvailable plus what this process has freed and malloc keeps for reuse, which bench.allocator's settings make
-large: after one ResNeXt-29 step the process held 21 GB that MemAvailable no longer counted; CUDA: free device
-memory plus what PyTorch's cache holds unused): on a CPU the alternative is the
-kernel killing the process, with no message and the grid's remaining cells not run. Where the free memory cannot be read
-(not Linux), nothing is checked. A step may take `USABLE` (90%) of the free memory, not all of it: ResNeXt-29's
-step at 28×28 is estimated at 21.3 GiB against about 21.8 GiB free on this 24 GiB machine, and a process timing it
-reached 23.9 GB of resident memory, with the machine's page cache and every other process squeezed out.
+`check_fits` raises a one-line BenchError when a step would need more than `USABLE` (90%) of what the device has
+free; on a CPU the alternative is the kernel killing the process, with no message and the grid's remaining cells
+not run. Free: on a CPU the kernel's MemAvailable plus what this process has freed and malloc keeps for reuse
+(bench.allocator's settings make it large: after one ResNeXt-29 step the process held 21 GB that MemAvailable no
+longer counted); on CUDA the free device memory plus what PyTorch's cache holds unused; elsewhere unknown, and
+nothing is checked. Not all of it, because the rest is the system's: ResNeXt-29's step at 28×28 is estimated at
+21.3 GiB against 21.8 GiB free on this 24 GiB machine, and a process timing it reached 23.9 GB resident.
 """
 
 from __future__ import annotations
@@ -62,15 +61,15 @@ def saved_activation_bytes(model: nn.Module, inputs: Tensor) -> int:
 
 def step_bytes(model: nn.Module, sample_shape: tuple[int, ...], batch_size: int) -> int:
     """Estimated peak bytes of one training step of `model` at `batch_size` examples of `sample_shape`: the saved
-    activations per example (batch 2 less batch 1, on a CPU copy of the model) × batch × PEAK_OVER_SAVED, plus
-    STATE_PER_PARAMETER copies of the parameters."""
+    activations per example (half of batch 4 less batch 2, on a CPU copy of the model; batch norm needs two) × batch
+    × PEAK_OVER_SAVED, plus STATE_PER_PARAMETER copies of the parameters."""
     probe = copy.deepcopy(model).cpu().train()
     for p in probe.parameters():
         p.requires_grad_(True)
     dtype = next(probe.parameters()).dtype
     with torch.random.fork_rng(devices=[]):
-        one, two = (saved_activation_bytes(probe, torch.zeros(b, *sample_shape, dtype=dtype)) for b in (1, 2))
-    per_example = max(two - one, 0)
+        two, four = (saved_activation_bytes(probe, torch.zeros(b, *sample_shape, dtype=dtype)) for b in (2, 4))
+    per_example = max(four - two, 0) // 2
     parameters = sum(p.numel() * p.element_size() for p in model.parameters())
     return int(per_example * batch_size * PEAK_OVER_SAVED) + STATE_PER_PARAMETER * parameters
 

@@ -101,12 +101,8 @@ def evaluate(
     settings = default_settings() | dict(settings or {})
     train = ImageDataset(images=images, labels=labels, num_classes=test.num_classes)
     shape = (int(images.shape[1]), int(images.shape[2]), int(images.shape[3]))
-    wanted: dict[str, list[str]] = {}
-    for m in metrics:
-        protocol, classifier = METRIC_PROTOCOL[m]
-        wanted.setdefault(protocol, []).append(classifier)
     out: dict[str, Record] = {}
-    for name, classifiers in wanted.items():
+    for name, classifiers in _by_protocol(metrics).items():
         p = PROTOCOLS[name]
         resolved, shortened = resolve_settings(p, settings[name], dataset=dataset, shape=shape,
                                                num_classes=test.num_classes)  # fmt: skip
@@ -130,14 +126,19 @@ def check_resources(
     """BenchError when a classifier behind the accuracy `metrics` cannot train on `device` under `settings` (resolved
     as `evaluate` resolves them): asked before a run's fit."""
     settings = default_settings() | dict(settings or {})
+    for name, classifiers in _by_protocol(metrics).items():
+        p = PROTOCOLS[name]
+        resolved, _ = resolve_settings(p, settings[name], dataset=dataset, shape=shape, num_classes=num_classes)
+        p.check_resources(classifiers, shape, num_classes, settings=resolved, device=device)
+
+
+def _by_protocol(metrics: Collection[str]) -> dict[str, list[str]]:
+    """{protocol: its classifiers} behind the accuracy `metrics`, in their order."""
     wanted: dict[str, list[str]] = {}
     for m in metrics:
         protocol, classifier = METRIC_PROTOCOL[m]
         wanted.setdefault(protocol, []).append(classifier)
-    for name, classifiers in wanted.items():
-        p = PROTOCOLS[name]
-        resolved, _ = resolve_settings(p, settings[name], dataset=dataset, shape=shape, num_classes=num_classes)
-        p.check_resources(classifiers, shape, num_classes, settings=resolved, device=device)
+    return wanted
 
 
 def published_metric(published: str, protocol: str) -> str | None:
