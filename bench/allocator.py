@@ -25,21 +25,29 @@ import ctypes
 import ctypes.util
 import functools
 import platform
+from typing import Any
 
 KEEP_BYTES = 1 << 30  # allocations below this come from the heap; this much freed memory may stay in the process
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+
+
+def _glibc_function(name: str) -> Any:
+    """glibc's function `name` from the running process's C library, or None on another C library (or a glibc
+    without it)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
 
 
 @functools.cache
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to KEEP_BYTES (once per process). True when they were set; False
     on another C library (nothing changes)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _glibc_function("mallopt")
+    if mallopt is None:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, KEEP_BYTES)) and bool(mallopt(_M_TRIM_THRESHOLD, KEEP_BYTES))
@@ -54,11 +62,8 @@ def freed_heap_bytes() -> int:
     """Bytes this process has freed and malloc keeps for reuse (glibc's mallinfo2().fordblks, every arena): memory
     that the kernel's MemAvailable does not count but the next allocations get first. 0 where unknown (another C
     library, glibc before 2.33)."""
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return 0
-    try:
-        mallinfo2 = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):
+    mallinfo2 = _glibc_function("mallinfo2")
+    if mallinfo2 is None:
         return 0
     mallinfo2.argtypes, mallinfo2.restype = [], _MallInfo2
     return int(mallinfo2().fordblks)

@@ -50,7 +50,7 @@ def saved_activation_bytes(model: nn.Module, inputs: Tensor) -> int:
 
     def pack(t: Tensor) -> Tensor:
         storage = t.untyped_storage()
-        if storage.data_ptr() not in own and storage.device.type != "meta":
+        if storage.data_ptr() not in own:
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
